@@ -1,0 +1,1 @@
+"""The DINOv network, one module per part (backbone, pixel decoder, prompt encoder, decoder, heads)."""

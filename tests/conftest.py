@@ -1,0 +1,15 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The reference data lives in shared/ beside the checkout (see ../shared/dinov_reference/README.md).
+REFERENCE_DIR = Path(os.environ.get("DINOV_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "dinov_reference"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE_DIR / "miniT_io.pt").exists():
+        pytest.fail(f"DINOv reference data not found at {REFERENCE_DIR}; set DINOV_REFERENCE_DIR")
+    return REFERENCE_DIR
