@@ -1,0 +1,99 @@
+"""Visual-prompt (content) encoder pieces: a prompt mask becomes one content query.
+
+A learned content token cross-attends to the image's multi-scale features, level by level from the coarsest,
+seeing only the feature cells the prompt mask covers (a prompt too small to cover any cell at a level sees the
+whole level). The head (``dinov_head.DINOvHead.encode_prompts``) owns the parameters (``content_tokens``,
+``pos_embed``, ``project_cross_attention_layers``) under the checkpoint's names and calls these helpers.
+"""
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class PromptContent:
+    """Content queries of N visual prompts, ready to be appended to the decoder's queries.
+
+    label: [1, N, D] query embeddings; bbox: [1, N, 4] initial boxes as logits (inverse sigmoid of the whole
+    image box (0, 0, 1, 1) in cxcywh); attn_mask: [N, N] self-attention mask among them (True = blocked: each
+    prompt sees only itself).
+    """
+
+    label: Tensor
+    bbox: Tensor
+    attn_mask: Tensor
+
+    @property
+    def num_prompts(self) -> int:
+        return self.label.shape[1]
+
+
+class CrossAttentionLayer(nn.Module):
+    """Post-norm cross-attention block: tgt = norm(tgt + MHA(tgt + query_pos, memory, memory))."""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, tgt: Tensor, memory: Tensor, memory_mask: Optional[Tensor] = None,
+                query_pos: Optional[Tensor] = None) -> Tensor:
+        """tgt [B, N, D], memory [B, S, D], memory_mask [N, S] or [B * nhead, N, S] (True = blocked)."""
+        query = tgt if query_pos is None else tgt + query_pos
+        attended = self.multihead_attn(query, memory, memory, attn_mask=memory_mask, need_weights=False)[0]
+        return self.norm(tgt + self.dropout(attended))
+
+
+def prompt_mask_pyramid(prompt_masks: Tensor, feature_sizes: Sequence[Tuple[int, int]]) -> List[Tensor]:
+    """Cross-attention masks of N prompts for each feature level.
+
+    prompt_masks: [N, H_pad, W_pad] (any numeric dtype, > 0 = inside the prompt) on the padded image.
+    feature_sizes: (h, w) of the multi-scale features, highest resolution first.
+    Returns one bool mask [N, h * w] per level, highest resolution first (True = the token may not look there).
+
+    The prompt is shrunk by successive bilinear halvings from the padded size down to the finest feature
+    level, then from level to level, as the official code does; a cell is visible when the shrunk mask is > 0.
+    A prompt that covers no cell of a level is allowed to see the whole level.
+    """
+    pad_h, pad_w = prompt_masks.shape[-2:]
+    finest_h = feature_sizes[0][0]
+    # intermediate halvings between the image and the finest level (e.g. /2, /4 before a stride-8 level)
+    num_halvings = int(math.log(int(pad_h / finest_h), 2))
+    sizes = [(int(pad_h / 2 ** i), int(pad_w / 2 ** i)) for i in range(1, num_halvings)]
+    sizes += [tuple(int(v) for v in s) for s in feature_sizes]
+
+    current = prompt_masks[None].float()
+    shrunk = []
+    for size in sizes:
+        current = F.interpolate(current, size=size, mode="bilinear", align_corners=False)
+        shrunk.append(current)
+
+    masks = []
+    for level_mask in shrunk[len(sizes) - len(feature_sizes):]:
+        blocked = level_mask[0].flatten(1) <= 0
+        fully_blocked = blocked.all(dim=-1, keepdim=True)
+        masks.append(blocked & ~fully_blocked)
+    return masks
+
+
+def content_attention_mask(num_prompts: int, device: Optional[torch.device] = None) -> Tensor:
+    """[N, N] self-attention mask of N content queries: each sees only itself (True = blocked)."""
+    return ~torch.eye(num_prompts, dtype=torch.bool, device=device)
+
+
+def mean_content_label(labels: Sequence[Tensor]) -> Tensor:
+    """One class from several in-context examples: the mean of their content labels (each [1, 1, D]) -> [1, 1, D].
+
+    This is how the official demo combines examples of one class.
+    """
+    if len(labels) == 0:
+        raise ValueError("mean_content_label needs at least one example label")
+    return torch.stack(list(labels)).mean(0)
