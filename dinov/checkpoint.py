@@ -81,8 +81,8 @@ def _read_torch(path: Path) -> object:
         ) from err
     except Exception as err:  # a damaged file makes the unpickler fail in many ways (IndexError, EOFError, ...)
         raise CheckpointError(
-            f"cannot read checkpoint {path}: {str(err).rstrip('.')}. The file is truncated or corrupt (e.g. an interrupted "
-            f"download) or not a PyTorch file; delete it and download it again"
+            f"cannot read checkpoint {path}: {str(err).rstrip('.')}. The file is truncated or corrupt (e.g. an "
+            f"interrupted download) or not a PyTorch file; delete it and download it again"
         ) from err
 
 
@@ -94,8 +94,8 @@ def _read_safetensors(path: Path) -> Dict[str, Tensor]:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(
-            f"cannot read safetensors file {path}: {str(err).rstrip('.')}. The file is truncated or corrupt; delete it and write "
-            f"or download it again"
+            f"cannot read safetensors file {path}: {str(err).rstrip('.')}. The file is truncated or corrupt; "
+            f"delete it and write or download it again"
         ) from err
 
 

@@ -1,0 +1,128 @@
+"""Download of the released DINOv checkpoints, resumable and safe to interrupt.
+
+The file is streamed into ``<cache_dir>/<name>.part``; an interrupted download continues from there with an HTTP
+Range request, and only a complete file is renamed to ``<cache_dir>/<name>``.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import requests
+from tqdm import tqdm
+
+# GitHub release "checkpoint" of UX-Decoder/DINOv.
+RELEASE_URL = "https://github.com/UX-Decoder/DINOv/releases/download/checkpoint"
+CHECKPOINT_FILES = ("model_swinT.pth", "model_swinL.pth")
+PART_SUFFIX = ".part"
+# Small enough that a dropped connection loses little of what was already received.
+_CHUNK_BYTES = 64 * 1024
+
+
+class CheckpointDownloadError(RuntimeError):
+    """A checkpoint could not be downloaded; the message says how to get it by hand."""
+
+
+def checkpoint_url(name: str, base_url: str = RELEASE_URL) -> str:
+    return f"{base_url.rstrip('/')}/{name}"
+
+
+def download_checkpoint(
+    name: str,
+    cache_dir: Union[str, os.PathLike],
+    base_url: str = RELEASE_URL,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> Path:
+    """Return the path of checkpoint ``name`` in ``cache_dir``, downloading it first if it is not there.
+
+    ``name`` is one of :data:`CHECKPOINT_FILES`. A partial download left by an earlier attempt is resumed. Raises
+    :class:`CheckpointDownloadError` when the server cannot be reached or the transfer fails (the message gives
+    the URL and the local path to place the file at by hand).
+    """
+    if name not in CHECKPOINT_FILES:
+        raise ValueError(f"unknown checkpoint {name!r}; the released ones are {', '.join(CHECKPOINT_FILES)}")
+    cache_dir = Path(cache_dir)
+    target = cache_dir / name
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + PART_SUFFIX)
+    url = checkpoint_url(name, base_url)
+
+    try:
+        total = _fetch_into(url, part, timeout, progress)
+    except requests.RequestException as err:
+        kept = part.stat().st_size if part.exists() else 0
+        resume = f" ({kept} bytes are kept in {part}; run again to resume)" if kept else ""
+        offline = isinstance(err, (requests.ConnectionError, requests.Timeout))
+        by_hand = "If this machine is offline, download" if offline else "Or download"
+        raise CheckpointDownloadError(
+            f"could not download {url}: {err}{resume}.\n{by_hand} {url} elsewhere and put the file at {target}"
+        ) from err
+
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise CheckpointDownloadError(
+            f"download of {url} ended after {size} of {total} bytes; run again to resume from {part}, or download "
+            f"the file by hand and put it at {target}"
+        )
+    os.replace(part, target)
+    return target
+
+
+def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> Optional[int]:
+    """Append the rest of ``url`` to ``part``; return the full size if the server told it."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as response:
+        if response.status_code == 416 and offset:
+            # Nothing left after `offset`: the part file is already complete if the server's size agrees.
+            total = _total_from_content_range(response.headers.get("Content-Range"))
+            if total == offset:
+                return total
+            part.unlink()  # larger than the file on the server: not a prefix of it, start again
+            return _fetch_into(url, part, timeout, progress)
+        response.raise_for_status()
+
+        if response.status_code == 206:
+            start = _start_from_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                raise requests.HTTPError(f"server answered Range bytes={offset}- with bytes from {start}")
+            mode = "ab"
+            total = _total_from_content_range(response.headers.get("Content-Range"))
+        else:
+            # A plain 200 sends the whole file (the server ignored or did not get a Range): start over.
+            offset, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+
+        bar = tqdm(
+            total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=url.rsplit("/", 1)[-1],
+            disable=not progress,
+        )
+        with open(part, mode) as f, bar:
+            for chunk in response.iter_content(chunk_size=_CHUNK_BYTES):
+                f.write(chunk)
+                bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    return total
+
+
+def _start_from_content_range(value: Optional[str]) -> Optional[int]:
+    # "bytes 100-999/1000"
+    if not value or not value.startswith("bytes ") or "-" not in value:
+        return None
+    try:
+        return int(value[len("bytes ") :].split("-", 1)[0])
+    except ValueError:
+        return None
+
+
+def _total_from_content_range(value: Optional[str]) -> Optional[int]:
+    # "bytes 100-999/1000" or "bytes */1000"; the size may be "*" (unknown)
+    if not value or "/" not in value:
+        return None
+    size = value.rsplit("/", 1)[1].strip()
+    return int(size) if size.isdigit() else None

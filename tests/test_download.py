@@ -1,0 +1,170 @@
+import os
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional
+
+import pytest
+
+from dinov.download import (
+    CHECKPOINT_FILES,
+    PART_SUFFIX,
+    CheckpointDownloadError,
+    checkpoint_url,
+    download_checkpoint,
+)
+
+NAME = "model_swinT.pth"
+PAYLOAD = os.urandom(300 * 1024 + 17)
+
+
+class FileServer:
+    """127.0.0.1 server for a few files, with single-range support ("bytes=N-") and knobs for failures."""
+
+    def __init__(self, files: Dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: List[Dict[str, str]] = []  # headers of every GET, in order
+        self.ignore_range = False
+        self.cut_after: Optional[int] = None  # send only this many body bytes of the next response, then drop
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                server.requests.append(dict(self.headers))
+                data = server.files.get(self.path.lstrip("/"))
+                if data is None:
+                    self.send_error(404)
+                    return
+                start = 0
+                range_header = self.headers.get("Range")
+                if range_header and not server.ignore_range:
+                    start = int(range_header.removeprefix("bytes=").split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if server.cut_after is not None:
+                    body, server.cut_after = body[: server.cut_after], None
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FileServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with FileServer({NAME: PAYLOAD}) as s:
+        yield s
+
+
+def test_full_download(server, tmp_path):
+    path = download_checkpoint(NAME, tmp_path / "cache", base_url=server.base_url, progress=False)
+    assert path == tmp_path / "cache" / NAME
+    assert path.read_bytes() == PAYLOAD
+    assert not (tmp_path / "cache" / (NAME + PART_SUFFIX)).exists()
+    assert len(server.requests) == 1 and "Range" not in server.requests[0]
+
+
+def test_resume_from_part_file(server, tmp_path):
+    part = tmp_path / (NAME + PART_SUFFIX)
+    part.write_bytes(PAYLOAD[:123_456])
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url)
+    assert [r.get("Range") for r in server.requests] == ["bytes=123456-"]
+    assert path.read_bytes() == PAYLOAD
+    assert not part.exists()
+
+
+def test_interrupted_download_keeps_part_and_resumes(server, tmp_path):
+    server.cut_after = 100_000
+    with pytest.raises(CheckpointDownloadError) as info:
+        download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    part = tmp_path / (NAME + PART_SUFFIX)
+    assert not (tmp_path / NAME).exists()
+    assert part.read_bytes() == PAYLOAD[: part.stat().st_size]
+    assert 0 < part.stat().st_size <= 100_000
+    assert "run again to resume" in str(info.value)
+
+    kept = part.stat().st_size
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert server.requests[-1].get("Range") == f"bytes={kept}-"
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_complete_part_file_is_finished_without_a_body(server, tmp_path):
+    (tmp_path / (NAME + PART_SUFFIX)).write_bytes(PAYLOAD)
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert [r.get("Range") for r in server.requests] == [f"bytes={len(PAYLOAD)}-"]
+
+
+def test_server_ignoring_range_restarts_cleanly(server, tmp_path):
+    server.ignore_range = True
+    (tmp_path / (NAME + PART_SUFFIX)).write_bytes(b"x" * 5000)
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert path.read_bytes() == PAYLOAD
+
+
+def test_present_file_is_not_downloaded_again(server, tmp_path):
+    (tmp_path / NAME).write_bytes(b"already here")
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert path.read_bytes() == b"already here"
+    assert server.requests == []
+
+
+def test_offline_error_says_which_url_and_where_to_put_the_file(tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base_url = f"http://127.0.0.1:{port}/release"
+    with pytest.raises(CheckpointDownloadError) as info:
+        download_checkpoint(NAME, tmp_path, base_url=base_url, timeout=5, progress=False)
+    msg = str(info.value)
+    assert f"{base_url}/{NAME}" in msg
+    assert str(tmp_path / NAME) in msg
+    assert "offline" in msg
+    assert not (tmp_path / NAME).exists()
+
+
+def test_http_error_is_reported(tmp_path):
+    with FileServer({}) as s:
+        with pytest.raises(CheckpointDownloadError, match="404"):
+            download_checkpoint(NAME, tmp_path, base_url=s.base_url, progress=False)
+    assert not (tmp_path / NAME).exists()
+
+
+def test_unknown_name_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="model_swinT.pth"):
+        download_checkpoint("model_swinB.pth", tmp_path)
+
+
+def test_official_urls():
+    assert CHECKPOINT_FILES == ("model_swinT.pth", "model_swinL.pth")
+    assert (
+        checkpoint_url("model_swinL.pth")
+        == "https://github.com/UX-Decoder/DINOv/releases/download/checkpoint/model_swinL.pth"
+    )
