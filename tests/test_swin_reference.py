@@ -128,3 +128,16 @@ def test_rejects_non_batched_input():
     model = SwinTransformer(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=7)
     with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
         model(torch.zeros(3, 64, 64))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    kwargs = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=7, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    plain = SwinTransformer(**kwargs).train()
+    checkpointed = SwinTransformer(**kwargs, use_checkpoint=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    for model in (plain, checkpointed):
+        sum(v.square().sum() for v in model(x).values()).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
