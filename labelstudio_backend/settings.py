@@ -1,0 +1,249 @@
+"""Backend settings: one frozen dataclass, read from environment variables.
+
+Every field has a documented default (``SETTINGS_TABLE`` lists variable, default and meaning,
+the README's table is built from it). The fields marked per-project can be overridden for one
+Label Studio project through the "Extra params" JSON of the model connection, which Label Studio
+sends to ``/setup`` as ``extra_params``; the others are operator-only, because they decide what the
+backend may read (hosts, files, sizes) or how it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+REFERENCE_MODES = ("all", "ground_truth", "annotators")
+INTERACTIVE_MODES = ("object", "similar")
+
+
+class SettingsError(ValueError):
+    """A setting has a value the backend cannot use; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Connection to Label Studio and serving.
+    label_studio_url: str = ""
+    label_studio_api_key: str = field(default="", repr=False)
+    model_dir: Path = Path("./model_dir")
+    port: int = 9090
+    workers: int = 1
+    threads: int = 8
+    basic_auth_user: str = ""
+    basic_auth_pass: str = field(default="", repr=False)
+    log_level: str = "INFO"
+    # The model.
+    checkpoint: str = "demo"
+    device: str = "auto"
+    # Pre-annotation (per project).
+    score_threshold: float = 0.3
+    max_instances_per_label: int = 20
+    min_area: int = 16
+    allow_overlap: bool = False
+    polygon_tolerance: float = 1.5
+    references: str = "all"
+    reference_annotators: tuple[str, ...] = ()
+    max_examples_per_label: int = 16
+    predict_time_budget: float = 80.0
+    # Interactive refinement (per project).
+    interactive_mode: str = "object"
+    # What the backend may read (operator only).
+    allowed_hosts: tuple[str, ...] = ()
+    local_files_root: Path | None = None
+    max_image_bytes: int = 64 * 1024 * 1024
+    max_image_pixels: int = 64_000_000
+    image_cache_mb: int = 2048
+    fetch_timeout: float = 30.0
+    verify_ssl: bool = True
+    feature_cache_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.score_threshold <= 1.0, "SCORE_THRESHOLD", self.score_threshold, "a number in [0, 1]")
+        _check(self.max_instances_per_label >= 1, "MAX_INSTANCES_PER_LABEL", self.max_instances_per_label, "an integer >= 1")
+        _check(self.min_area >= 0, "MIN_AREA", self.min_area, "an integer >= 0 (pixels)")
+        _check(self.polygon_tolerance >= 0, "POLYGON_TOLERANCE", self.polygon_tolerance, "a number >= 0 (pixels)")
+        _check(self.references in REFERENCE_MODES, "REFERENCES", self.references, f"one of {', '.join(REFERENCE_MODES)}")
+        _check(self.references != "annotators" or bool(self.reference_annotators), "REFERENCE_ANNOTATORS",
+               "", "a comma-separated list of annotator emails or user ids when REFERENCES=annotators")
+        _check(self.max_examples_per_label >= 1, "MAX_EXAMPLES_PER_LABEL", self.max_examples_per_label, "an integer >= 1")
+        _check(self.predict_time_budget > 0, "PREDICT_TIME_BUDGET", self.predict_time_budget, "a number of seconds > 0")
+        _check(self.interactive_mode in INTERACTIVE_MODES, "INTERACTIVE_MODE", self.interactive_mode,
+               f"one of {', '.join(INTERACTIVE_MODES)}")
+        _check(self.device in ("auto", "cpu") or self.device.startswith("cuda"), "DEVICE", self.device,
+               "auto, cpu, cuda or cuda:<index>")
+        _check(1 <= self.port <= 65535, "PORT", self.port, "a TCP port")
+        _check(self.workers >= 1 and self.threads >= 1, "WORKERS/THREADS", (self.workers, self.threads), "integers >= 1")
+        _check(self.max_image_bytes > 0 and self.max_image_pixels > 0, "MAX_IMAGE_BYTES/MAX_IMAGE_PIXELS",
+               (self.max_image_bytes, self.max_image_pixels), "positive integers")
+        _check(self.feature_cache_size >= 1, "FEATURE_CACHE_SIZE", self.feature_cache_size, "an integer >= 1")
+        _check(bool(self.basic_auth_user) == bool(self.basic_auth_pass), "BASIC_AUTH_USER/BASIC_AUTH_PASS",
+               "one of them", "both set (basic auth on) or both empty (off)")
+        if self.label_studio_url:
+            _check(self.label_studio_url.startswith(("http://", "https://")), "LABEL_STUDIO_URL",
+                   self.label_studio_url, "a full URL such as http://label-studio:8080")
+
+    @property
+    def basic_auth(self) -> tuple[str, str] | None:
+        return (self.basic_auth_user, self.basic_auth_pass) if self.basic_auth_user else None
+
+    @property
+    def db_path(self) -> Path:
+        return self.model_dir / "references.sqlite3"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every setting from `environ` (default: os.environ); unset variables keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for row in SETTINGS_TABLE:
+            raw = environ.get(row.env)
+            if raw is None and row.env == "LABEL_STUDIO_API_KEY":
+                raw = environ.get("LABEL_STUDIO_ACCESS_TOKEN")  # the name older label-studio-ml backends read
+            if raw is None or raw == "" and row.field not in ("label_studio_url", "label_studio_api_key"):
+                continue
+            values[row.field] = _parse(row.field, raw, row.env)
+        return cls(**values)
+
+    def with_overrides(self, params: Mapping[str, Any] | str | None) -> "Settings":
+        """A copy with the per-project fields of `params` (the backend's extra_params) applied.
+
+        Keys are the field names or the environment variable names, in any case:
+        ``{"score_threshold": 0.5}`` and ``{"SCORE_THRESHOLD": "0.5"}`` mean the same.
+        """
+        params = parse_extra_params(params)
+        changes: dict[str, Any] = {}
+        for key, raw in params.items():
+            name = _PER_PROJECT_KEYS.get(str(key).lower())
+            if name is None:
+                raise SettingsError(
+                    f"extra_params key {key!r} is not a per-project setting; allowed keys: "
+                    f"{', '.join(sorted(PER_PROJECT_FIELDS))}")
+            changes[name] = _parse(name, raw, f"extra_params[{key!r}]")
+        return dataclasses.replace(self, **changes) if changes else self
+
+
+def parse_extra_params(params: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """extra_params arrive as a JSON object, a JSON string, or nothing."""
+    if params is None or params == "":
+        return {}
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError as e:
+            raise SettingsError(f"extra_params is not valid JSON ({e}); give a JSON object such as "
+                                '{"score_threshold": 0.5}') from None
+    if not isinstance(params, Mapping):
+        raise SettingsError(f"extra_params must be a JSON object, got {type(params).__name__}")
+    return dict(params)
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    env: str
+    field: str
+    default: str
+    meaning: str
+    per_project: bool = False
+
+
+SETTINGS_TABLE: tuple[SettingRow, ...] = (
+    SettingRow("LABEL_STUDIO_URL", "label_studio_url", "(empty)",
+               "Label Studio's base URL as the backend reaches it, e.g. http://label-studio:8080. Needed for "
+               "uploaded, local-storage and cloud-storage images and for the reference sync."),
+    SettingRow("LABEL_STUDIO_API_KEY", "label_studio_api_key", "(empty)",
+               "A legacy API token (sent as `Token <key>`) or a personal access token (a JWT, exchanged at "
+               "/api/token/refresh/ for a Bearer access token). LABEL_STUDIO_ACCESS_TOKEN is read too."),
+    SettingRow("MODEL_DIR", "model_dir", "./model_dir",
+               "Where the reference store (SQLite), downloaded checkpoints, per-project settings and the "
+               "image cache live."),
+    SettingRow("PORT", "port", "9090", "Port of `python _wsgi.py` and scripts/start.sh."),
+    SettingRow("WORKERS", "workers", "1",
+               "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU."),
+    SettingRow("THREADS", "threads", "8", "Threads per worker; model work is serialised per device."),
+    SettingRow("BASIC_AUTH_USER", "basic_auth_user", "(empty)", "With BASIC_AUTH_PASS: require HTTP basic auth."),
+    SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "(empty)", "Password for basic auth."),
+    SettingRow("LOG_LEVEL", "log_level", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    SettingRow("DINOV_CHECKPOINT", "checkpoint", "demo",
+               "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
+    SettingRow("DEVICE", "device", "auto", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
+    SettingRow("SCORE_THRESHOLD", "score_threshold", "0.3", "Minimum instance score kept by pre-annotation.", True),
+    SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "20",
+               "At most this many regions per label and image.", True),
+    SettingRow("MIN_AREA", "min_area", "16", "Drop predicted regions smaller than this many pixels.", True),
+    SettingRow("ALLOW_OVERLAP", "allow_overlap", "false",
+               "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps "
+               "the shared pixels.", True),
+    SettingRow("POLYGON_TOLERANCE", "polygon_tolerance", "1.5",
+               "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", True),
+    SettingRow("REFERENCES", "references", "all",
+               "Which annotations are in-context examples: all | ground_truth | annotators.", True),
+    SettingRow("REFERENCE_ANNOTATORS", "reference_annotators", "(empty)",
+               "Comma-separated annotator emails or user ids, for REFERENCES=annotators.", True),
+    SettingRow("MAX_EXAMPLES_PER_LABEL", "max_examples_per_label", "16",
+               "In-context examples per label (most recent first).", True),
+    SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "80",
+               "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left "
+               "over get no prediction this time and are predicted on the next run.", True),
+    SettingRow("INTERACTIVE_MODE", "interactive_mode", "object",
+               "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.",
+               True),
+    SettingRow("ALLOWED_HOSTS", "allowed_hosts", "(empty)",
+               "Comma-separated extra hosts task images may come from (name, *.domain, IP or CIDR). "
+               "Label Studio's host and the presigned URLs it returns are always allowed."),
+    SettingRow("LOCAL_FILES_DOCUMENT_ROOT", "local_files_root", "(empty)",
+               "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it "
+               "from Label Studio."),
+    SettingRow("MAX_IMAGE_BYTES", "max_image_bytes", str(64 * 1024 * 1024), "Largest image download, in bytes."),
+    SettingRow("MAX_IMAGE_PIXELS", "max_image_pixels", "64000000", "Largest image, width x height."),
+    SettingRow("IMAGE_CACHE_MB", "image_cache_mb", "2048", "Size bound of the downloaded-image cache in MODEL_DIR."),
+    SettingRow("FETCH_TIMEOUT", "fetch_timeout", "30", "Seconds per image or API request."),
+    SettingRow("VERIFY_SSL", "verify_ssl", "true", "Verify TLS certificates when fetching."),
+    SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "8",
+               "Encoded images kept per process, so the next click on the same image costs only the decoder."),
+)
+
+PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_project)
+_PER_PROJECT_KEYS = {key: row.field for row in SETTINGS_TABLE if row.per_project
+                     for key in (row.field, row.env.lower())}
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+
+
+def _parse(name: str, raw: Any, source: str) -> Any:
+    kind = _FIELD_TYPES[name]
+    try:
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind == "int":
+            if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+                raise ValueError("expected an integer")
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError("expected a number")
+            return float(raw)
+        if kind == "Path":
+            return Path(str(raw)).expanduser()
+        if kind == "Path | None":
+            return Path(str(raw)).expanduser() if str(raw) else None
+        if kind == "tuple[str, ...]":
+            items = raw if isinstance(raw, (list, tuple)) else str(raw).split(",")
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        return str(raw).strip()
+    except (TypeError, ValueError) as e:
+        raise SettingsError(f"{source}={raw!r} is not valid: {e}") from None
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise SettingsError(f"{name}={value!r} is not valid: expected {expected}")
