@@ -1,0 +1,454 @@
+"""The inference API: encode images once, then segment them with visual prompts.
+
+    predictor = DINOvPredictor.from_checkpoint("demo")
+    reference = predictor.encode_image(reference_rgb)
+    examples = predictor.encode_prompts(reference, masks)          # [N, D] prompt embeddings
+    target = predictor.encode_image(target_rgb)
+    instances = predictor.segment_generic(target, [examples])       # every object like the examples
+    per_prompt = predictor.segment_referring(target, examples)      # the best match of each prompt
+    clicked = predictor.segment_interactive(target, points=[[120, 80]], point_labels=[1]).best
+
+Images are RGB uint8 arrays [H, W, 3] (or RGB PIL images); every coordinate and mask is at the
+image's original size, whatever size the model works at (see `dinov.transforms`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dinov import postprocess
+from dinov.config import DINOvConfig
+from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, inverse_sigmoid, point_boxes
+from dinov.modeling.prompt_encoder import PromptContent, content_attention_mask
+from dinov.modeling.dinov import DINOv, build_dinov
+from dinov.transforms import (
+    InputError,
+    ResizeConfig,
+    as_rgb_uint8,
+    normalize_and_pad,
+    padded_size,
+    resize_image,
+    resize_mask,
+    resized_size,
+)
+
+logger = logging.getLogger(__name__)
+
+# A click becomes a position query: a box of +-3 px around it, as the official interactive code.
+CLICK_HALF_SIZE = 3.0
+
+
+@dataclass
+class EncodedImage:
+    """An image's features, computed once and reused for any number of prompts."""
+
+    image_size: tuple[int, int]  # original (height, width)
+    input_size: tuple[int, int]  # (height, width) after resizing, before padding
+    padded_size: tuple[int, int]
+    multi_scale_features: list[torch.Tensor]  # each [1, C, h, w]
+    mask_features: torch.Tensor  # [1, C, H/4, W/4] of the padded input
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(y, x) factors from original pixels to model-input pixels."""
+        return self.input_size[0] / self.image_size[0], self.input_size[1] / self.image_size[1]
+
+
+@dataclass
+class Instance:
+    mask: np.ndarray  # bool [H, W] at the original size
+    score: float
+    class_index: int  # index of the class (generic) or of the prompt (referring)
+    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) of the mask, pixels, x1/y1 exclusive
+
+
+@dataclass
+class Candidate:
+    mask: np.ndarray  # bool [H, W]
+    predicted_iou: float
+    granularity: int  # 0..5, which of the six granularity tokens produced it
+    query_index: int  # which position query (point or box) it came from
+
+
+@dataclass
+class InteractiveResult:
+    best: Candidate | None
+    candidates: list[Candidate] = field(default_factory=list)
+
+
+class DINOvPredictor:
+    """Runs a DINOv model on images and visual prompts. Thread-safe: model calls are serialised."""
+
+    def __init__(
+        self,
+        model: DINOv,
+        device: str | torch.device = "cpu",
+        resize: ResizeConfig = ResizeConfig(),
+        autocast_dtype: torch.dtype | None = None,
+        checkpoint_id: str = "unnamed",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.resize = resize
+        # Mixed precision only on CUDA; CPU runs in fp32, where bf16 is slower and less exact.
+        self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
+        self.checkpoint_id = checkpoint_id
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        config: DINOvConfig | None = None,
+        device: str = "auto",
+        cache_dir: str | Path | None = None,
+        resize: ResizeConfig = ResizeConfig(),
+        autocast_dtype: torch.dtype | None = torch.bfloat16,
+    ) -> "DINOvPredictor":
+        """Load `demo`, `swinT`, `swinL` (downloaded once into `cache_dir`) or a checkpoint file."""
+        from dinov.checkpoint import load_model
+
+        model, checkpoint_id = load_model(checkpoint, config=config, cache_dir=cache_dir)
+        return cls(model, device=resolve_device(device), resize=resize, autocast_dtype=autocast_dtype,
+                   checkpoint_id=checkpoint_id)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model.embedding_dim
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # ----------------------------------------------------------------- images
+    def _prepare(self, image) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        rgb = as_rgb_uint8(image)
+        original = rgb.shape[:2]
+        size = resized_size(*original, self.resize)
+        resized = resize_image(rgb, size, self.resize.image_interpolation)
+        return torch.from_numpy(resized).permute(2, 0, 1), original, size
+
+    def encode_image(self, image: np.ndarray | Image.Image) -> EncodedImage:
+        return self.encode_images([image])[0]
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[np.ndarray | Image.Image], batch_size: int = 8) -> list[EncodedImage]:
+        """Encode images; those of the same padded size run as one batch (padding is never shared,
+        so a batched image gets exactly the features it would get alone)."""
+        prepared = [self._prepare(image) for image in images]
+        div = self.model.size_divisibility
+        buckets: dict[tuple[int, int], list[int]] = {}
+        for index, (_, _, size) in enumerate(prepared):
+            buckets.setdefault(padded_size(*size, div), []).append(index)
+        results: list[EncodedImage | None] = [None] * len(prepared)
+        for pad, indices in buckets.items():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = normalize_and_pad([prepared[i][0] for i in chunk], self.model.pixel_mean.cpu(),
+                                          self.model.pixel_std.cpu(), div).to(self.device)
+                with self._lock, self._autocast():
+                    multi_scale, mask_features = self.model.encode(batch)
+                for row, index in enumerate(chunk):
+                    _, original, size = prepared[index]
+                    results[index] = EncodedImage(
+                        image_size=original,
+                        input_size=size,
+                        padded_size=pad,
+                        multi_scale_features=[f[row : row + 1].float() for f in multi_scale],
+                        mask_features=mask_features[row : row + 1].float(),
+                    )
+        return results  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------- prompts
+    def _prompt_masks(self, encoded: EncodedImage, masks: np.ndarray) -> torch.Tensor:
+        """Original-size bool masks [N, H, W] -> model-input masks [N, Hp, Wp] (zero padding)."""
+        masks = np.asarray(masks)
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.ndim != 3 or len(masks) == 0:
+            raise InputError(f"prompt masks must have shape [N, H, W] with N >= 1, got {masks.shape}")
+        if tuple(masks.shape[1:]) != encoded.image_size:
+            raise InputError(
+                f"prompt masks are {masks.shape[2]}x{masks.shape[1]} but the image is "
+                f"{encoded.image_size[1]}x{encoded.image_size[0]}; draw prompts at the image's original size"
+            )
+        out = torch.zeros(len(masks), *encoded.padded_size)
+        h, w = encoded.input_size
+        for i, mask in enumerate(masks.astype(bool)):
+            if not mask.any():
+                raise InputError(f"prompt mask {i} is empty; a prompt must cover at least one pixel")
+            resized = torch.from_numpy(resize_mask(mask, encoded.input_size, self.resize.mask_interpolation))
+            if not (resized > 0).any():  # a tiny prompt can vanish when the image is shrunk
+                resized = F.adaptive_max_pool2d(torch.from_numpy(mask.astype(np.float32))[None], (h, w))[0]
+            out[i, :h, :w] = resized
+        return out.to(self.device)
+
+    @torch.inference_mode()
+    def encode_prompts(self, encoded: EncodedImage, masks: np.ndarray) -> np.ndarray:
+        """Prompt embeddings (the content queries) of N masks on one image: float32 [N, D]."""
+        prompt_masks = self._prompt_masks(encoded, masks)
+        with self._lock, self._autocast():
+            content = self.model.head.encode_prompts(encoded.multi_scale_features, prompt_masks)
+        return content.label[0].float().cpu().numpy()
+
+    # ----------------------------------------------------------------- generic
+    @torch.inference_mode()
+    def segment_generic(
+        self,
+        encoded: EncodedImage,
+        classes: Sequence[np.ndarray],
+        score_threshold: float | None = None,
+        max_instances: int = 100,
+        max_examples: int = 16,
+    ) -> list[Instance]:
+        """Every object that looks like one of the classes. A class is given by its examples
+        ([k, D] prompt embeddings; the first `max_examples` are averaged, as in the paper).
+
+        `score_threshold=None` applies the official demo's rule (0.12, lowered until something
+        is found); a number keeps only instances scoring at least that, possibly none.
+        """
+        class_embeddings = self._class_bank(classes, max_examples)
+        with self._lock, self._autocast():
+            outputs = self.model.head.decode_generic(
+                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None]
+            )
+        logits = outputs["pred_logits"][0].float()
+        masks = outputs["pred_masks"][0].float()
+        if score_threshold is None:
+            selection = postprocess.filter_generic(logits, masks)
+            keep, scores, labels = selection.index, selection.scores, selection.labels
+        else:
+            scores, labels = logits.sigmoid().max(-1)
+            keep = torch.nonzero(scores >= score_threshold).flatten()
+            scores, labels = scores[keep], labels[keep]
+        order = torch.argsort(scores, descending=True)[:max_instances]
+        instances = []
+        for i in order.tolist():
+            mask = self._mask_to_original(masks[keep[i]], encoded)
+            box = mask_box(mask)
+            if box is not None:
+                instances.append(Instance(mask=mask, score=float(scores[i]), class_index=int(labels[i]), box=box))
+        return instances
+
+    def _class_bank(self, classes: Sequence[np.ndarray], max_examples: int) -> torch.Tensor:
+        if len(classes) == 0:
+            raise InputError("no classes given: generic segmentation needs at least one class with an example")
+        rows = []
+        for i, examples in enumerate(classes):
+            examples = np.asarray(examples, dtype=np.float32)
+            if examples.ndim == 1:
+                examples = examples[None]
+            if examples.ndim != 2 or examples.shape[0] == 0 or examples.shape[1] != self.embedding_dim:
+                raise InputError(
+                    f"class {i}: expected prompt embeddings of shape [k >= 1, {self.embedding_dim}], got {examples.shape}"
+                )
+            rows.append(torch.from_numpy(examples[:max_examples]).mean(0))
+        return torch.stack(rows).to(self.device)
+
+    # ----------------------------------------------------------------- referring
+    @torch.inference_mode()
+    def segment_referring(self, encoded: EncodedImage, prompt_embeddings: np.ndarray) -> list[Instance | None]:
+        """For each prompt embedding, the one object of the target image that matches it best
+        (content matching over the official 20x20 point grid); None where nothing passes."""
+        embeddings = np.asarray(prompt_embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != self.embedding_dim:
+            raise InputError(f"prompt embeddings must have shape [N >= 1, {self.embedding_dim}], got {embeddings.shape}")
+        label = torch.from_numpy(embeddings).to(self.device)[None]
+        content = PromptContent(label=label, bbox=inverse_sigmoid(torch.tensor([0.0, 0.0, 1.0, 1.0], device=self.device)).expand(1, len(embeddings), 4),
+                                attn_mask=content_attention_mask(len(embeddings), self.device))
+        grid = point_grid_boxes(self.model.points_per_side, encoded.padded_size).to(self.device)
+        with self._lock, self._autocast():
+            # Masks of the 2400 proposals are only needed for the few that pass NMS: the filter
+            # computes those from the mask embeddings.
+            outputs = self.model.head.decode_referring(
+                encoded.multi_scale_features, encoded.mask_features, content, grid, with_masks=False
+            )
+        selection = postprocess.filter_referring(
+            pred_boxes=outputs["pred_boxes"][0].float(),
+            pred_ious=outputs["pred_ious"][0].float(),
+            pred_match_score=outputs["pred_match_score"][0].float(),
+            mask_embed=outputs["mask_embed"][0].float(),
+            mask_features=encoded.mask_features[0],
+            nms_threshold=self.model.nms_threshold,
+        )
+        if selection.index.numel() == 0:  # no proposal survived the filter: nothing matches
+            return [None] * len(embeddings)
+        results: list[Instance | None] = []
+        for prompt_index in range(len(embeddings)):
+            mask = self._mask_to_original(selection.mask_logits[prompt_index], encoded)
+            box = mask_box(mask)
+            score = float(selection.scores[prompt_index])
+            results.append(None if box is None else Instance(mask, score, prompt_index, box))
+        return results
+
+    # ----------------------------------------------------------------- interactive
+    @torch.inference_mode()
+    def segment_interactive(
+        self,
+        encoded: EncodedImage,
+        points: np.ndarray | Sequence | None = None,
+        point_labels: np.ndarray | Sequence | None = None,
+        boxes: np.ndarray | Sequence | None = None,
+        stroke: np.ndarray | None = None,
+    ) -> InteractiveResult:
+        """One object from clicks, boxes and/or a stroke drawn on this image.
+
+        Each positive click and each box becomes a position query at its location (six
+        granularity candidates each, with predicted IoUs); a stroke contributes queries at
+        points along it. The chosen candidate covers every positive click, contains no
+        negative click, overlaps the stroke most, and has the highest predicted IoU.
+        """
+        height, width = encoded.image_size
+        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        labels = np.ones(len(pts), dtype=int) if point_labels is None else np.asarray(point_labels, dtype=int).reshape(-1)
+        if len(labels) != len(pts):
+            raise InputError(f"got {len(pts)} points but {len(labels)} point labels")
+        bxs = np.zeros((0, 4)) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if stroke is not None:
+            stroke = np.asarray(stroke, dtype=bool)
+            if stroke.shape != (height, width) or not stroke.any():
+                raise InputError(f"stroke must be a non-empty bool mask of shape {(height, width)}, got {stroke.shape}")
+        positive, negative = pts[labels > 0], pts[labels <= 0]
+        if len(positive) == 0 and len(bxs) == 0 and stroke is None:
+            raise InputError("interactive segmentation needs a positive point, a box or a stroke")
+
+        sy, sx = encoded.scale
+        query_boxes = []  # xyxy in model-input pixels
+        for x, y in positive:
+            cx, cy = x * sx, y * sy
+            query_boxes.append([cx - CLICK_HALF_SIZE, cy - CLICK_HALF_SIZE, cx + CLICK_HALF_SIZE, cy + CLICK_HALF_SIZE])
+        for x0, y0, x1, y1 in bxs:
+            if not (x1 > x0 and y1 > y0):
+                raise InputError(f"box must have x1 > x0 and y1 > y0, got {(x0, y0, x1, y1)}")
+            query_boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
+        if stroke is not None:
+            for x, y in stroke_sample_points(stroke, count=4):
+                cx, cy = x * sx, y * sy
+                query_boxes.append([cx - CLICK_HALF_SIZE, cy - CLICK_HALF_SIZE, cx + CLICK_HALF_SIZE, cy + CLICK_HALF_SIZE])
+        ph, pw = encoded.padded_size
+        xyxy = torch.tensor(query_boxes, dtype=torch.float32)
+        positions = box_xyxy_to_cxcywh(xyxy) / torch.tensor([pw, ph, pw, ph], dtype=torch.float32)
+
+        # The content query only shapes match scores, not the candidates' masks or IoUs; give it
+        # the drawn prompt itself so that it is meaningful.
+        prompt_mask = np.zeros((height, width), bool)
+        if len(positive):
+            from dinov.prompts import points_to_mask
+
+            prompt_mask |= points_to_mask(positive, (height, width), radius=max(3.0, 0.01 * min(height, width)))
+        for x0, y0, x1, y1 in bxs:
+            prompt_mask[max(0, int(y0)) : int(np.ceil(y1)), max(0, int(x0)) : int(np.ceil(x1))] = True
+        if stroke is not None:
+            prompt_mask |= stroke
+        prompt_masks = self._prompt_masks(encoded, prompt_mask[None])
+        with self._lock, self._autocast():
+            content = self.model.head.encode_prompts(encoded.multi_scale_features, prompt_masks)
+            outputs = self.model.head.decode_referring(
+                encoded.multi_scale_features, encoded.mask_features, content, positions.to(self.device)
+            )
+        ious = outputs["pred_ious"][0].float()  # [P, 6]
+        mask_logits = outputs["pred_masks"][0].float()  # [P * 6, h, w]
+        candidates = []
+        for q in range(ious.shape[0]):
+            for g in range(ious.shape[1]):
+                mask = self._mask_to_original(mask_logits[q * ious.shape[1] + g], encoded)
+                candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g, query_index=q))
+        return InteractiveResult(best=choose_candidate(candidates, positive, negative, stroke), candidates=candidates)
+
+    # ----------------------------------------------------------------- helpers
+    def _mask_to_original(self, logits: torch.Tensor, encoded: EncodedImage) -> np.ndarray:
+        """Stride-4 mask logits -> bool mask at the original size, as the official post-processing:
+        bilinear to the padded input, crop the padding, bilinear to the original size, logit > 0."""
+        up = postprocess.upsample_masks(logits[None], encoded.padded_size, encoded.input_size)[None]
+        if encoded.input_size != encoded.image_size:
+            up = F.interpolate(up, size=encoded.image_size, mode="bilinear", align_corners=False)
+        return (up[0, 0] > 0).cpu().numpy()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"DEVICE={device} but no CUDA device is available; use DEVICE=cpu or auto")
+    return torch.device(device)
+
+
+def point_grid_boxes(points_per_side: int, padded: tuple[int, int]) -> torch.Tensor:
+    """The official referring position queries: an n x n grid (offset 1/(2n)) of the padded image,
+    each point a box of +-3 px, cxcywh normalised by the padded size."""
+    return point_boxes(grid_points(points_per_side, padded), padded, CLICK_HALF_SIZE)
+
+
+def stroke_sample_points(stroke: np.ndarray, count: int) -> list[tuple[float, float]]:
+    """`count` stroke pixels spread along it (in raster order, which follows a stroke well enough)."""
+    ys, xs = np.nonzero(stroke)
+    picks = np.linspace(0, len(xs) - 1, num=min(count, len(xs))).round().astype(int)
+    return [(float(xs[i]), float(ys[i])) for i in picks]
+
+
+def choose_candidate(
+    candidates: list[Candidate], positive: np.ndarray, negative: np.ndarray, stroke: np.ndarray | None
+) -> Candidate | None:
+    """Pick the candidate a user means: contains no negative click, covers the most positive
+    clicks, overlaps the stroke most, then the highest predicted IoU."""
+
+    def covers(mask: np.ndarray, point) -> bool:
+        x, y = int(round(point[0])), int(round(point[1]))
+        x = min(max(x, 0), mask.shape[1] - 1)
+        y = min(max(y, 0), mask.shape[0] - 1)
+        return bool(mask[y, x])
+
+    best_key, best = None, None
+    for candidate in candidates:
+        if not candidate.mask.any():
+            continue
+        if any(covers(candidate.mask, p) for p in negative):
+            continue
+        covered = sum(covers(candidate.mask, p) for p in positive)
+        overlap = float((candidate.mask & stroke).sum() / stroke.sum()) if stroke is not None else 0.0
+        key = (covered, round(overlap, 2), candidate.predicted_iou)
+        if best_key is None or key > best_key:
+            best_key, best = key, candidate
+    return best
+
+
+def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
+    """Tight (x0, y0, x1, y1) box of a bool mask, x1/y1 exclusive; None for an empty mask."""
+    ys = np.flatnonzero(mask.any(axis=1))
+    if len(ys) == 0:
+        return None
+    xs = np.flatnonzero(mask.any(axis=0))
+    return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
+
+
+def file_digest(path: Path) -> str:
+    """Short content hash of a checkpoint file, cached beside it (hashing Swin-L takes seconds)."""
+    stat = path.stat()
+    stamp = path.with_name(path.name + ".sha256")
+    if stamp.exists():
+        cached = stamp.read_text().split()
+        if len(cached) == 3 and cached[1:] == [str(stat.st_size), str(int(stat.st_mtime))]:
+            return cached[0]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    short = digest.hexdigest()[:12]
+    try:
+        stamp.write_text(f"{short} {stat.st_size} {int(stat.st_mtime)}")
+    except OSError:
+        pass  # a read-only model folder only costs the hash next time
+    return short
