@@ -1,0 +1,148 @@
+"""The official post-processing filters: against the reference outputs and on hand-made cases."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov.modeling.box_ops import point_boxes
+from dinov.modeling.dinov_head import DINOvHead
+from dinov.modeling.prompt_encoder import PromptContent
+from dinov.postprocess import filter_generic, filter_referring, upsample_masks
+
+PREFIX = "model.sem_seg_head.predictor."
+TOL = 1e-4
+
+
+def padded_size_of(mask_features):
+    return tuple(int(s) * 4 for s in mask_features.shape[-2:])
+
+
+@pytest.fixture(scope="module", params=["miniT", "miniL"])
+def io(request, reference_dir):
+    return torch.load(reference_dir / f"{request.param}_io.pt", map_location="cpu", weights_only=True), request.param
+
+
+# ----------------------------------------------------------------------------- against the reference
+
+
+def test_filter_generic_reference(io):
+    io, _ = io
+    selection = filter_generic(io["openset_raw_pred_logits"][0], io["openset_raw_pred_masks"][0])
+    image_size = tuple(io["tgt_image"].shape[-2:])
+    masks = upsample_masks(selection.mask_logits, padded_size_of(io["tgt_mask_features"]), image_size)
+    assert masks.shape == io["openset_mask_logits"].shape
+    diff = (masks - io["openset_mask_logits"]).abs().max().item()
+    print(f"openset_mask_logits: max abs diff {diff:.3g}")
+    assert diff <= TOL
+    assert torch.allclose(selection.scores, io["openset_scores"], atol=TOL, rtol=0)
+
+
+def test_filter_referring_reference(io, reference_dir):
+    io, name = io
+    config = json.loads((reference_dir / f"{name}_config.json").read_text())["overrides"]
+    dec = config["DECODER"]
+    head = DINOvHead(hidden_dim=dec["HIDDEN_DIM"], num_queries=dec["NUM_OBJECT_QUERIES"], nheads=dec["NHEADS"],
+                     dim_feedforward=dec["DIM_FEEDFORWARD"], dec_layers=dec["DEC_LAYERS"],
+                     mask_dim=config["ENCODER"]["MASK_DIM"], dim_proj=config["DIM_PROJ"],
+                     total_num_feature_levels=dec["TOTAL_NUM_FEATURE_LEVELS"]).eval()
+    sd = torch.load(reference_dir / f"{name}_ckpt.pth", map_location="cpu", weights_only=True)["model"]
+    head.load_state_dict({k[len(PREFIX):]: v for k, v in sd.items() if k.startswith(PREFIX)})
+    features = [io[f"tgt_multi_scale_{i}"] for i in range(head.num_feature_levels)]
+    prompt = PromptContent(io["content_label_3"], io["content_bbox_3"], io["content_attn_3"])
+    with torch.no_grad():
+        out = head.decode_referring(features, io["tgt_mask_features"], prompt, io["refer_grid_boxes_dn"])
+    selection = filter_referring(out["pred_boxes"][0], out["pred_ious"][0], out["pred_match_score"][0],
+                                 pred_masks=out["pred_masks"][0])
+    assert torch.equal(selection.index, io["refer_selected_index"])
+    assert torch.allclose(selection.scores, io["refer_scores"], atol=TOL, rtol=0)
+    masks = upsample_masks(selection.mask_logits, padded_size_of(io["tgt_mask_features"]),
+                           tuple(io["tgt_image"].shape[-2:]))
+    diff = (masks - io["refer_mask_logits"]).abs().max().item()
+    print(f"refer_mask_logits: max abs diff {diff:.3g}")
+    assert masks.shape == io["refer_mask_logits"].shape and diff <= TOL
+
+    # computing only the needed masks from mask_embed selects the same
+    lazy = filter_referring(out["pred_boxes"][0], out["pred_ious"][0], out["pred_match_score"][0],
+                            mask_embed=out["mask_embed"][0], mask_features=io["tgt_mask_features"][0])
+    assert torch.equal(lazy.index, selection.index) and torch.equal(lazy.kept_index, selection.kept_index)
+    assert torch.allclose(lazy.mask_logits, selection.mask_logits, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- hand-made cases
+
+
+def square_mask(size: int, x0: int, y0: int, side: int, inside: float = 5.0) -> torch.Tensor:
+    m = torch.full((size, size), -5.0)
+    m[y0:y0 + side, x0:x0 + side] = inside
+    return m
+
+
+def test_filter_referring_hand_made():
+    # 3 points x 2 granularities = 6 proposals (index p*2+k), 2 prompts, masks on a 20x20 stride-4 grid
+    ious = torch.tensor([[0.9, 0.4],    # 0 kept, 1 dropped (IoU <= 0.5)
+                         [0.8, 0.7],    # 2: box identical to 0 -> removed by NMS; 3 kept
+                         [0.6, 0.95]])  # 4: mask too small (<= 50 px); 5 kept
+    boxes = torch.tensor([[0.25, 0.25, 0.2, 0.2], [0.5, 0.5, 0.2, 0.2],
+                          [0.25, 0.25, 0.2, 0.2], [0.75, 0.75, 0.2, 0.2],
+                          [0.5, 0.25, 0.2, 0.2], [0.25, 0.75, 0.2, 0.2]])
+    masks = torch.stack([square_mask(20, 0, 0, 8), square_mask(20, 5, 5, 8), square_mask(20, 0, 0, 8),
+                         square_mask(20, 10, 10, 8), square_mask(20, 2, 2, 7), square_mask(20, 3, 12, 8)])
+    match = torch.tensor([[0.0, 9.0, 9.0, 1.0, 9.0, 2.0],   # best survivor: 5
+                          [3.0, 9.0, 9.0, 1.0, 9.0, 0.0]])  # best survivor: 0
+    selection = filter_referring(boxes, ious, match, pred_masks=masks)
+    assert selection.kept_index.tolist() == [5, 0, 3]  # NMS order: by predicted IoU
+    assert selection.index.tolist() == [5, 0]
+    survivors = torch.tensor([[0.0, 1.0, 2.0], [3.0, 1.0, 0.0]]).softmax(-1)
+    assert torch.allclose(selection.scores, survivors.max(-1).values)
+    assert torch.equal(selection.mask_logits, masks[[5, 0]])
+
+    # restricting to granularity 0 leaves proposals 0 and 2 (same box: NMS keeps 0) and 4 (too small)
+    only_first = filter_referring(boxes, ious, match, pred_masks=masks, levels=[0])
+    assert only_first.kept_index.tolist() == [0] and only_first.index.tolist() == [0, 0]
+
+    # nothing survives -> empty selection rather than an error
+    none = filter_referring(boxes, ious * 0.1, match, pred_masks=masks)
+    assert none.index.numel() == 0 and none.scores.numel() == 0 and none.mask_logits.shape[0] == 0
+
+
+def test_filter_referring_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="pred_ious"):
+        filter_referring(torch.zeros(6, 4), torch.zeros(6), torch.zeros(1, 6), pred_masks=torch.zeros(6, 4, 4))
+    with pytest.raises(ValueError, match="mask_embed"):
+        filter_referring(torch.zeros(6, 4), torch.zeros(3, 2), torch.zeros(1, 6))
+
+
+def test_filter_generic_lowers_threshold():
+    # best probabilities 0.05, 0.09, 0.02: 0.12 keeps none, 0.08 keeps the second
+    probs = torch.tensor([[0.05, 0.01], [0.02, 0.09], [0.02, 0.01]])
+    logits = torch.logit(probs)
+    masks = torch.randn(3, 4, 4)
+    selection = filter_generic(logits, masks)
+    assert selection.index.tolist() == [1]
+    assert selection.labels.tolist() == [1]
+    assert selection.threshold == pytest.approx(0.08)
+    assert torch.allclose(selection.scores, torch.tensor([0.09]))
+    assert torch.equal(selection.mask_logits, masks[[1]])
+
+    high = filter_generic(torch.logit(torch.tensor([[0.5], [0.13], [0.11]])), masks)
+    assert high.index.tolist() == [0, 1] and high.threshold == 0.12
+
+
+def test_upsample_masks_crops_top_left():
+    logits = torch.zeros(1, 8, 10)
+    logits[0, :2, :3] = 4.0  # top-left block of the stride-4 grid
+    up = upsample_masks(logits, padded_size=(32, 40), image_size=(30, 25))
+    assert up.shape == (1, 30, 25)
+    expected = F.interpolate(logits[None], size=(32, 40), mode="bilinear", align_corners=False)[0, :, :30, :25]
+    assert torch.equal(up, expected)
+    assert up[0, :6, :10].gt(0).all() and not up[0, 12:, :].gt(0).any()
+    assert upsample_masks(torch.zeros(0, 8, 10), (32, 40), (30, 25)).shape == (0, 30, 25)
+    with pytest.raises(ValueError, match="larger"):
+        upsample_masks(logits, padded_size=(32, 40), image_size=(33, 25))
+
+
+def test_point_boxes_match_reference_clicks(io):
+    io, _ = io
+    boxes = point_boxes(io["click_points"], padded_size_of(io["tgt_mask_features"]))
+    assert torch.equal(boxes, io["click_boxes_dn"])
