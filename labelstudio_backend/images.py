@@ -298,7 +298,7 @@ class ImageLoader:
                 f"{url}: host {host!r} is not Label Studio (LABEL_STUDIO_URL={self.ls_url or 'unset'}) and not in "
                 "ALLOWED_HOSTS; add it to ALLOWED_HOSTS if images may come from it")
         try:
-            addresses = [ipaddress.ip_address(a) for a in self.resolve_host(host)]
+            addresses = [literal] if literal else [ipaddress.ip_address(a) for a in self.resolve_host(host)]
         except (OSError, ValueError) as e:
             raise ImageError(f"{url}: cannot resolve host {host!r} ({e})") from None
         if networks and addresses and all(any(a in net for net in networks) for a in addresses):
