@@ -1,0 +1,1 @@
+"""Training DINOv: matching, losses (and, from the model side, the training loop)."""
