@@ -39,47 +39,56 @@ def ms_deform_attn_core(
     n, s, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
     device = value.device
-    heights = spatial_shapes[:, 0].view(num_levels, 1)
-    widths = spatial_shapes[:, 1].view(num_levels, 1)
-    size_xy = torch.stack([widths, heights], -1)  # [L, 1, 2], broadcasts over points
-
-    # Pixel coordinates (pixel centres at integers). grid_sample's CPU kernel maps the grid
-    # g = 2 * loc - 1 with one fused multiply-add, (g + 1) * size / 2 - 0.5; doing that
-    # in float64 and rounding once reproduces its coordinates bit for bit.
+    lp = num_levels * num_points
+    # Work on [N, Lq, M, L * P] tensors, one per axis, with per-(level, point) constants of
+    # shape [L * P]: broadcasting over small inner dims (x/y pairs, corners) is very slow on CPU.
     coord_dtype = sampling_locations.dtype if sampling_locations.dtype == torch.float64 else torch.float32
-    grid = 2 * sampling_locations.to(coord_dtype) - 1
-    xy = ((grid + 1).double() * (size_xy.double() / 2) - 0.5).to(coord_dtype)
-    size_f = size_xy.to(coord_dtype)
-    # Points further out than one pixel read nothing either way; clamping keeps the
-    # integer corner indices small.
-    xy = torch.minimum(xy.clamp(min=-1), size_f)
-    xy0 = xy.floor()
-    frac = xy - xy0
-    # Weights of the lower and upper corner along each axis, zero where the corner is outside.
-    w_lo = (1 - frac) * ((xy0 >= 0) & (xy0 < size_f))
-    w_hi = frac * (xy0 < size_f - 1)
-    wx = torch.stack([w_lo[..., 0], w_hi[..., 0]], -1)
-    wy = torch.stack([w_lo[..., 1], w_hi[..., 1]], -1) * attention_weights.to(coord_dtype)[..., None]
-    weights = (wy[..., :, None] * wx[..., None, :]).to(value.dtype)  # [N, Lq, M, L, P, 2, 2]
+    locations = sampling_locations.reshape(n, lq, m, lp, 2).to(coord_dtype)
+    shape_lp = spatial_shapes.repeat_interleave(num_points, 0)  # [L * P, 2] (H, W)
+    x0, wx_lo, wx_hi = _bilinear_axis(locations[..., 0], shape_lp[:, 1], coord_dtype)
+    y0, wy_lo, wy_hi = _bilinear_axis(locations[..., 1], shape_lp[:, 0], coord_dtype)
+    attn = attention_weights.reshape(n, lq, m, lp).to(coord_dtype)
+    wy_lo = wy_lo * attn
+    wy_hi = wy_hi * attn
+    # Bag of each (image, query, head): 4 corners x L * P samples (order is irrelevant to the sum).
+    weights = torch.stack([wy_lo * wx_lo, wy_lo * wx_hi, wy_hi * wx_lo, wy_hi * wx_hi], -2).to(value.dtype)
 
-    # Row of the top-left corner in value viewed as a [N * S * M, D] table.
+    # Rows of value viewed as a [N * S * M, D] table: ((n * S + pixel) * M + head).
     index_dtype = torch.int32 if n * s * m < 2**31 else torch.int64
-    xy0_i = xy0.to(index_dtype)
-    widths_i = widths.to(index_dtype)
-    pixel = level_start_index.to(index_dtype).view(num_levels, 1) + xy0_i[..., 1] * widths_i + xy0_i[..., 0]
-    batch_offset = (torch.arange(n, device=device, dtype=index_dtype) * s).view(n, 1, 1, 1, 1)
-    head = torch.arange(m, device=device, dtype=index_dtype).view(1, 1, m, 1, 1)
-    top_left = (pixel + batch_offset) * m + head
-    corner_step = torch.stack([torch.zeros_like(widths_i), torch.ones_like(widths_i), widths_i, widths_i + 1], -1)
-    corner_step = corner_step.view(num_levels, 1, 2, 2) * m
+    width = shape_lp[:, 1].to(index_dtype)
+    start = level_start_index.to(index_dtype).repeat_interleave(num_points)
+    image_head = (torch.arange(n, device=device, dtype=index_dtype) * (s * m)).view(n, 1, 1, 1) + torch.arange(
+        m, device=device, dtype=index_dtype
+    ).view(1, 1, m, 1)
+    top_left = (y0.to(index_dtype) * width + x0.to(index_dtype) + start) * m + image_head
+    top_right = top_left + m
+    row_step = width * m
+    rows = torch.stack([top_left, top_right, top_left + row_step, top_right + row_step], -2)
     # Outside corners carry zero weight; clamping just keeps their index valid.
-    rows = (top_left[..., None, None] + corner_step).clamp_(0, n * s * m - 1)
+    rows = rows.clamp_(0, n * s * m - 1)
 
-    bag = num_levels * num_points * 4
+    bag = 4 * lp
     out = F.embedding_bag(
         rows.view(-1, bag), value.reshape(n * s * m, d), mode="sum", per_sample_weights=weights.reshape(-1, bag)
     )
     return out.view(n, lq, m * d)
+
+
+def _bilinear_axis(coord: Tensor, size: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """Along one axis of size ``size``: the lower neighbouring pixel of normalised ``coord``
+    and the weights of the lower and upper neighbour, zero where that pixel is outside."""
+    size_f = size.to(dtype)
+    # grid_sample's CPU kernel maps the official grid g = 2 * loc - 1 to pixels with one fused
+    # multiply-add, (g + 1) * size / 2 - 0.5; doing it in float64 and rounding once
+    # reproduces its coordinates bit for bit.
+    pixel = ((2 * coord - 1 + 1).double() * (size.double() / 2) - 0.5).to(dtype)
+    # Points further out than one pixel read nothing either way; clamping keeps indices small.
+    pixel = torch.minimum(pixel.clamp(min=-1), size_f)
+    lower = pixel.floor()
+    frac = pixel - lower
+    w_lower = (1 - frac) * ((lower >= 0) & (lower < size_f))
+    w_upper = frac * (lower < size_f - 1)
+    return lower, w_lower, w_upper
 
 
 class MSDeformAttn(nn.Module):
