@@ -87,8 +87,9 @@ def test_pairwise_costs_equal_the_per_pair_losses():
     dice = pairwise_dice_loss(logits, labels)
     for q in range(3):
         for t in range(4):
-            assert ce[q, t].item() == pytest.approx(sigmoid_ce_loss(logits[q:q + 1], labels[t:t + 1], 1).item(), rel=1e-5)
-            assert dice[q, t].item() == pytest.approx(dice_loss(logits[q:q + 1], labels[t:t + 1]).item(), rel=1e-5)
+            x, y = logits[q:q + 1], labels[t:t + 1]
+            assert ce[q, t].item() == pytest.approx(sigmoid_ce_loss(x, y, 1).item(), rel=1e-5)
+            assert dice[q, t].item() == pytest.approx(dice_loss(x, y).item(), rel=1e-5)
 
 
 def test_box_losses_known_values():
@@ -302,6 +303,5 @@ def test_bad_arguments_are_explained():
     targets = _targets()
     targets[0] = dict(targets[0], labels=torch.tensor([2, 5]))
     with pytest.raises(ValueError, match="number of classes"):
-        SetCriterion(HungarianMatcher(num_points=8), losses=("labels",))(_outputs(0), targets,
-                                                                           indices=[(torch.tensor([0, 1]), torch.tensor([0, 1])),
-                                                                                    (torch.tensor([0]), torch.tensor([0]))])
+        indices = [(torch.tensor([0, 1]), torch.tensor([0, 1])), (torch.tensor([0]), torch.tensor([0]))]
+        SetCriterion(HungarianMatcher(num_points=8), losses=("labels",))(_outputs(0), targets, indices=indices)

@@ -110,6 +110,26 @@ def _polygon_mask(vertices: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nd
     return inside
 
 
+def polygon_mask(vertices, size: tuple[int, int]) -> np.ndarray:
+    """Bool [H, W] mask of a polygon given as [K, 2] (x, y) pixel coordinates (pixel (i, j) spans
+    [j, j + 1) x [i, i + 1)): the pixels whose centre lies inside, by the even-odd rule."""
+    vertices = np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
+    height, width = size
+    mask = np.zeros((height, width), dtype=bool)
+    if len(vertices) < 3:
+        return mask
+    x_lo = max(0, int(math.floor(vertices[:, 0].min())))
+    x_hi = min(width, int(math.ceil(vertices[:, 0].max())) + 1)
+    y_lo = max(0, int(math.floor(vertices[:, 1].min())))
+    y_hi = min(height, int(math.ceil(vertices[:, 1].max())) + 1)
+    if x_lo >= x_hi or y_lo >= y_hi:
+        return mask
+    xs = np.arange(x_lo, x_hi, dtype=np.float64)[None, :] + 0.5
+    ys = np.arange(y_lo, y_hi, dtype=np.float64)[:, None] + 0.5
+    mask[y_lo:y_hi, x_lo:x_hi] = _polygon_mask(vertices, xs, ys)
+    return mask
+
+
 def _star_vertices(radius: float, angle: float) -> np.ndarray:
     k = np.arange(10)
     r = np.where(k % 2 == 0, radius, radius * STAR_INNER)
