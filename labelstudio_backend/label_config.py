@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from label_studio_sdk.label_interface import LabelInterface
 
 OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
-PROMPT_ONLY_TYPES = ("keypointlabels", "ellipselabels")
+PROMPT_ONLY_TYPES = ("keypointlabels", "ellipselabels", "bitmasklabels")
 SUPPORTED_TYPES = OUTPUT_TYPES + PROMPT_ONLY_TYPES
 
 

@@ -12,6 +12,9 @@ message that names the region.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 import math
 import uuid
 from dataclasses import dataclass
@@ -25,7 +28,8 @@ from PIL import Image
 from dinov import prompts
 from labelstudio_backend.label_config import Control
 
-GEOMETRY_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "ellipselabels", "keypointlabels")
+GEOMETRY_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "ellipselabels", "keypointlabels",
+                  "bitmasklabels")
 MAX_RLE_PIXELS = 200_000_000  # a canvas header above this is an attack or a corrupt region, not an image
 KEYPOINT_MIN_RADIUS = 3.0     # pixels of the disc a keypoint becomes when a mask is needed
 
@@ -37,9 +41,12 @@ class RegionError(ValueError):
 # --- reading regions -------------------------------------------------------------------------------------
 
 def region_type(region: dict) -> str:
+    """The region's type as its "...labels" form (a <Brush> + <Labels> config gives type "brush")."""
     if not isinstance(region, dict):
         raise RegionError(f"a region must be a JSON object, got {type(region).__name__}")
     kind = str(region.get("type", "")).lower()
+    if kind + "labels" in GEOMETRY_TYPES:
+        kind += "labels"
     if kind not in GEOMETRY_TYPES:
         raise RegionError(f"region {_rid(region)} has type {region.get('type')!r}; supported: {', '.join(GEOMETRY_TYPES)}")
     if not isinstance(region.get("value"), dict):
@@ -107,6 +114,24 @@ def encode_rle(mask: np.ndarray) -> list[int]:
     return [int(v) for v in brush.mask2rle(mask.astype(bool).astype(np.uint8) * 255)]
 
 
+def decode_bitmask(data_url: Any, rid: str = "?") -> np.ndarray:
+    """A BitMask region's imageDataURL (a PNG data URL) -> bool mask: alpha > 0, or any colour if opaque."""
+    prefix = "base64,"
+    if not isinstance(data_url, str) or not data_url.startswith("data:image/") or prefix not in data_url:
+        raise RegionError(f"bitmask region {rid} needs value.imageDataURL as a base64 'data:image/png' URL")
+    try:
+        image = Image.open(io.BytesIO(base64.b64decode(data_url.split(prefix, 1)[1], validate=True)))
+        if image.width * image.height > MAX_RLE_PIXELS:
+            raise RegionError(f"bitmask region {rid} is {image.width}x{image.height}, above {MAX_RLE_PIXELS} pixels")
+        rgba = np.asarray(image.convert("RGBA"))
+    except (ValueError, OSError, binascii.Error) as e:
+        if isinstance(e, RegionError):
+            raise
+        raise RegionError(f"bitmask region {rid}: imageDataURL is not a readable image ({e})") from None
+    alpha = rgba[:, :, 3]
+    return alpha > 0 if (alpha < 255).any() else rgba[:, :, :3].max(axis=2) > 0
+
+
 # --- regions -> pixels -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -152,6 +177,12 @@ def region_to_prompt(region: dict, size: tuple[int, int]) -> RegionPrompt:
         w0, h0 = region_size(region)
         mask = decode_rle(value["rle"], w0, h0)
         if (h0, w0) != (height, width):  # drawn on a differently sized copy of the image
+            mask = np.array(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+        return RegionPrompt(kind, label, True, mask=mask)
+
+    if kind == "bitmasklabels":
+        mask = decode_bitmask(value.get("imageDataURL"), rid)
+        if mask.shape != (height, width):
             mask = np.array(Image.fromarray(mask).resize((width, height), Image.NEAREST))
         return RegionPrompt(kind, label, True, mask=mask)
 

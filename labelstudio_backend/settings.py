@@ -67,8 +67,10 @@ class Settings:
         _check(self.min_area >= 0, "MIN_AREA", self.min_area, "an integer >= 0 (pixels)")
         _check(self.polygon_tolerance >= 0, "POLYGON_TOLERANCE", self.polygon_tolerance, "a number >= 0 (pixels)")
         _check(self.references in REFERENCE_MODES, "REFERENCES", self.references, f"one of {', '.join(REFERENCE_MODES)}")
+        _check(all(a.isdigit() for a in self.reference_annotators), "REFERENCE_ANNOTATORS",
+               ",".join(self.reference_annotators), "comma-separated Label Studio user ids")
         _check(self.references != "annotators" or bool(self.reference_annotators), "REFERENCE_ANNOTATORS",
-               "", "a comma-separated list of annotator emails or user ids when REFERENCES=annotators")
+               "", "a comma-separated list of annotator user ids when REFERENCES=annotators")
         _check(self.max_examples_per_label >= 1, "MAX_EXAMPLES_PER_LABEL", self.max_examples_per_label, "an integer >= 1")
         _check(self.predict_time_budget > 0, "PREDICT_TIME_BUDGET", self.predict_time_budget, "a number of seconds > 0")
         _check(self.interactive_mode in INTERACTIVE_MODES, "INTERACTIVE_MODE", self.interactive_mode,
@@ -182,7 +184,7 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("REFERENCES", "references", "all",
                "Which annotations are in-context examples: all | ground_truth | annotators.", True),
     SettingRow("REFERENCE_ANNOTATORS", "reference_annotators", "(empty)",
-               "Comma-separated annotator emails or user ids, for REFERENCES=annotators.", True),
+               "Comma-separated annotator user ids, for REFERENCES=annotators.", True),
     SettingRow("MAX_EXAMPLES_PER_LABEL", "max_examples_per_label", "16",
                "In-context examples per label (most recent first).", True),
     SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "80",

@@ -212,3 +212,27 @@ def test_polygon_simplification_keeps_the_shape_with_fewer_points():
 
 def test_empty_mask_gives_no_region():
     assert mask_to_regions(np.zeros((5, 5), bool), "cat", BRUSH, "img") == []
+
+
+def test_geometry_only_types_and_bitmasks():
+    # a <Rectangle> + <Labels> config gives type "rectangle" without a label on the item itself
+    r = region("rectangle", {"x": 10, "y": 20, "width": 30, "height": 40, "rotation": 0})
+    assert region_label(r) is None
+    assert region_to_mask(r, (100, 200)).sum() == 60 * 40
+    # BitMask regions: a PNG data URL whose alpha is the mask
+    import base64
+    import io
+
+    from PIL import Image
+
+    mask = blobs(seed=4)
+    rgba = np.zeros((60, 80, 4), np.uint8)
+    rgba[mask] = (0, 200, 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba).save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    r = region("bitmasklabels", {"imageDataURL": url, "bitmasklabels": ["cat"]}, 80, 60)
+    assert region_label(r) == "cat"
+    assert np.array_equal(region_to_mask(r, (60, 80)), mask)
+    with pytest.raises(RegionError, match="imageDataURL"):
+        region_to_mask(region("bitmasklabels", {"imageDataURL": "data:image/png;base64,!!!"}), (60, 80))

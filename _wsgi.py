@@ -1,0 +1,89 @@
+"""Serve the DINOv Label Studio ML backend.
+
+Production (what scripts/start.sh and the Docker image run; no --preload: CUDA must start in each worker):
+
+    gunicorn _wsgi:app --bind 0.0.0.0:9090 --workers 1 --threads 8 --timeout 0
+
+Development server, and the leave-one-out quality estimate of a project as a command:
+
+    python _wsgi.py --port 9090
+    python _wsgi.py leave-one-out --project 3 [--max-tasks 50] [--label-config config.xml]
+
+Every setting comes from the environment (labelstudio_backend/settings.py has the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from labelstudio_backend.settings import Settings, SettingsError
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+
+
+def _build_app():
+    try:
+        settings = Settings.from_env()
+    except SettingsError as e:
+        _configure_logging("INFO")
+        logging.getLogger("dinov").error("invalid setting: %s", e)
+        sys.exit(2)
+    _configure_logging(settings.log_level)
+    from labelstudio_backend.server import create_app
+
+    return create_app(settings=settings, syncer=_label_studio_syncer(settings))
+
+
+def _label_studio_syncer(settings: Settings):
+    """The reference sync from the Label Studio API, when the sync module and a connection are configured."""
+    if not (settings.label_studio_url and settings.label_studio_api_key):
+        return None
+    try:
+        from labelstudio_backend.sync import make_syncer
+    except ImportError:
+        return None
+    return make_syncer(settings)
+
+
+app = _build_app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="DINOv Label Studio ML backend")
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=None, help="default: PORT (9090)")
+    parser.add_argument("--debug", action="store_true", help="Flask debug mode (never in production)")
+    commands = parser.add_subparsers(dest="command")
+    loo = commands.add_parser("leave-one-out", help="predict each annotated task from the others; IoU and recall")
+    loo.add_argument("--project", type=int, required=True)
+    loo.add_argument("--max-tasks", type=int, default=50)
+    loo.add_argument("--label-config", help="labeling config XML file (default: the one /setup stored)")
+    args = parser.parse_args(argv)
+    runtime = app.extensions["dinov"]
+
+    if args.command == "leave-one-out":
+        from labelstudio_backend.model import DINOvBackend
+
+        config = open(args.label_config).read() if args.label_config else None
+        model = DINOvBackend(args.project, config, runtime=runtime)
+        sync = runtime.ensure_synced(args.project, force=True)
+        if sync is not None:
+            sync.result()
+        estimate = model.leave_one_out(max_tasks=args.max_tasks)
+        runtime.save_estimate(args.project, estimate)
+        print(json.dumps(estimate, indent=2))
+        return 0
+
+    port = args.port or runtime.settings.port
+    app.run(host=args.host, port=port, debug=args.debug, threaded=True, use_reloader=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Label Studio ML backend for DINOv: pre-annotation from a project's own regions and interactive refinement.
+
+    from labelstudio_backend import create_app
+    app = create_app()            # what `gunicorn _wsgi:app` serves
+
+See server.py (HTTP protocol), model.py (DINOvBackend), settings.py (environment variables).
+"""
+
+from labelstudio_backend.settings import Settings, SettingsError
+
+
+def create_app(*args, **kwargs):
+    """labelstudio_backend.server.create_app, imported on first use (Flask is not needed by the rest)."""
+    from labelstudio_backend.server import create_app as _create_app
+
+    return _create_app(*args, **kwargs)
+
+
+__all__ = ["Settings", "SettingsError", "create_app"]

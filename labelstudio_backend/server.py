@@ -1,0 +1,252 @@
+"""The HTTP side of the backend: Label Studio's ML backend protocol on Flask.
+
+    GET  /health, /          {"status": "UP", "model_class": "DINOvBackend", ...}
+    POST /setup              {"project": "<id>.<created>", "schema", "hostname", "access_token", "extra_params"}
+                             -> {"model_version"}
+    POST /predict            {"tasks", "project", "label_config", "params": {"context", ...}} -> {"results"}
+    POST /webhook            Label Studio's webhook events; answers at once, work runs in the background
+    POST /train              older Label Studio's "Start training" (treated as START_TRAINING)
+    GET  /metrics            Prometheus text: requests, latencies, errors, references per project
+    GET  /references?project=<id>                 examples per label, revision, last sync, leave-one-out estimate
+    POST /references?project=<id>&action=sync|estimate    start a sync or a leave-one-out estimate
+
+Errors are JSON {"error": message, "status": code}: 4xx for bad requests with a message that says
+what is wrong, 503 while the model cannot be loaded, 500 (no trace, only an id to find in the log)
+for anything unexpected.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+from flask import Flask, Response, g, jsonify, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from werkzeug.exceptions import HTTPException
+
+from labelstudio_backend.images import ImageLoader
+from labelstudio_backend.model import (
+    BackendError, DINOvBackend, ModelUnavailable, Predictor, Runtime, parse_project_id,
+)
+from labelstudio_backend.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(model_factory: Callable[[Settings], Predictor] | None = None, settings: Settings | None = None, *,
+               store: Any = None, images: ImageLoader | None = None, syncer: Callable[[int], Any] | None = None,
+               load_model: bool = True) -> Flask:
+    """The Flask app. model_factory(settings) -> predictor (default: DINOvPredictor.from_checkpoint of
+    DINOV_CHECKPOINT); settings default to Settings.from_env(); store, images and syncer replace the
+    defaults (the SQLite store in MODEL_DIR, the image loader, no Label Studio API sync). With
+    load_model the model starts loading in the background at once."""
+    settings = settings or Settings.from_env()
+    runtime = Runtime(settings, model_factory=model_factory, store=store, images=images, syncer=syncer)
+    app = Flask(__name__)
+    app.json.sort_keys = False
+    app.extensions["dinov"] = runtime
+    metrics = _Metrics(runtime)
+    runtime.on_task_failed = lambda reason: metrics.task_failures.labels(reason=reason).inc()
+    if load_model:
+        runtime.start_loading()
+
+    # --- request plumbing
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        expected = settings.basic_auth
+        if expected is not None:
+            auth = request.authorization
+            if auth is None or not (hmac.compare_digest(auth.username or "", expected[0])
+                                    and hmac.compare_digest(auth.password or "", expected[1])):
+                return Response('{"error": "basic auth required: set the user and password of BASIC_AUTH_USER/'
+                                'BASIC_AUTH_PASS in the model connection", "status": 401}', 401,
+                                {"WWW-Authenticate": 'Basic realm="dinov"', "Content-Type": "application/json"})
+        return None
+
+    @app.after_request
+    def _record(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.requests.labels(endpoint=endpoint, method=request.method, status=str(response.status_code)).inc()
+        if "started" in g:
+            metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - g.started)
+        return response
+
+    @app.errorhandler(Exception)
+    def _error(error: Exception):
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        if isinstance(error, HTTPException):
+            status, message = error.code or 500, error.description
+        elif isinstance(error, ModelUnavailable):
+            status, message = 503, str(error)
+        elif isinstance(error, (BackendError, SettingsError)):
+            status, message = 400, str(error)
+        elif isinstance(error, ValueError):  # bad config, region, image or prompt: the message says which
+            status, message = 422, str(error)
+        else:
+            incident = uuid.uuid4().hex[:8]
+            logger.exception("unexpected error %s on %s %s", incident, request.method, request.path)
+            status, message = 500, f"internal error {incident}; the backend's log has the details"
+        if status < 500 or isinstance(error, ModelUnavailable):
+            logger.warning("%s %s -> %d: %s", request.method, request.path, status, message)
+        metrics.errors.labels(endpoint=endpoint, kind=type(error).__name__).inc()
+        return jsonify({"error": message, "status": status}), status
+
+    def body() -> dict:
+        data = request.get_json(silent=True, force=True)
+        if data is None:
+            raise BackendError("the request body is not valid JSON")
+        if not isinstance(data, dict):
+            raise BackendError(f"the request body must be a JSON object, got {type(data).__name__}")
+        return data
+
+    # --- Label Studio's protocol
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "UP", "model_class": DINOvBackend.__name__,
+                        "model": {"checkpoint": runtime.checkpoint_id, "loaded": runtime.model_loaded,
+                                  "error": runtime.model_error}})
+
+    @app.post("/setup")
+    def setup():
+        data = body()
+        if "project" not in data:
+            raise BackendError("/setup needs 'project' ('<id>.<created>')")
+        model = DINOvBackend(data["project"], data.get("schema") or data.get("label_config"), runtime=runtime)
+        return jsonify({"model_version": model.setup(data.get("extra_params"))})
+
+    @app.post("/predict")
+    def predict():
+        data = body()
+        tasks = data.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise BackendError("/predict needs 'tasks': a non-empty list of tasks")
+        params = data.get("params") or {}
+        if not isinstance(params, dict):
+            raise BackendError("'params' must be an object")
+        context = params.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise BackendError("params.context must be an object or null")
+        model = DINOvBackend(data.get("project"), data.get("label_config"), runtime=runtime)
+        mode = "interactive" if context and context.get("result") else "batch"
+        results = model.predict(tasks, context=context)
+        metrics.predicted_tasks.labels(mode=mode).inc(len(tasks))
+        return jsonify({"results": results})
+
+    @app.post("/webhook")
+    def webhook():
+        data = body()
+        event = data.get("action")
+        if not isinstance(event, str) or not event:
+            raise BackendError("a webhook needs 'action' (the event name)")
+        metrics.webhooks.labels(event=event).inc()
+        project = data.get("project")
+        if project is None:
+            return jsonify({"status": "ignored", "event": event, "reason": "no project in the payload"})
+        config = project.get("label_config") if isinstance(project, dict) else None
+        model = DINOvBackend(project, config, runtime=runtime)
+        return jsonify(model.fit(event, data))
+
+    @app.post("/train")
+    def train():
+        data = body()
+        model = DINOvBackend(data.get("project"), data.get("label_config"), runtime=runtime)
+        return jsonify(model.fit("START_TRAINING", {"project": {"id": model.project_id}}))
+
+    # --- operations
+
+    @app.get("/metrics")
+    def prometheus():
+        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+
+    @app.route("/references", methods=["GET", "POST"])
+    def references():
+        project_id = parse_project_id(request.args.get("project"))
+        runtime.known_projects.add(project_id)
+        answer: dict[str, Any] = {"project": project_id}
+        if request.method == "POST":
+            action = request.args.get("action", "")
+            if action == "sync":
+                if runtime.ensure_synced(project_id, force=True) is None:
+                    raise BackendError("no Label Studio API sync is configured (LABEL_STUDIO_URL and "
+                                       "LABEL_STUDIO_API_KEY); references come from webhooks only")
+                answer["started"] = "sync"
+            elif action == "estimate":
+                model = DINOvBackend(project_id, None, runtime=runtime)
+                model.parsed_label_config  # needs the config /setup stored
+                runtime.submit(f"leave-one-out of project {project_id}",
+                               lambda: runtime.save_estimate(project_id, model.leave_one_out()))
+                answer["started"] = "estimate"
+            else:
+                raise BackendError("POST /references needs action=sync or action=estimate")
+        store = runtime.store
+        stats = store.stats(project_id)
+        answer.update({"revision": store.revision(project_id),
+                       "last_sync": runtime.last_sync.get(project_id) or stats.get("last_sync"),
+                       "examples_per_label": _per_label(stats), "stats": stats,
+                       "leave_one_out": runtime.load_estimate(project_id)})
+        return jsonify(answer), (202 if request.method == "POST" else 200)
+
+    return app
+
+
+class _Metrics:
+    """Prometheus metrics in a registry of the app's own (several apps can live in one process)."""
+
+    def __init__(self, runtime: Runtime):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("dinov_requests", "HTTP requests", ["endpoint", "method", "status"], registry=r)
+        self.latency = Histogram("dinov_request_seconds", "Request latency", ["endpoint"], registry=r,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 100))
+        self.errors = Counter("dinov_errors", "Requests that failed, by exception", ["endpoint", "kind"], registry=r)
+        self.predicted_tasks = Counter("dinov_predicted_tasks", "Tasks predicted", ["mode"], registry=r)
+        self.task_failures = Counter("dinov_task_failures", "Tasks answered with an empty prediction",
+                                     ["reason"], registry=r)
+        self.webhooks = Counter("dinov_webhooks", "Webhook events received", ["event"], registry=r)
+        loaded = Gauge("dinov_model_loaded", "1 once the model is loaded", registry=r)
+        loaded.set_function(lambda: 1.0 if runtime.model_loaded else 0.0)
+        r.register(_ReferenceCollector(runtime))
+
+
+class _ReferenceCollector:
+    """References per project and label, read from the store at scrape time."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        examples = GaugeMetricFamily("dinov_references", "In-context examples per project and label",
+                                     labels=["project", "label"])
+        revision = GaugeMetricFamily("dinov_reference_revision", "Reference revision per project", labels=["project"])
+        for project_id in sorted(self.runtime.known_projects):
+            try:
+                stats = self.runtime.store.stats(project_id)
+                revision.add_metric([str(project_id)], float(self.runtime.store.revision(project_id)))
+            except Exception:  # a scrape never fails because of one project
+                logger.debug("no reference stats for project %s", project_id, exc_info=True)
+                continue
+            for label, count in _per_label(stats).items():
+                examples.add_metric([str(project_id), str(label)], float(count))
+        yield examples
+        yield revision
+
+
+def _per_label(stats: Any) -> dict:
+    if not isinstance(stats, dict):
+        return {}
+    for key in ("examples_per_label", "labels", "per_label"):
+        value = stats.get(key)
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if isinstance(v, (int, float))}
+    return {}

@@ -1,0 +1,570 @@
+"""The ML backend protocol through Flask's test client, with a test-double predictor and a temporary store.
+
+The double segments by colour: a prompt's embedding is the mean colour under its mask, generic
+segmentation returns the connected parts of the image close to a class's colour, and interactive
+segmentation returns the same-coloured part under the click / box centre / stroke. Scenes are grey
+images with red and blue squares, so every expected mask is known exactly. A box reference filled as
+it is would average to a blue-grey that matches nothing: finding the blue squares shows that the box
+was first turned into the object's mask.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import requests
+import requests_mock
+from PIL import Image
+
+from labelstudio_backend.images import ImageLoader
+from labelstudio_backend.regions import encode_rle, region_to_mask
+from labelstudio_backend.server import create_app
+from labelstudio_backend.settings import Settings
+from labelstudio_backend.store import ReferenceStore
+
+LS = "http://ls.test:8080"
+SIZE = (64, 96)  # (height, width)
+GREY, RED, BLUE = (128, 128, 128), (230, 20, 20), (20, 20, 230)
+PROJECT = "7.1700000000"
+
+CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Red"/><Label value="Blue"/></BrushLabels>
+  <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Red"/><Label value="Blue"/></KeyPointLabels>
+  <RectangleLabels name="rect" toName="image" smart="true"><Label value="Red"/><Label value="Blue"/></RectangleLabels>
+</View>"""
+
+POLYGON_CONFIG = """
+<View>
+  <Image name="image" value="$image"/>
+  <PolygonLabels name="poly" toName="image"><Label value="Red"/><Label value="Blue"/></PolygonLabels>
+</View>"""
+
+# (row0, row1, col0, col1) of each square, end exclusive
+SCENES = {
+    "a": {"red": [(10, 26, 10, 31)], "blue": [(35, 56, 50, 76)]},
+    "b": {"red": [(5, 21, 60, 81), (40, 59, 5, 26)], "blue": [(28, 50, 35, 56)]},
+    "c": {"red": [(30, 50, 30, 50)], "blue": [(5, 20, 70, 90)]},
+}
+
+
+def scene_image(name: str) -> np.ndarray:
+    image = np.zeros((*SIZE, 3), np.uint8)
+    image[:] = GREY
+    for color, key in ((RED, "red"), (BLUE, "blue")):
+        for r0, r1, c0, c1 in SCENES[name][key]:
+            image[r0:r1, c0:c1] = color
+    return image
+
+
+def square_mask(box) -> np.ndarray:
+    r0, r1, c0, c1 = box
+    mask = np.zeros(SIZE, bool)
+    mask[r0:r1, c0:c1] = True
+    return mask
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# --- the test double --------------------------------------------------------------------------------------
+
+class ColourPredictor:
+    checkpoint_id = "fake-ckpt"
+    device = "cpu"
+    TOLERANCE = 0.15
+
+    def __init__(self, encode_delay: float = 0.0):
+        self.encode_delay = encode_delay
+        self.encoded_images = 0
+        self.encoded_prompts = 0
+        self.lock = threading.Lock()
+
+    def encode_image(self, image):
+        time.sleep(self.encode_delay)
+        with self.lock:
+            self.encoded_images += 1
+        image = np.asarray(image)
+        return SimpleNamespace(image=image.astype(np.float32) / 255.0, image_size=image.shape[:2])
+
+    def encode_prompts(self, encoded, masks):
+        with self.lock:
+            self.encoded_prompts += len(masks)
+        return np.stack([encoded.image[m].mean(axis=0) for m in np.asarray(masks, bool)]).astype(np.float32)
+
+    def _parts(self, encoded, colour):
+        close = np.linalg.norm(encoded.image - colour, axis=2) < self.TOLERANCE
+        count, labels = cv2.connectedComponents(close.astype(np.uint8))
+        return [labels == i for i in range(1, count)]
+
+    def segment_generic(self, encoded, classes, score_threshold=0.3, max_instances=100, max_examples=16):
+        instances = []
+        for index, examples in enumerate(classes):
+            colour = np.asarray(examples)[:max_examples].mean(axis=0)
+            for mask in self._parts(encoded, colour):
+                ys, xs = np.nonzero(mask)
+                instances.append(SimpleNamespace(mask=mask, score=0.9 - 0.01 * index, class_index=index,
+                                                 box=(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)))
+        return [i for i in instances if i.score >= (score_threshold or 0)][:max_instances]
+
+    def segment_interactive(self, encoded, points=None, point_labels=None, boxes=None, stroke=None):
+        points = [] if points is None else list(np.asarray(points).reshape(-1, 2))
+        labels = [1] * len(points) if point_labels is None else list(point_labels)
+        seeds = [p for p, positive in zip(points, labels) if positive]
+        seeds += [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in ([] if boxes is None else boxes)]
+        if stroke is not None:
+            ys, xs = np.nonzero(stroke)
+            seeds.append((xs[0], ys[0]))
+        x, y = seeds[0]
+        colour = encoded.image[int(y), int(x)]
+        part = next(m for m in self._parts(encoded, colour) if m[int(y), int(x)])
+        negatives = [p for p, positive in zip(points, labels) if not positive]
+        if any(part[int(py), int(px)] for px, py in negatives):
+            return SimpleNamespace(best=None, candidates=[])
+        best = SimpleNamespace(mask=part, predicted_iou=0.93, granularity=0, query_index=0)
+        return SimpleNamespace(best=best, candidates=[best])
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------
+
+def task(task_id: int, scene: str) -> dict:
+    return {"id": task_id, "project": 7, "data": {"image": f"/data/upload/7/{scene}.png"}}
+
+
+class Backend:
+    """An app over a temporary MODEL_DIR with the images served by a mocked Label Studio."""
+
+    def __init__(self, model_dir, predictor=None, **overrides):
+        values = dict(label_studio_url=LS, label_studio_api_key="token-1", model_dir=model_dir)
+        values.update(overrides)
+        self.settings = Settings(**values)
+        session = requests.Session()
+        self.http = requests_mock.Adapter()
+        session.mount("http://", self.http)
+        for name in SCENES:
+            self.http.register_uri("GET", f"{LS}/data/upload/7/{name}.png", content=png(scene_image(name)))
+        self.http.register_uri("GET", f"{LS}/data/upload/7/missing.png", status_code=404)
+        self.predictor = predictor or ColourPredictor()
+        self.store = ReferenceStore(model_dir / "references.sqlite3")
+        self.app = create_app(lambda settings: self.predictor, self.settings, store=self.store,
+                              images=ImageLoader(self.settings, session=session))
+        self.runtime = self.app.extensions["dinov"]
+        self.client = self.app.test_client()
+
+    def drain(self):
+        """Wait for the background work queued so far."""
+        self.runtime.background.submit(lambda: None).result(timeout=30)
+
+    def post(self, path, payload, **kwargs):
+        return self.client.post(path, json=payload, **kwargs)
+
+    def setup(self, config=CONFIG, extra_params=None):
+        response = self.post("/setup", {"project": PROJECT, "schema": config, "hostname": LS,
+                                        "access_token": "x", "extra_params": extra_params})
+        assert response.status_code == 200, response.json
+        return response.json["model_version"]
+
+    def annotate(self, annotation_id, task_obj, result, action="ANNOTATION_CREATED", updated="2024-05-01T10:00:00Z"):
+        annotation = {"id": annotation_id, "task": task_obj["id"], "project": 7, "result": result,
+                      "was_cancelled": False, "ground_truth": False, "completed_by": 1,
+                      "created_at": updated, "updated_at": updated}
+        started = time.perf_counter()
+        response = self.post("/webhook", {"action": action, "annotation": annotation, "task": task_obj,
+                                          "project": {"id": 7, "label_config": CONFIG}})
+        assert response.status_code == 200, response.json
+        return time.perf_counter() - started
+
+    def predict(self, tasks, context=None, config=CONFIG):
+        return self.post("/predict", {"tasks": tasks, "project": PROJECT, "label_config": config,
+                                      "params": {"login": None, "password": None, "context": context}})
+
+
+def pct(x, y):
+    return 100.0 * x / SIZE[1], 100.0 * y / SIZE[0]
+
+
+def brush(mask, label, rid="b1"):
+    return {"id": rid, "type": "brushlabels", "from_name": "tag", "to_name": "image", "original_width": SIZE[1],
+            "original_height": SIZE[0], "value": {"format": "rle", "rle": encode_rle(mask), "brushlabels": [label]}}
+
+
+def rectangle(r0, r1, c0, c1, label, rid="r1"):
+    x, y = pct(c0, r0)
+    w, h = pct(c1 - c0, r1 - r0)
+    return {"id": rid, "type": "rectanglelabels", "from_name": "rect", "to_name": "image", "original_width": SIZE[1],
+            "original_height": SIZE[0], "value": {"x": x, "y": y, "width": w, "height": h, "rotation": 0,
+                                                   "rectanglelabels": [label]}}
+
+
+def keypoint(col, row, label, positive=True, rid="k1"):
+    x, y = pct(col + 0.5, row + 0.5)
+    return {"id": rid, "type": "keypointlabels", "from_name": "kp", "to_name": "image", "is_positive": positive,
+            "original_width": SIZE[1], "original_height": SIZE[0],
+            "value": {"x": x, "y": y, "width": 1, "keypointlabels": [label]}}
+
+
+def scribble_and_box_on_a(backend):
+    """Task 1 (scene a): a scribble inside the red square, a loose box around the blue one."""
+    scribble = np.zeros(SIZE, bool)
+    scribble[15:18, 14:26] = True
+    return backend.annotate(101, task(1, "a"), [brush(scribble, "Red"), rectangle(32, 60, 46, 80, "Blue")])
+
+
+def regions_by_label(prediction):
+    found = {}
+    for region in prediction["result"]:
+        found.setdefault(region["value"][region["type"]][0], []).append(region_to_mask(region, SIZE))
+    return found
+
+
+def same_masks(found, expected_boxes):
+    expected = sorted((square_mask(b) for b in expected_boxes), key=lambda m: np.argwhere(m)[0].tolist())
+    found = sorted(found, key=lambda m: np.argwhere(m)[0].tolist())
+    return len(found) == len(expected) and all(np.array_equal(f, e) for f, e in zip(found, expected))
+
+
+@pytest.fixture
+def backend(tmp_path):
+    b = Backend(tmp_path)
+    yield b
+    b.runtime.shutdown()
+
+
+# --- protocol ---------------------------------------------------------------------------------------------
+
+def test_health(backend):
+    response = backend.client.get("/health")
+    assert response.status_code == 200
+    assert response.json["status"] == "UP" and response.json["model_class"] == "DINOvBackend"
+    assert backend.client.get("/").status_code == 200
+
+
+def test_setup_returns_model_version_and_refuses_bad_input(backend):
+    started = time.perf_counter()
+    version = backend.setup()
+    assert time.perf_counter() - started < 3.0
+    assert "fake-ckpt" in version and "refs0" in version
+    tuned = backend.setup(extra_params={"score_threshold": 0.5})
+    assert tuned != version  # per-project settings are part of the version
+    bad = backend.post("/setup", {"project": PROJECT, "schema": "<View><Text name='t' value='$t'/></View>"})
+    assert bad.status_code == 422 and "no <Image> tag" in bad.json["error"]
+    bad = backend.post("/setup", {"project": PROJECT, "schema": CONFIG, "extra_params": {"allowed_hosts": "*"}})
+    assert bad.status_code == 400 and "not a per-project setting" in bad.json["error"]
+    bad = backend.post("/setup", {"project": PROJECT, "schema": CONFIG, "extra_params": "{broken"})
+    assert bad.status_code == 400 and "not valid JSON" in bad.json["error"]
+
+
+def test_preannotation_from_a_scribble_and_a_box(backend):
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    assert backend.store.stats(7)["examples_per_label"] == {"Blue": 1, "Red": 1}
+
+    response = backend.predict([task(2, "b"), task(1, "a"), task(3, "missing"), task(4, "c")])
+    assert response.status_code == 200
+    results = response.json["results"]
+    assert len(results) == 4
+    version = results[0]["model_version"]
+    assert "fake-ckpt" in version and "refs1" in version
+
+    b = regions_by_label(results[0])
+    assert same_masks(b["Red"], SCENES["b"]["red"]) and same_masks(b["Blue"], SCENES["b"]["blue"])
+    for region in results[0]["result"]:
+        assert region["from_name"] == "tag" and region["to_name"] == "image" and region["type"] == "brushlabels"
+        assert 0.0 < region["score"] <= 1.0
+    assert 0.0 < results[0]["score"] <= 1.0
+    assert results[1]["result"] == []   # its own annotation is never an example
+    assert results[2]["result"] == []   # the image failed: empty result, the others still return
+    c = regions_by_label(results[3])
+    assert same_masks(c["Red"], SCENES["c"]["red"]) and same_masks(c["Blue"], SCENES["c"]["blue"])
+    metrics = backend.client.get("/metrics").get_data(as_text=True)
+    assert 'dinov_task_failures_total{reason="ImageError"} 1.0' in metrics
+
+
+def test_polygon_output(backend):
+    backend.setup(POLYGON_CONFIG)
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    result = backend.predict([task(2, "b")], config=POLYGON_CONFIG).json["results"][0]
+    assert {r["type"] for r in result["result"]} == {"polygonlabels"}
+    found = regions_by_label(result)
+    assert same_masks(found["Red"], SCENES["b"]["red"]) and same_masks(found["Blue"], SCENES["b"]["blue"])
+
+
+def test_a_label_without_examples_gives_nothing(backend):
+    backend.setup()
+    mask = square_mask(SCENES["a"]["red"][0])
+    backend.annotate(101, task(1, "a"), [brush(mask, "Red")])
+    backend.drain()
+    found = regions_by_label(backend.predict([task(2, "b")]).json["results"][0])
+    assert set(found) == {"Red"}
+
+
+def test_embeddings_are_cached_in_the_store(tmp_path, backend):
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    backend.predict([task(2, "b")])
+    assert backend.predictor.encoded_prompts == 2
+    backend.predict([task(4, "c")])
+    assert backend.predictor.encoded_prompts == 2  # no reference encoded twice
+    # a new process over the same MODEL_DIR reads them from SQLite, without encoding the reference image
+    fresh = Backend(tmp_path)
+    result = fresh.predict([task(2, "b")]).json["results"][0]
+    assert same_masks(regions_by_label(result)["Red"], SCENES["b"]["red"])
+    assert fresh.predictor.encoded_prompts == 0 and fresh.predictor.encoded_images == 1
+    fresh.runtime.shutdown()
+
+
+def test_updates_and_deletes_change_the_references(backend):
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    first = backend.predict([task(2, "b")]).json["results"][0]
+    # the annotator relabels the scribble as Blue: red squares are now predicted as Blue
+    scribble = np.zeros(SIZE, bool)
+    scribble[15:18, 14:26] = True
+    backend.annotate(101, task(1, "a"), [brush(scribble, "Blue")], action="ANNOTATION_UPDATED",
+                     updated="2024-05-02T10:00:00Z")
+    backend.drain()
+    second = backend.predict([task(2, "b")]).json["results"][0]
+    assert second["model_version"] != first["model_version"]
+    assert same_masks(regions_by_label(second)["Blue"], SCENES["b"]["red"])
+    response = backend.post("/webhook", {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 101}],
+                                         "project": {"id": 7}})
+    assert response.status_code == 200
+    backend.drain()
+    third = backend.predict([task(2, "b")]).json["results"][0]
+    assert third["result"] == [] and third["model_version"] != second["model_version"]
+
+
+def test_webhook_answers_within_a_second_while_work_is_slow(tmp_path):
+    backend = Backend(tmp_path, predictor=ColourPredictor(encode_delay=1.5))
+    backend.setup()
+    elapsed = scribble_and_box_on_a(backend)
+    assert elapsed < 1.0
+    for event in ("TASKS_CREATED", "PROJECT_UPDATED", "START_TRAINING", "SOMETHING_NEW"):
+        started = time.perf_counter()
+        response = backend.post("/webhook", {"action": event, "project": {"id": 7, "label_config": CONFIG}})
+        assert response.status_code == 200 and time.perf_counter() - started < 1.0
+    backend.drain()
+    assert backend.store.stats(7)["examples"] == 2
+    backend.runtime.shutdown()
+
+
+def test_time_budget_defers_the_rest(tmp_path):
+    backend = Backend(tmp_path, predictor=ColourPredictor(encode_delay=0.3), predict_time_budget=1.0)
+    backend.setup()
+    mask = square_mask(SCENES["a"]["red"][0])
+    backend.annotate(101, task(1, "a"), [brush(mask, "Red")])
+    backend.drain()
+    tasks = [task(10 + i, "bc"[i % 2]) for i in range(8)]
+    for t in tasks:  # distinct URLs, so the feature cache does not hide the cost
+        backend.http.register_uri("GET", f"{LS}/data/upload/7/{t['id']}.png", content=png(scene_image("b")))
+        t["data"]["image"] = f"/data/upload/7/{t['id']}.png"
+    results = backend.predict(tasks).json["results"]
+    assert len(results) == len(tasks)
+    done = [r for r in results if isinstance(r, dict)]
+    assert 1 <= len(done) < len(tasks)
+    assert all(r == [] for r in results[len(done):])  # no prediction: Label Studio asks again later
+    backend.runtime.shutdown()
+
+
+# --- interactive ------------------------------------------------------------------------------------------
+
+def test_click_gives_the_object_with_the_drawn_label(backend):
+    backend.setup()
+    r0, r1, c0, c1 = SCENES["b"]["blue"][0]
+    response = backend.predict([task(2, "b")], context={"result": [keypoint(c0 + 5, r0 + 5, "Blue")]})
+    assert response.status_code == 200
+    (prediction,) = response.json["results"]
+    (region,) = prediction["result"]
+    assert region["from_name"] == "tag" and region["value"]["brushlabels"] == ["Blue"]
+    assert np.array_equal(region_to_mask(region, SIZE), square_mask(SCENES["b"]["blue"][0]))
+    assert prediction["score"] == pytest.approx(0.93)
+
+
+def test_box_and_negative_click(backend):
+    backend.setup()
+    red = SCENES["b"]["red"][1]
+    box = rectangle(red[0] - 2, red[1] + 2, red[2] - 2, red[3] + 2, "Red")
+    (prediction,) = backend.predict([task(2, "b")], context={"result": [box]}).json["results"]
+    assert np.array_equal(region_to_mask(prediction["result"][0], SIZE), square_mask(red))
+    negative = keypoint(red[2] + 3, red[0] + 3, "Red", positive=False, rid="k2")
+    (prediction,) = backend.predict([task(2, "b")], context={"result": [box, negative]}).json["results"]
+    assert prediction["result"] == []
+
+
+def test_all_similar_mode(backend):
+    backend.setup(extra_params={"interactive_mode": "similar"})
+    r0, _, c0, _ = SCENES["b"]["red"][0]
+    (prediction,) = backend.predict([task(2, "b")], context={"result": [keypoint(c0 + 3, r0 + 3, "Red")]}).json[
+        "results"]
+    found = regions_by_label(prediction)
+    assert set(found) == {"Red"} and same_masks(found["Red"], SCENES["b"]["red"])
+
+
+def test_the_next_click_on_the_same_image_reuses_its_features(backend):
+    backend.setup()
+    for col in (62, 64, 70):
+        backend.predict([task(2, "b")], context={"result": [keypoint(col, 10, "Red")]})
+    assert backend.predictor.encoded_images == 1
+
+
+def test_concurrent_clicks_on_different_images_do_not_mix(backend):
+    backend.setup()
+    answers = {}
+
+    def click(scene, task_id, box):
+        client = backend.app.test_client()
+        r0, r1, c0, c1 = box
+        for _ in range(3):
+            response = client.post("/predict", json={
+                "tasks": [task(task_id, scene)], "project": PROJECT, "label_config": CONFIG,
+                "params": {"context": {"result": [keypoint((c0 + c1) // 2, (r0 + r1) // 2, "Red")]}}})
+            answers.setdefault(scene, []).append(region_to_mask(response.json["results"][0]["result"][0], SIZE))
+
+    threads = [threading.Thread(target=click, args=("b", 2, SCENES["b"]["red"][1])),
+               threading.Thread(target=click, args=("c", 4, SCENES["c"]["red"][0]))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(np.array_equal(m, square_mask(SCENES["b"]["red"][1])) for m in answers["b"])
+    assert all(np.array_equal(m, square_mask(SCENES["c"]["red"][0])) for m in answers["c"])
+
+
+# --- bad input --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload, status, message", [
+    (None, 400, "not valid JSON"),
+    ([1, 2], 400, "JSON object"),
+    ({"project": PROJECT, "label_config": CONFIG}, 400, "'tasks'"),
+    ({"tasks": [task(2, "b")], "project": PROJECT}, 422, "labeling config"),
+    ({"tasks": [task(2, "b")], "project": "abc", "label_config": CONFIG}, 400, "not a Label Studio project id"),
+    ({"tasks": [task(2, "b"), task(4, "c")], "project": PROJECT, "label_config": CONFIG,
+      "params": {"context": {"result": [keypoint(3, 3, "Red")]}}}, 400, "exactly one task"),
+    ({"tasks": [task(2, "b")], "project": PROJECT, "label_config": CONFIG,
+      "params": {"context": {"result": [keypoint(3, 3, "Green")]}}}, 422, "'Green' is not in any"),
+    ({"tasks": [task(2, "b")], "project": PROJECT, "label_config": CONFIG,
+      "params": {"context": {"result": [dict(brush(np.ones(SIZE, bool), "Red"), original_width=10)]}}}, 422, "RLE"),
+    ({"tasks": [task(2, "b")], "project": PROJECT, "label_config": CONFIG,
+      "params": {"context": {"result": [keypoint(3, 3, "Red", positive=False)]}}}, 400, "only negative clicks"),
+    ({"tasks": [task(3, "missing")], "project": PROJECT, "label_config": CONFIG,
+      "params": {"context": {"result": [keypoint(3, 3, "Red")]}}}, 422, "not found"),
+])
+def test_bad_predict_requests_get_a_clear_4xx(backend, payload, status, message):
+    if payload is None:
+        response = backend.client.post("/predict", data=b"{not json", content_type="application/json")
+    else:
+        response = backend.post("/predict", payload)
+    assert response.status_code == status, response.json
+    assert message in response.json["error"]
+    assert "Traceback" not in response.get_data(as_text=True)
+
+
+def test_model_that_cannot_load_answers_503(tmp_path):
+    def broken(settings):
+        raise FileNotFoundError("no such checkpoint: /nowhere.pth")
+
+    app = create_app(broken, Settings(model_dir=tmp_path, checkpoint="/nowhere.pth"),
+                     store=ReferenceStore(tmp_path / "r.sqlite3"))
+    client = app.test_client()
+    response = client.post("/predict", json={"tasks": [task(2, "b")], "project": PROJECT, "label_config": CONFIG,
+                                             "params": {"context": {"result": [keypoint(3, 3, "Red")]}}})
+    assert response.status_code == 503 and "DINOV_CHECKPOINT=/nowhere.pth" in response.json["error"]
+    health = client.get("/health").json
+    assert health["status"] == "UP" and "no such checkpoint" in health["model"]["error"]
+    app.extensions["dinov"].shutdown()
+
+
+def test_basic_auth(tmp_path):
+    backend = Backend(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
+    assert backend.client.get("/health").status_code == 401
+    wrong = backend.client.get("/health", auth=("ls", "nope"))
+    assert wrong.status_code == 401 and "BASIC_AUTH_USER" in wrong.json["error"]
+    assert backend.client.get("/health", auth=("ls", "s3cret")).status_code == 200
+    backend.runtime.shutdown()
+
+
+# --- operations -------------------------------------------------------------------------------------------
+
+def test_metrics_and_references(backend):
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    backend.predict([task(2, "b")])
+    references = backend.client.get("/references?project=7").json
+    assert references["examples_per_label"] == {"Blue": 1, "Red": 1} and references["revision"] == 1
+    metrics = backend.client.get("/metrics")
+    assert metrics.status_code == 200 and metrics.content_type.startswith("text/plain")
+    text = metrics.get_data(as_text=True)
+    assert 'dinov_references{label="Red",project="7"} 1.0' in text
+    assert 'dinov_requests_total{endpoint="/predict",method="POST",status="200"} 1.0' in text
+    assert 'dinov_predicted_tasks_total{mode="batch"} 1.0' in text
+    assert "dinov_request_seconds_bucket" in text and "dinov_model_loaded 1.0" in text
+    bad = backend.client.get("/references?project=x")
+    assert bad.status_code == 400
+
+
+def test_leave_one_out_estimate(backend):
+    backend.setup()
+    # two tasks annotated with full masks: each is predicted exactly from the other
+    for annotation_id, task_id, scene in ((101, 1, "a"), (102, 2, "b")):
+        result = [brush(square_mask(box), "Red", rid=f"red{i}") for i, box in enumerate(SCENES[scene]["red"])]
+        result += [brush(square_mask(box), "Blue", rid=f"blue{i}") for i, box in enumerate(SCENES[scene]["blue"])]
+        backend.annotate(annotation_id, task(task_id, scene), result)
+    backend.drain()
+    started = backend.post("/references?project=7&action=estimate", None)
+    assert started.status_code == 202
+    backend.drain()
+    estimate = backend.client.get("/references?project=7").json["leave_one_out"]
+    assert estimate["tasks_evaluated"] == 2
+    for label in ("Red", "Blue"):
+        assert estimate["labels"][label]["mean_iou"] == pytest.approx(1.0)
+        assert estimate["labels"][label]["recall"] == pytest.approx(1.0)
+    assert estimate["labels"]["Red"]["regions"] == 3
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+def test_settings_from_the_environment():
+    from labelstudio_backend.settings import SETTINGS_TABLE, SettingsError
+
+    defaults = Settings.from_env({})
+    assert (defaults.port, defaults.workers, defaults.threads, defaults.checkpoint, defaults.device) == \
+        (9090, 1, 8, "demo", "auto")
+    assert defaults.max_examples_per_label == 16 and defaults.interactive_mode == "object"
+    assert str(defaults.model_dir) == "model_dir" and defaults.basic_auth is None
+    s = Settings.from_env({"LABEL_STUDIO_URL": "http://ls:8080", "LABEL_STUDIO_ACCESS_TOKEN": "abc",
+                           "ALLOWED_HOSTS": "a.example.com, *.cdn.example.com", "ALLOW_OVERLAP": "yes",
+                           "SCORE_THRESHOLD": "0.45", "REFERENCES": "annotators", "REFERENCE_ANNOTATORS": "3,5",
+                           "LOCAL_FILES_DOCUMENT_ROOT": "/data", "PORT": ""})
+    assert s.label_studio_api_key == "abc" and s.allowed_hosts == ("a.example.com", "*.cdn.example.com")
+    assert s.allow_overlap is True and s.score_threshold == 0.45 and s.reference_annotators == ("3", "5")
+    assert str(s.local_files_root) == "/data" and s.port == 9090
+    assert "abc" not in repr(s)  # secrets stay out of logs
+    for env, message in (({"PORT": "http"}, "PORT='http'"), ({"SCORE_THRESHOLD": "2"}, "SCORE_THRESHOLD"),
+                         ({"INTERACTIVE_MODE": "all"}, "object, similar"), ({"ALLOW_OVERLAP": "maybe"}, "true or"),
+                         ({"REFERENCES": "annotators"}, "REFERENCE_ANNOTATORS"),
+                         ({"LABEL_STUDIO_URL": "ls:8080"}, "full URL"), ({"BASIC_AUTH_USER": "u"}, "both set")):
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env(env)
+    tuned = defaults.with_overrides({"SCORE_THRESHOLD": "0.6", "max_examples_per_label": 4})
+    assert tuned.score_threshold == 0.6 and tuned.max_examples_per_label == 4
+    assert defaults.with_overrides('{"interactive_mode": "similar"}').interactive_mode == "similar"
+    with pytest.raises(SettingsError, match="not a per-project setting"):
+        defaults.with_overrides({"max_image_bytes": 1})
+    assert {row.env for row in SETTINGS_TABLE} >= {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "PORT",
+                                                   "WORKERS", "THREADS", "BASIC_AUTH_USER", "BASIC_AUTH_PASS",
+                                                   "LOG_LEVEL", "DINOV_CHECKPOINT", "DEVICE"}
