@@ -390,14 +390,15 @@ class ReferenceStore:
     ) -> UpsertOutcome:
         """Replace the rows of this annotation by its current regions (none if it was cancelled).
 
-        The revision moves only when the rows change, so a repeated webhook or sync is free.
-        Returns what happened: "added", "updated", "removed" (cancelled or emptied) or "unchanged".
+        The revision moves only when the rows change, so a repeated webhook or sync is free; a version
+        older than the stored one (by updated_at) is ignored. Returns what happened: "added", "updated", "removed" (cancelled or emptied) or "unchanged".
         """
         project_id = _as_int(project_id, "project_id")
         if not isinstance(annotation, dict) or "id" not in annotation:
             raise StoreError("annotation must be a JSON object with an 'id'")
         annotation_id = _as_int(annotation["id"], "annotation.id")
         new_rows = annotation_rows(task, annotation, image_key)
+        incoming = normalize_timestamp(annotation.get("updated_at") or annotation.get("created_at"))
         with self._write() as db:
             old_rows = [
                 _Row(*row)
@@ -408,6 +409,9 @@ class ReferenceStore:
                 )
             ]
             if sorted(old_rows, key=_row_order) == sorted(new_rows, key=_row_order):
+                return "unchanged"
+            # A sync page read before a webhook must not undo the webhook's newer version.
+            if old_rows and incoming is not None and incoming < old_rows[0].updated_at:
                 return "unchanged"
             db.execute(
                 "DELETE FROM examples WHERE project_id = ? AND annotation_id = ?", (project_id, annotation_id)

@@ -108,6 +108,9 @@ def test_update_replaces_rows_and_unchanged_does_not_bump(store):
     found = store.examples(PROJECT)
     assert [(e.region_id, e.label, e.updated_at) for e in found] == [("r9", "Dog", "2024-05-02T08:00:00.000000Z")]
     assert store.revision(PROJECT) == 2
+    stale = annotation(11, 1, [rect_region("r9", "Cat")], "2024-05-02T07:59:59Z")  # read before the update
+    assert store.upsert_annotation(PROJECT, task(1), stale) == "unchanged"
+    assert [e.label for e in store.examples(PROJECT)] == ["Dog"]
 
 
 def test_cancelled_annotations_are_skipped_and_cancelling_removes(store):

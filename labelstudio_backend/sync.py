@@ -1,0 +1,311 @@
+"""Incremental sync of a project's annotations from the Label Studio API into the reference store.
+
+Webhooks keep the store current while the backend runs; the sync catches up on what happened while it
+was down or while a webhook was lost. It reads ``GET /api/projects/<id>/tasks/`` (Label Studio 1.23:
+a plain JSON list per page, tasks newest ``updated_at`` first, each with its annotations; 404 past the
+last page). Saving or deleting an annotation touches its task's ``updated_at``, so an incremental sync
+reads pages only until the tasks are older than the watermark of the previous sync (the newest task
+``updated_at`` it saw, on Label Studio's clock, less a safety margin). A full sync (first use, or asked
+for) reads every page and also drops tasks that no longer exist.
+
+Endpoints that would make Label Studio call the ML backend back are avoided: ``/api/tasks/?fields=all``
+and ``/api/tasks/<id>/`` retrieve predictions for unpredicted tasks when the project asks for automatic
+predictions. The export endpoint with ``ids[]`` checks tasks a full sync did not see (they may have moved
+between pages while it read them).
+
+Authentication: a legacy token is sent as ``Authorization: Token <key>``; a personal access token (a JWT
+refresh token) is first exchanged at ``POST /api/token/refresh/`` for a short-lived ``Bearer`` token,
+renewed on a 401.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import requests
+
+from .store import ReferenceStore, normalize_timestamp
+
+logger = logging.getLogger(__name__)
+
+# Saves committed while a sync ran may carry a timestamp just before its watermark.
+WATERMARK_MARGIN = timedelta(minutes=2)
+
+
+class LabelStudioError(RuntimeError):
+    """Label Studio could not be reached or refused the request; the message says what to fix."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def is_personal_access_token(api_key: str) -> bool:
+    """Personal access tokens are JWTs (three base64 parts); legacy tokens are 40 hex characters."""
+    return api_key.count(".") == 2 and api_key.startswith("eyJ")
+
+
+class LabelStudioClient:
+    """The few Label Studio API calls the backend needs, with either kind of token."""
+
+    def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, session: requests.Session | None = None):
+        if not base_url or not base_url.startswith(("http://", "https://")):
+            raise LabelStudioError(
+                f"LABEL_STUDIO_URL must be the http(s) address of Label Studio, got {base_url!r}"
+            )
+        if not api_key:
+            raise LabelStudioError(
+                "LABEL_STUDIO_API_KEY is empty: set it to a legacy token or a personal access token "
+                "(Label Studio > Account & Settings)"
+            )
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key.strip()
+        self.timeout = timeout
+        self.session = session or requests.Session()
+        self._access: str | None = None
+
+    def _authorization(self, renew: bool = False) -> str:
+        if not is_personal_access_token(self.api_key):
+            return f"Token {self.api_key}"
+        if self._access is None or renew:
+            url = f"{self.base_url}/api/token/refresh/"
+            try:
+                response = self.session.post(url, json={"refresh": self.api_key}, timeout=self.timeout)
+            except requests.RequestException as exc:
+                raise LabelStudioError(f"cannot reach Label Studio at LABEL_STUDIO_URL={self.base_url}: {exc}") from exc
+            if response.status_code != 200 or "access" not in _json(response, {}):
+                raise LabelStudioError(
+                    f"Label Studio refused the personal access token in LABEL_STUDIO_API_KEY "
+                    f"(POST /api/token/refresh/ -> {response.status_code}): create a new one or use the legacy token",
+                    response.status_code,
+                )
+            self._access = response.json()["access"]
+        return f"Bearer {self._access}"
+
+    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Send one request; raises LabelStudioError for 401/403 and unreachable servers, returns others."""
+        url = f"{self.base_url}{path}"
+        for attempt in range(2):
+            headers = {"Authorization": self._authorization(renew=attempt > 0), **kwargs.pop("headers", {})}
+            try:
+                response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+            except requests.RequestException as exc:
+                raise LabelStudioError(f"cannot reach Label Studio at LABEL_STUDIO_URL={self.base_url}: {exc}") from exc
+            if response.status_code == 401 and is_personal_access_token(self.api_key) and attempt == 0:
+                continue  # the short-lived access token expired: renew once
+            break
+        if response.status_code in (401, 403):
+            raise LabelStudioError(
+                f"Label Studio answered {response.status_code} to {method} {path}: the token in "
+                "LABEL_STUDIO_API_KEY is wrong or lacks access to this project (with a legacy token, the "
+                "organization must allow legacy tokens: LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true)",
+                response.status_code,
+            )
+        return response
+
+    def get_json(self, path: str, params: Any = None, missing_ok: bool = False) -> Any:
+        response = self.request("GET", path, params=params)
+        if response.status_code == 404 and missing_ok:
+            return None
+        if response.status_code != 200:
+            raise LabelStudioError(
+                f"Label Studio answered {response.status_code} to GET {path}: {response.text[:300]}",
+                response.status_code,
+            )
+        return _json(response, None, path)
+
+    def project(self, project_id: int) -> dict | None:
+        """The project, or None when it does not exist (any more)."""
+        return self.get_json(f"/api/projects/{int(project_id)}/", missing_ok=True)
+
+    def task_page(self, project_id: int, page: int, page_size: int) -> list[dict]:
+        """One page of the project's tasks with their annotations, newest updated_at first; [] past the end."""
+        found = self.get_json(
+            f"/api/projects/{int(project_id)}/tasks/", params={"page": page, "page_size": page_size}, missing_ok=True
+        )
+        if found is None:
+            return []
+        if not isinstance(found, list):
+            raise LabelStudioError(f"unexpected answer to the task list of project {project_id}: {str(found)[:200]}")
+        return found
+
+    def export_tasks(self, project_id: int, task_ids: list[int]) -> list[dict]:
+        """The tasks among task_ids that still exist, with their annotations (no predictions triggered)."""
+        params: list[tuple[str, Any]] = [("exportType", "JSON"), ("download_all_tasks", "true")]
+        params += [("ids[]", int(t)) for t in task_ids]
+        found = self.get_json(f"/api/projects/{int(project_id)}/export", params=params)
+        return found if isinstance(found, list) else []
+
+
+def _json(response: requests.Response, default: Any, what: str = "") -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        if default is not None:
+            return default
+        raise LabelStudioError(f"Label Studio sent non-JSON for {what}: {response.text[:200]}", response.status_code)
+
+
+@dataclass
+class SyncReport:
+    """What one sync changed in the store."""
+
+    project_id: int
+    full: bool
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    tasks_seen: int = 0
+    pages: int = 0
+    project_deleted: bool = False
+    watermark: str | None = None
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def image_key_from_project(project: dict) -> str | None:
+    """The task data key of the config's only Image tag (None with zero or several)."""
+    parsed = project.get("parsed_label_config") or {}
+    keys = {
+        entry.get("value")
+        for control in parsed.values()
+        if isinstance(control, dict)
+        for entry in control.get("inputs") or []
+        if isinstance(entry, dict) and str(entry.get("type", "")).lower() == "image" and entry.get("value")
+    }
+    return keys.pop() if len(keys) == 1 else None
+
+
+def _apply_task(store: ReferenceStore, project_id: int, task: dict, known: dict[int, tuple[int, str]],
+                report: SyncReport, image_key: str | None) -> None:
+    task_id = int(task["id"])
+    present: set[int] = set()
+    for annotation in task.get("annotations") or []:
+        if not isinstance(annotation, dict) or "id" not in annotation:
+            continue
+        annotation_id = int(annotation["id"])
+        stored = known.get(annotation_id)
+        if annotation.get("was_cancelled"):
+            if stored is not None:
+                report.removed += store.delete_annotations(project_id, [annotation_id])
+            continue
+        present.add(annotation_id)
+        stamp = normalize_timestamp(annotation.get("updated_at") or annotation.get("created_at"))
+        if stored is not None and stored[1] == stamp:
+            report.unchanged += 1
+            continue
+        try:
+            outcome = store.upsert_annotation(project_id, task, annotation, image_key=image_key)
+        except ValueError as exc:  # one malformed annotation must not stop the sync
+            report.errors.append(f"task {task_id} annotation {annotation_id}: {exc}")
+            logger.warning("sync project %s: skipped annotation %s: %s", project_id, annotation_id, exc)
+            continue
+        if outcome == "added":
+            report.added += 1
+        elif outcome == "updated":
+            report.updated += 1
+        elif outcome == "removed":
+            report.removed += 1
+        else:
+            report.unchanged += 1
+    gone = [a for a, (t, _) in known.items() if t == task_id and a not in present]
+    if gone:
+        report.removed += store.delete_annotations(project_id, gone)
+
+
+def sync_project(
+    store: ReferenceStore,
+    base_url: str,
+    api_key: str,
+    project_id: int,
+    full: bool | None = None,
+    page_size: int = 100,
+    client: LabelStudioClient | None = None,
+) -> SyncReport:
+    """Bring the store's copy of the project's annotations up to date with Label Studio.
+
+    Args:
+        full: read every task (and drop tasks that no longer exist); None = full on the first sync of the
+            project, incremental (tasks updated since the last sync) afterwards.
+        page_size: tasks per API page.
+        client: reuse a client (tests, or one session for many calls); built from base_url/api_key otherwise.
+
+    Raises LabelStudioError when Label Studio is unreachable or refuses the token.
+    """
+    started = time.monotonic()
+    began_at = datetime.now(timezone.utc)
+    project_id = int(project_id)
+    if page_size < 1:
+        raise ValueError(f"page_size must be at least 1, got {page_size}")
+    client = client or LabelStudioClient(base_url, api_key)
+    previous = store.sync_watermark(project_id)
+    full = previous is None if full is None else full
+    report = SyncReport(project_id=project_id, full=full)
+
+    project = client.project(project_id)
+    if project is None:  # deleted in Label Studio (no webhook tells a backend about that)
+        store.delete_project(project_id)
+        report.project_deleted = True
+        report.seconds = time.monotonic() - started
+        logger.info("sync project %s: the project no longer exists in Label Studio; its data was removed", project_id)
+        return report
+    image_key = image_key_from_project(project)
+
+    cutoff = None
+    if not full and previous is not None:
+        cutoff = normalize_timestamp(datetime.fromisoformat(previous) - WATERMARK_MARGIN)
+    known = store.annotation_versions(project_id)
+    seen_tasks: set[int] = set()
+    newest = previous
+    page = 1
+    while True:
+        tasks = client.task_page(project_id, page, page_size)
+        if not tasks:
+            break
+        report.pages += 1
+        older_than_cutoff = False
+        for task in tasks:
+            stamp = normalize_timestamp(task.get("updated_at"))
+            if cutoff is not None and stamp is not None and stamp < cutoff:
+                older_than_cutoff = True  # newest first: everything after this is older still
+                break
+            if int(task["id"]) in seen_tasks:
+                continue  # a task moved to a later page while we read
+            seen_tasks.add(int(task["id"]))
+            report.tasks_seen += 1
+            if stamp is not None and (newest is None or stamp > newest):
+                newest = stamp
+            _apply_task(store, project_id, task, known, report, image_key)
+        if older_than_cutoff:  # (no short-page test: Label Studio may cap page_size, TASK_API_PAGE_SIZE_MAX)
+            break
+        page += 1
+
+    if full:
+        # Tasks with stored annotations that no page showed: deleted, or moved between pages while we read.
+        unseen = sorted({t for t, _ in known.values()} - seen_tasks)
+        for start in range(0, len(unseen), 200):
+            chunk = unseen[start : start + 200]
+            existing = {int(t["id"]): t for t in client.export_tasks(project_id, chunk)}
+            for task_id in chunk:
+                if task_id in existing:
+                    _apply_task(store, project_id, existing[task_id], known, report, image_key)
+                else:
+                    report.removed += store.delete_tasks(project_id, [task_id])
+
+    report.watermark = newest
+    store.set_last_sync(project_id, began_at, watermark=newest)
+    report.seconds = time.monotonic() - started
+    logger.info(
+        "sync project %s (%s): %d added, %d updated, %d removed, %d tasks read in %.2f s",
+        project_id, "full" if full else "incremental", report.added, report.updated, report.removed,
+        report.tasks_seen, report.seconds,
+    )
+    return report
