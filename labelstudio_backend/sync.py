@@ -21,7 +21,9 @@ renewed on a 401.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -309,3 +311,22 @@ def sync_project(
         report.tasks_seen, report.seconds,
     )
     return report
+
+
+def make_syncer(settings: Any, store: ReferenceStore | None = None) -> Callable[..., SyncReport]:
+    """The callable the server runs in the background: syncer(project_id, full=None) -> SyncReport.
+
+    settings needs label_studio_url, label_studio_api_key and db_path (labelstudio_backend.settings.Settings).
+    The store opens lazily, in the worker that first syncs (never before gunicorn forks).
+    """
+    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    lock = threading.Lock()
+    opened: list[ReferenceStore] = [store] if store is not None else []
+
+    def syncer(project_id: int, full: bool | None = None) -> SyncReport:
+        with lock:  # one sync at a time per process: they share the client's session
+            if not opened:
+                opened.append(ReferenceStore(settings.db_path))
+            return sync_project(opened[0], client.base_url, client.api_key, project_id, full=full, client=client)
+
+    return syncer
