@@ -305,3 +305,20 @@ def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match="number of classes"):
         indices = [(torch.tensor([0, 1]), torch.tensor([0, 1])), (torch.tensor([0]), torch.tensor([0]))]
         SetCriterion(HungarianMatcher(num_points=8), losses=("labels",))(_outputs(0), targets, indices=indices)
+
+
+def test_target_masks_are_padded_to_the_largest_image_of_the_batch():
+    # image 0 (32 x 32, one full mask) sits in the top-left quarter of the batch's 64 x 64 extent,
+    # set by image 1 which has no instances; the predicted masks cover that whole extent
+    full = {"labels": torch.tensor([0]), "masks": torch.ones(1, 32, 32, dtype=torch.bool),
+            "boxes": torch.tensor([[0.25, 0.25, 0.5, 0.5]])}
+    empty = {"labels": torch.zeros(0, dtype=torch.long), "masks": torch.zeros(0, 64, 64, dtype=torch.bool),
+             "boxes": torch.zeros(0, 4)}
+    outputs = {"pred_masks": torch.zeros(2, 3, 16, 16)}
+    crit = SetCriterion(HungarianMatcher(num_points=8), losses=("masks",), num_points=4000,
+                        importance_sample_ratio=0.0)
+    indices = [(torch.tensor([0]), torch.tensor([0])), (torch.zeros(0, dtype=torch.long),) * 2]
+    dice = crit(outputs, [full, empty], indices=indices)["loss_mask_dice_0"].item()
+    # logits 0 -> probability 1/2 everywhere; a quarter of the points fall on the mask:
+    # dice loss 1 - (2 * 0.5 * P / 4) / (0.5 * P + P / 4) = 2/3 (it would be 1/3 without the padding)
+    assert dice == pytest.approx(2 / 3, abs=0.03)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dinov.train.losses import point_sample
-from dinov.train.matcher import FORBIDDEN_COST, HungarianMatcher
+from dinov.train.matcher import FORBIDDEN_COST, HungarianMatcher, interactive_allowed
 
 
 def _random_case(seed: int, num_queries: int, num_targets: int, num_classes: int = 4):
@@ -160,3 +160,11 @@ def test_batches_empty_targets_and_errors():
         HungarianMatcher()(o1, [t1], costs=("cls", "iou"))
     with pytest.raises(ValueError, match="cannot all be 0"):
         HungarianMatcher(cost_class=0, cost_mask=0, cost_dice=0)
+
+
+def test_interactive_allowed_pairs_each_prompt_with_its_own_targets():
+    allowed = interactive_allowed([2, 0, 1], tokens_per_prompt=3)
+    expected = torch.tensor([[1, 1, 0]] * 3 + [[0, 0, 0]] * 3 + [[0, 0, 1]] * 3, dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+    with pytest.raises(ValueError, match="granularity"):
+        interactive_allowed([7], tokens_per_prompt=6)

@@ -144,10 +144,8 @@ class Denoising:
     group_size: int
 
 
-def _pad_masks(masks: Sequence[Tensor]) -> Tensor:
-    """Stack masks [N_i, H_i, W_i] of several images zero-padded (bottom, right) to the largest size."""
-    height = max(m.shape[-2] for m in masks)
-    width = max(m.shape[-1] for m in masks)
+def _pad_masks(masks: Sequence[Tensor], height: int, width: int) -> Tensor:
+    """Concatenate masks [N_i, H_i, W_i] of several images zero-padded (bottom, right) to height x width."""
     return torch.cat([F.pad(m.float(), (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in masks])
 
 
@@ -201,7 +199,7 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs: dict, targets: Sequence[dict], indices: list[tuple[Tensor, Tensor]],
                     num_masks: float) -> dict[str, Tensor]:
-        logits = outputs["pred_logits"]
+        logits = outputs["pred_logits"].float()
         onehot = torch.zeros_like(logits)
         batch_idx, src_idx = _src_permutation(indices, logits.device)
         labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device).long()
@@ -224,7 +222,11 @@ class SetCriterion(nn.Module):
                 out["iou_score_loss"] = outputs["pred_ious"].sum() * 0.0
             return out
         src_masks = pred_masks[batch_idx, src_idx][:, None]
-        tgt_masks = _pad_masks([t["masks"][j] for t, (_, j) in zip(targets, indices)])
+        # like the official batching, every image's masks are padded to the largest image of the batch,
+        # so that normalised point coordinates mean the same place in all of them
+        height = max(t["masks"].shape[-2] for t in targets)
+        width = max(t["masks"].shape[-1] for t in targets)
+        tgt_masks = _pad_masks([t["masks"][j] for t, (_, j) in zip(targets, indices)], height, width)
         tgt_masks = tgt_masks.to(device=src_masks.device, dtype=torch.float32)[:, None]
         with torch.no_grad():
             coords = uncertain_point_coords(src_masks.detach().float(), self.num_points, self.oversample_ratio,

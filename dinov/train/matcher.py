@@ -33,6 +33,22 @@ def focal_class_cost(logits: Tensor, labels: Tensor, alpha: float = 0.25, gamma:
     return pos[:, labels] - neg[:, labels]
 
 
+def interactive_allowed(targets_per_prompt: Sequence[int], tokens_per_prompt: int = 6) -> Tensor:
+    """The "allowed" matrix for interactive queries: prompt i owns queries i * tokens .. (i + 1) * tokens - 1
+    (one per granularity) and may only be matched to its own targets, which come in prompt order
+    (prompt 0's targets first). Returns bool [num_prompts * tokens, total targets]."""
+    counts = [int(n) for n in targets_per_prompt]
+    if min(counts, default=0) < 0 or max(counts, default=0) > tokens_per_prompt:
+        raise ValueError(f"each prompt needs 0..{tokens_per_prompt} targets (one query per granularity), "
+                         f"got {counts}")
+    allowed = torch.zeros(len(counts) * tokens_per_prompt, sum(counts), dtype=torch.bool)
+    start = 0
+    for i, n in enumerate(counts):
+        allowed[i * tokens_per_prompt:(i + 1) * tokens_per_prompt, start:start + n] = True
+        start += n
+    return allowed
+
+
 class HungarianMatcher(nn.Module):
     """One-to-one matching of the queries of each image to its target instances.
 
