@@ -431,8 +431,12 @@ class DINOvBackend:
                 break
             try:
                 results.append(self._preannotate(task, config, labels, version))
-            except (ValueError, OSError) as e:  # a bad image or reference: this task only
-                logger.warning("project %s task %s: no prediction: %s", self.project_id, task.get("id"), e)
+            except ModelUnavailable:
+                raise
+            except Exception as e:  # a bad image, a huge one, an out-of-memory: this task only
+                expected = isinstance(e, (ValueError, OSError))
+                logger.warning("project %s task %s: no prediction: %s", self.project_id, task.get("id"), e,
+                               exc_info=not expected)
                 self.runtime.on_task_failed(type(e).__name__)
                 results.append({"result": [], "score": 0.0, "model_version": version})
         return results
@@ -552,9 +556,11 @@ class DINOvBackend:
         for (url, task_id), group in missing.items():
             try:
                 encoded = runtime.encode(url, task_id)
-            except (ValueError, OSError) as e:
+            except ModelUnavailable:
+                raise
+            except Exception as e:
                 logger.warning("project %s: reference image %s of task %s cannot be used: %s",
-                               self.project_id, url, task_id, e)
+                               self.project_id, url, task_id, e, exc_info=not isinstance(e, (ValueError, OSError)))
                 for example in group:
                     runtime.mark_reference_failed(self._embedding_key(example))
                 continue
@@ -563,9 +569,12 @@ class DINOvBackend:
                 key = self._embedding_key(example)
                 try:
                     mask = self.reference_mask(encoded, example.region)
-                except (RegionError, ValueError) as e:
+                except ModelUnavailable:
+                    raise
+                except Exception as e:
                     logger.warning("project %s: region %s of annotation %s is not a usable example: %s",
-                                   self.project_id, example.region_id, example.annotation_id, e)
+                                   self.project_id, example.region_id, example.annotation_id, e,
+                                   exc_info=not isinstance(e, ValueError))
                     mask = None
                 if mask is None or not mask.any():
                     runtime.mark_reference_failed(key)
@@ -698,7 +707,9 @@ class DINOvBackend:
                 task = {"id": task_id, "data": {config.value_key: url}}
                 prediction = self._preannotate(task, config, labels, "leave-one-out")
                 encoded = self.runtime.encode(url, _int_or_none(task_id))
-            except (ValueError, OSError) as e:
+            except ModelUnavailable:
+                raise
+            except Exception as e:
                 logger.warning("leave-one-out: task %s skipped: %s", task_id, e)
                 continue
             size = tuple(encoded.image_size)

@@ -380,6 +380,39 @@ def test_time_budget_defers_the_rest(tmp_path):
     backend.runtime.shutdown()
 
 
+def test_an_unexpected_failure_on_one_task_spares_the_others(tmp_path):
+    class OutOfMemoryOnWideImages(ColourPredictor):
+        def encode_image(self, image):
+            if np.asarray(image).shape[1] > SIZE[1]:
+                raise RuntimeError("CUDA out of memory")
+            return super().encode_image(image)
+
+    backend = Backend(tmp_path, predictor=OutOfMemoryOnWideImages())
+    backend.http.register_uri("GET", f"{LS}/data/upload/7/wide.png", content=png(np.zeros((64, 200, 3), np.uint8)))
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    wide = {"id": 9, "data": {"image": "/data/upload/7/wide.png"}}
+    response = backend.predict([wide, task(2, "b")])
+    assert response.status_code == 200
+    first, second = response.json["results"]
+    assert first["result"] == [] and len(second["result"]) == 3
+    backend.runtime.shutdown()
+
+
+def test_bulk_imported_annotations(backend):
+    backend.setup()
+    red_a, red_c = square_mask(SCENES["a"]["red"][0]), square_mask(SCENES["c"]["red"][0])
+    annotations = [{"id": 201, "task": 1, "result": [brush(red_a, "Red")], "updated_at": "2024-05-01T10:00:00Z"},
+                   {"id": 202, "task": 4, "result": [brush(red_c, "Red")], "updated_at": "2024-05-01T11:00:00Z"}]
+    response = backend.post("/webhook", {"action": "ANNOTATIONS_CREATED", "annotation": annotations,
+                                         "task": [task(1, "a"), task(4, "c")],
+                                         "project": {"id": 7, "label_config": CONFIG}})
+    assert response.status_code == 200 and response.json["annotations"] == 2
+    backend.drain()
+    assert backend.store.stats(7)["examples_per_label"] == {"Red": 2}
+
+
 # --- interactive ------------------------------------------------------------------------------------------
 
 def test_click_gives_the_object_with_the_drawn_label(backend):
