@@ -654,7 +654,7 @@ class DINOvBackend:
         version = self.model_version
         if best is None or not np.asarray(best.mask).any():
             return {"result": [], "score": 0.0, "model_version": version}
-        obj = _Kept(label, np.asarray(best.mask, dtype=bool), float(best.predicted_iou))
+        obj = _Kept(label, np.asarray(best.mask, dtype=bool), min(max(float(best.predicted_iou), 0.0), 1.0))
         if self.settings.interactive_mode == "object":
             regions = mask_to_regions(obj.mask, label, control, config.image_name, score=obj.score,
                                       polygon_tolerance=self.settings.polygon_tolerance)

@@ -601,3 +601,31 @@ def test_settings_from_the_environment():
     assert {row.env for row in SETTINGS_TABLE} >= {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "PORT",
                                                    "WORKERS", "THREADS", "BASIC_AUTH_USER", "BASIC_AUTH_PASS",
                                                    "LOG_LEVEL", "DINOV_CHECKPOINT", "DEVICE"}
+
+
+# --- the real predictor -----------------------------------------------------------------------------------
+
+def test_the_real_predictor_fits_the_backend(tmp_path, reference_dir):
+    """DINOvPredictor on the official miniT architecture (random weights): the masks mean nothing, but every
+    call the backend makes must go through and give well-formed Label Studio predictions."""
+    from dinov.checkpoint import load_model
+    from dinov.predictor import DINOvPredictor
+    from dinov.transforms import ResizeConfig
+
+    model, digest = load_model(reference_dir / "miniT_ckpt.pth")
+    predictor = DINOvPredictor(model, resize=ResizeConfig(shortest_edge=128, max_size=256), checkpoint_id="miniT")
+    backend = Backend(tmp_path, predictor=predictor, score_threshold=0.0, min_area=1, max_instances_per_label=3)
+    assert "dinov-miniT-refs0" in backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    results = backend.predict([task(2, "b"), task(3, "missing")]).json["results"]
+    assert len(results) == 2 and results[1]["result"] == []
+    assert 1 <= len(results[0]["result"]) <= 6 and "refs1" in results[0]["model_version"]
+    for region in results[0]["result"]:
+        assert region["value"]["brushlabels"][0] in ("Red", "Blue")
+        assert region_to_mask(region, SIZE).any()
+    context = {"result": [keypoint(40, 35, "Blue"), keypoint(5, 5, "Blue", positive=False, rid="k2")]}
+    (prediction,) = backend.predict([task(2, "b")], context=context).json["results"]
+    assert len(prediction["result"]) == 1 and prediction["result"][0]["value"]["brushlabels"] == ["Blue"]
+    assert 0.0 <= prediction["score"] <= 1.0
+    backend.runtime.shutdown()
