@@ -173,7 +173,7 @@ class Runtime:
                     except Exception as e:  # any failure to load is reported, not raised as a trace
                         self._model_error = (f"loading DINOV_CHECKPOINT={self.settings.checkpoint} on "
                                              f"DEVICE={self.settings.device} failed: {e}")
-                        logger.error(self._model_error, exc_info=True)
+                        logger.error(self._model_error, exc_info=not isinstance(e, (ValueError, OSError)))
                         raise ModelUnavailable(self._model_error) from None
                     logger.info("model %s loaded in %.1f s", self.checkpoint_id, time.perf_counter() - started)
         return self._predictor
