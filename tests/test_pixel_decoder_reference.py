@@ -158,32 +158,44 @@ def test_core_gradients_match_grid_sample():
 
 
 @pytest.mark.parametrize("box", [False, True])
-def test_msdeformattn_forward(box):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_msdeformattn_forward_and_gradients(box, dtype):
     torch.manual_seed(0)
     shapes = [(8, 10), (4, 5), (2, 3)]
-    attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2)
+    attn = MSDeformAttn(d_model=32, n_levels=3, n_heads=4, n_points=2).to(dtype)
     with torch.no_grad():
         for p in attn.parameters():
             p.normal_(0, 0.3)
     spatial_shapes = torch.tensor(shapes)
     start = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
     s = int(spatial_shapes.prod(1).sum())
-    query, memory = torch.randn(2, 7, 32), torch.randn(2, s, 32)
-    ref = torch.rand(2, 7, 3, 4 if box else 2)
+    query, memory = torch.randn(2, 7, 32, dtype=dtype), torch.randn(2, s, 32, dtype=dtype)
+    ref = torch.rand(2, 7, 3, 4 if box else 2, dtype=dtype)
     padding = torch.rand(2, s) < 0.2
 
-    with torch.no_grad():
-        got = attn(query, ref, memory, spatial_shapes, start, padding)
+    def official_style():
+        # The official forward: [N, Lq, M, L, P, 2] locations, then grid_sample per level.
         value = attn.value_proj(memory).masked_fill(padding[..., None], 0).view(2, s, 4, 8)
         offsets = attn.sampling_offsets(query).view(2, 7, 4, 3, 2, 2)
         weights = attn.attention_weights(query).view(2, 7, 4, 6).softmax(-1).view(2, 7, 4, 3, 2)
         if box:
             locations = ref[:, :, None, :, None, :2] + offsets / 2 * ref[:, :, None, :, None, 2:] * 0.5
         else:
-            wh = spatial_shapes.flip(-1).float()
-            locations = ref[:, :, None, :, None, :] + offsets / wh[:, None, :]
-        want = attn.output_proj(grid_sample_reference(value, spatial_shapes, locations, weights))
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            wh = spatial_shapes.flip(-1)
+            locations = ref[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+        return attn.output_proj(grid_sample_reference(value, spatial_shapes, locations, weights))
+
+    results = []
+    for fn in (lambda: attn(query, ref, memory, spatial_shapes, start, padding), official_style):
+        attn.zero_grad()
+        out = fn()
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in attn.parameters()]))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(results[0][0], results[1][0], atol=tol, rtol=0)
+    if dtype == torch.float64:  # gradients in float64 only: float32 rounding makes them noisier
+        for got, want in zip(results[0][1], results[1][1]):
+            torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-8)
 
 
 def test_msdeformattn_rejects_bad_inputs():

@@ -36,18 +36,29 @@ def ms_deform_attn_core(
         [N, Lq, M * D]. Same maths as ``F.grid_sample(mode="bilinear", padding_mode="zeros",
         align_corners=False)`` per level followed by the weighted sum over levels and points.
     """
+    n, lq, m, num_levels, num_points, _ = sampling_locations.shape
+    locations = sampling_locations.reshape(n, lq, m, num_levels * num_points, 2)
+    weights = attention_weights.reshape(n, lq, m, num_levels * num_points)
+    return _sample(value, spatial_shapes, level_start_index, locations[..., 0], locations[..., 1], weights)
+
+
+def _sample(
+    value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, loc_x: Tensor, loc_y: Tensor, attn: Tensor
+) -> Tensor:
+    """The core on [N, Lq, M, L * P] tensors, one per axis (level-major, then point).
+
+    Everything here broadcasts only over leading dims with per-(level, point) constants of
+    shape [L * P]: broadcasting over small inner dims (x/y pairs, corners) is very slow on CPU.
+    """
     n, s, m, d = value.shape
-    _, lq, _, num_levels, num_points, _ = sampling_locations.shape
+    lq, lp = loc_x.shape[1], loc_x.shape[3]
+    num_points = lp // spatial_shapes.shape[0]
     device = value.device
-    lp = num_levels * num_points
-    # Work on [N, Lq, M, L * P] tensors, one per axis, with per-(level, point) constants of
-    # shape [L * P]: broadcasting over small inner dims (x/y pairs, corners) is very slow on CPU.
-    coord_dtype = sampling_locations.dtype if sampling_locations.dtype == torch.float64 else torch.float32
-    locations = sampling_locations.reshape(n, lq, m, lp, 2).to(coord_dtype)
+    coord_dtype = loc_x.dtype if loc_x.dtype == torch.float64 else torch.float32
     shape_lp = spatial_shapes.repeat_interleave(num_points, 0)  # [L * P, 2] (H, W)
-    x0, wx_lo, wx_hi = _bilinear_axis(locations[..., 0], shape_lp[:, 1], coord_dtype)
-    y0, wy_lo, wy_hi = _bilinear_axis(locations[..., 1], shape_lp[:, 0], coord_dtype)
-    attn = attention_weights.reshape(n, lq, m, lp).to(coord_dtype)
+    x0, wx_lo, wx_hi = _bilinear_axis(loc_x.to(coord_dtype), shape_lp[:, 1], coord_dtype)
+    y0, wy_lo, wy_hi = _bilinear_axis(loc_y.to(coord_dtype), shape_lp[:, 0], coord_dtype)
+    attn = attn.to(coord_dtype)
     wy_lo = wy_lo * attn
     wy_hi = wy_hi * attn
     # Bag of each (image, query, head): 4 corners x L * P samples (order is irrelevant to the sum).
@@ -177,18 +188,23 @@ class MSDeformAttn(nn.Module):
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
-        offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+        lp = self.n_levels * self.n_points
+        offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, lp, 2)
+        weights = self.attention_weights(query).view(n, len_q, self.n_heads, lp)
+        weights = F.softmax(weights, -1)
 
-        ref = reference_points[:, :, None, :, None, :]
+        # Sampling locations per axis, [N, Lq, M, L * P]; elementwise the same operations as
+        # the official [N, Lq, M, L, P, 2] computation.
+        ref = reference_points.repeat_interleave(self.n_points, dim=2)[:, :, None]  # [N, Lq, 1, L * P, 2 or 4]
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level.
-            normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            locations = ref + offsets / normalizer[None, None, None, :, None, :]
+            shape_lp = input_spatial_shapes.repeat_interleave(self.n_points, 0)
+            loc_x = ref[..., 0] + offsets[..., 0] / shape_lp[:, 1]
+            loc_y = ref[..., 1] + offsets[..., 1] / shape_lp[:, 0]
         else:
             # Offsets are in units of half the box size, scaled down by the number of points.
-            locations = ref[..., :2] + offsets / self.n_points * ref[..., 2:] * 0.5
+            loc_x = ref[..., 0] + offsets[..., 0] / self.n_points * ref[..., 2] * 0.5
+            loc_y = ref[..., 1] + offsets[..., 1] / self.n_points * ref[..., 3] * 0.5
 
-        out = ms_deform_attn_core(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        out = _sample(value, input_spatial_shapes, input_level_start_index, loc_x, loc_y, weights)
         return self.output_proj(out)
