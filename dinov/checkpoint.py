@@ -7,6 +7,7 @@ some tensors are stored under several names because the official modules are sha
 plain state dict, and :func:`load_into` loads it strictly, accepting any one name of a shared tensor.
 """
 
+import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -293,3 +294,103 @@ def _mismatch_message(
         hint = f"The keys still carry the '{MODEL_PREFIX}' prefix: read the file with read_state_dict()."
     lines.append(hint)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- whole models
+
+# Names a user may give instead of a path: the released files, and the demo model shipped here.
+RELEASED_CHECKPOINTS = {"swinT": ("model_swinT.pth", "swin_t"), "swinL": ("model_swinL.pth", "swin_l")}
+DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo.safetensors"
+CONFIG_METADATA_KEY = "dinov_config"
+
+
+def load_model(checkpoint: PathLike, config=None, cache_dir: Optional[PathLike] = None):
+    """Build and load a DINOv model from `demo`, `swinT`, `swinL` or a checkpoint file.
+
+    The config comes from, in order: the `config` argument, the safetensors metadata written by
+    `save_model`, the released preset of a named checkpoint, or the preset whose shapes fit.
+    Returns (model in eval mode, short content hash of the file for cache keys).
+    """
+    import json
+
+    from dinov.config import PRESETS, DINOvConfig
+    from dinov.download import download_checkpoint
+    from dinov.modeling.dinov import build_dinov
+
+    name = str(checkpoint)
+    preset = None
+    if name == "demo":
+        path = DEMO_CHECKPOINT
+        if not path.exists():
+            raise CheckpointError(f"the demo checkpoint {path} is missing from this installation; reinstall the "
+                                  "project or train it again with the command in BENCHMARKS.md")
+    elif name in RELEASED_CHECKPOINTS:
+        filename, preset = RELEASED_CHECKPOINTS[name]
+        if cache_dir is None:
+            raise CheckpointError(f"checkpoint {name!r} is downloaded on first use: give a cache directory (MODEL_DIR)")
+        path = download_checkpoint(filename, Path(cache_dir))
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"checkpoint {path} does not exist; give 'demo', 'swinT', 'swinL' or the path of a .pth/.safetensors file"
+            )
+
+    state_dict = read_state_dict(path)
+    if config is None and path.suffix == SAFETENSORS_SUFFIX:
+        stored = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
+        if stored:
+            config = DINOvConfig.from_dict(json.loads(stored))
+    if config is None and preset is not None:
+        config = PRESETS[preset]()
+    if config is None:
+        config = _infer_preset(state_dict, path)
+    model = build_dinov(config)
+    load_into(model, state_dict, source=str(path))
+    return model.eval(), file_digest(path)
+
+
+def save_model(model: nn.Module, config, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Save a model as safetensors with its config, so that `load_model(path)` needs nothing else."""
+    import json
+
+    meta = {CONFIG_METADATA_KEY: json.dumps(config.to_dict())}
+    meta.update(metadata or {})
+    save_safetensors(model, path, metadata=meta)
+
+
+def _infer_preset(state_dict: Mapping[str, Tensor], path: Path):
+    """The preset whose state_dict shapes all match the file's, for files without a stored config."""
+    from dinov.config import PRESETS
+    from dinov.modeling.dinov import build_dinov
+
+    for name, make in PRESETS.items():
+        with torch.device("meta"):
+            expected = build_dinov(make()).state_dict()
+        if all(key in state_dict and tuple(state_dict[key].shape) == tuple(value.shape)
+               for key, value in expected.items()):
+            return make()
+    raise CheckpointError(
+        f"{path}: its tensors fit none of the presets {sorted(PRESETS)}; pass the model's config explicitly "
+        "(DINOvConfig) or save it with dinov.checkpoint.save_model, which stores the config in the file"
+    )
+
+
+def file_digest(path: Path) -> str:
+    """Short content hash of a checkpoint file, cached beside it (hashing Swin-L takes seconds)."""
+    stat = path.stat()
+    stamp = path.with_name(path.name + ".sha256")
+    if stamp.exists():
+        cached = stamp.read_text().split()
+        if len(cached) == 3 and cached[1:] == [str(stat.st_size), str(int(stat.st_mtime))]:
+            return cached[0]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    short = digest.hexdigest()[:12]
+    try:
+        stamp.write_text(f"{short} {stat.st_size} {int(stat.st_mtime)}")
+    except OSError:
+        pass  # a read-only model folder only costs the hash next time
+    return short

@@ -14,7 +14,6 @@ image's original size, whatever size the model works at (see `dinov.transforms`)
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from contextlib import nullcontext
@@ -139,7 +138,7 @@ class DINOvPredictor:
         original = rgb.shape[:2]
         size = resized_size(*original, self.resize)
         resized = resize_image(rgb, size, self.resize.image_interpolation)
-        return torch.from_numpy(resized).permute(2, 0, 1), original, size
+        return torch.from_numpy(np.ascontiguousarray(resized).copy()).permute(2, 0, 1), original, size
 
     def encode_image(self, image: np.ndarray | Image.Image) -> EncodedImage:
         return self.encode_images([image])[0]
@@ -432,23 +431,3 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
         return None
     xs = np.flatnonzero(mask.any(axis=0))
     return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)
-
-
-def file_digest(path: Path) -> str:
-    """Short content hash of a checkpoint file, cached beside it (hashing Swin-L takes seconds)."""
-    stat = path.stat()
-    stamp = path.with_name(path.name + ".sha256")
-    if stamp.exists():
-        cached = stamp.read_text().split()
-        if len(cached) == 3 and cached[1:] == [str(stat.st_size), str(int(stat.st_mtime))]:
-            return cached[0]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    short = digest.hexdigest()[:12]
-    try:
-        stamp.write_text(f"{short} {stat.st_size} {int(stat.st_mtime)}")
-    except OSError:
-        pass  # a read-only model folder only costs the hash next time
-    return short

@@ -33,7 +33,7 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class ResizeConfig:
-    shortest_edge: int = 800
+    shortest_edge: int | None = 800  # None: keep the image's own size
     max_size: int | None = 1333  # None: no cap on the longer side (the official demo)
     image_interpolation: str = "bilinear"
     mask_interpolation: str = "nearest"
@@ -42,7 +42,7 @@ class ResizeConfig:
         for name in (self.image_interpolation, self.mask_interpolation):
             if name not in INTERPOLATIONS:
                 raise ValueError(f"unknown interpolation {name!r}; use one of {sorted(INTERPOLATIONS)}")
-        if self.shortest_edge < 32:
+        if self.shortest_edge is not None and self.shortest_edge < 32:
             raise ValueError(f"shortest_edge must be at least 32, got {self.shortest_edge}")
 
 
@@ -53,6 +53,8 @@ OFFICIAL_DEMO_RESIZE = ResizeConfig(shortest_edge=640, max_size=None, image_inte
 
 def resized_size(height: int, width: int, resize: ResizeConfig) -> tuple[int, int]:
     """Output (height, width) for a resize of the shorter side, rounding as detectron2 does."""
+    if resize.shortest_edge is None:
+        return height, width
     scale = resize.shortest_edge / min(height, width)
     if resize.max_size is not None and max(height, width) * scale > resize.max_size:
         scale = resize.max_size / max(height, width)
