@@ -110,14 +110,25 @@ def filter_referring(
     return ReferringSelection(index=ids[best], mask_logits=masks[best], scores=scores, kept_index=ids)
 
 
-def filter_generic(pred_logits: Tensor, pred_masks: Tensor, threshold: float = 0.12, step: float = 0.04
+def filter_generic(pred_logits: Tensor, pred_masks: Optional[Tensor] = None, threshold: float = 0.12,
+                   step: float = 0.04, mask_embed: Optional[Tensor] = None, mask_features: Optional[Tensor] = None
                    ) -> GenericSelection:
     """Keep the object queries whose best class probability (sigmoid of the logit) exceeds ``threshold``,
-    lowering it by ``step`` until at least one survives. pred_logits [Q, C]; pred_masks [Q, h, w]."""
-    if pred_logits.dim() != 2 or pred_logits.shape[0] == 0:
+    lowering it by ``step`` until at least one survives.
+
+    pred_logits [Q, C]; masks either pred_masks [Q, h, w], or mask_embed [Q, C'] with mask_features [C', h, w]
+    (then only the kept queries' masks are computed).
+    """
+    if pred_logits.dim() != 2 or pred_logits.shape[0] == 0 or pred_logits.shape[1] == 0:
         raise ValueError(f"pred_logits must be [Q>=1, C>=1], got {tuple(pred_logits.shape)}")
-    if pred_masks.shape[0] != pred_logits.shape[0]:
-        raise ValueError(f"pred_masks must have {pred_logits.shape[0]} masks, got {tuple(pred_masks.shape)}")
+    num_queries = pred_logits.shape[0]
+    if pred_masks is None and (mask_embed is None or mask_features is None):
+        raise ValueError("give pred_masks, or mask_embed together with mask_features")
+    if pred_masks is not None and pred_masks.shape[0] != num_queries:
+        raise ValueError(f"pred_masks must have {num_queries} masks, got {tuple(pred_masks.shape)}")
+    if pred_masks is None and (mask_embed.shape[0] != num_queries or mask_features.dim() != 3):
+        raise ValueError(f"mask_embed must be [{num_queries}, C] and mask_features [C, h, w], got "
+                         f"{tuple(mask_embed.shape)} and {tuple(mask_features.shape)}")
     if step <= 0:
         raise ValueError(f"step must be > 0, got {step}")
     scores, labels = pred_logits.sigmoid().max(-1)
@@ -126,7 +137,11 @@ def filter_generic(pred_logits: Tensor, pred_masks: Tensor, threshold: float = 0
         threshold = threshold - step
         keep = scores > threshold
     index = torch.nonzero(keep).flatten()
-    return GenericSelection(index=index, scores=scores[keep], labels=labels[keep], mask_logits=pred_masks[keep],
+    if pred_masks is not None:
+        masks = pred_masks[index]
+    else:
+        masks = torch.einsum("qc,chw->qhw", mask_embed[index], mask_features)
+    return GenericSelection(index=index, scores=scores[index], labels=labels[index], mask_logits=masks,
                             threshold=threshold)
 
 

@@ -138,6 +138,37 @@ def test_decode_generic(mini, label_key, prefix):
             assert_close(f"{prefix}_aux{i}_{key}", aux[key], io[f"{prefix}_aux{i}_{key}"])
 
 
+def test_decode_generic_without_masks(mini):
+    io = mini.io
+    with torch.no_grad():
+        out = mini.head.decode_generic(mini.tgt, mini.tgt_mask_features, io["content_label_1ex"], with_masks=False)
+    assert "pred_masks" not in out
+    masks = torch.einsum("bqc,bchw->bqhw", out["mask_embed"], mini.tgt_mask_features)
+    assert_close("openset masks from mask_embed", masks, io["openset_raw_pred_masks"])
+
+
+def test_sample_projection_equals_msdeformattn(mini):
+    """The decoder's cross-attention (project samples, not the memory) equals calling MSDeformAttn itself."""
+    io = mini.io
+    prompt = PromptContent(io["content_label_3"], io["content_bbox_3"], io["content_attn_3"])
+    outputs = {}
+    try:
+        for project_samples in (True, False):
+            mini.head.decoder.project_samples = project_samples
+            with torch.no_grad():
+                outputs[project_samples] = (
+                    mini.head.decode_generic(mini.tgt, mini.tgt_mask_features, io["content_label_3"]),
+                    mini.head.decode_referring(mini.tgt, mini.tgt_mask_features, prompt, io["click_boxes_dn"]))
+    finally:
+        mini.head.decoder.project_samples = True
+    (generic_fast, refer_fast), (generic_module, refer_module) = outputs[True], outputs[False]
+    for key in ("pred_logits", "pred_masks", "pred_boxes"):
+        assert_close(f"projected samples vs MSDeformAttn: generic {key}", generic_fast[key], generic_module[key], 1e-5)
+        assert_close(f"MSDeformAttn: openset3_raw_{key}", generic_module[key], io[f"openset3_raw_{key}"])
+    for key in ("pred_masks", "pred_ious", "pred_boxes", "pred_match_score"):
+        assert_close(f"projected samples vs MSDeformAttn: refer {key}", refer_fast[key], refer_module[key], 1e-5)
+
+
 def test_decode_generic_batch_equals_single(mini):
     io = mini.io
     flipped = [f.flip(-1) for f in mini.tgt]

@@ -128,6 +128,13 @@ def test_filter_generic_lowers_threshold():
     high = filter_generic(torch.logit(torch.tensor([[0.5], [0.13], [0.11]])), masks)
     assert high.index.tolist() == [0, 1] and high.threshold == 0.12
 
+    # masks of the kept queries only, from mask embeddings
+    embed, features = torch.randn(3, 5), torch.randn(5, 4, 4)
+    lazy = filter_generic(logits, mask_embed=embed, mask_features=features)
+    assert torch.allclose(lazy.mask_logits, torch.einsum("qc,chw->qhw", embed, features)[[1]], atol=1e-6)
+    with pytest.raises(ValueError, match="mask_embed"):
+        filter_generic(logits)
+
 
 def test_upsample_masks_crops_top_left():
     logits = torch.zeros(1, 8, 10)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import inverse_sigmoid
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 
 
 class MLP(nn.Module):
@@ -129,6 +129,47 @@ def _grouped_self_attention(attn: nn.MultiheadAttention, qk: Tensor, value: Tens
     return torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
 
 
+def with_ones_channel(memory: Tensor) -> Tensor:
+    """memory [B, S, C] -> [B, S, 1, C + 1] with a trailing channel of ones, the value table of
+    :func:`deformable_cross_attention` (built once per decoding, shared by all layers)."""
+    return torch.cat([memory, memory.new_ones(memory.shape[:-1] + (1,))], dim=-1)[:, :, None, :]
+
+
+def deformable_cross_attention(attn: MSDeformAttn, query: Tensor, reference_boxes: Tensor, memory_ones: Tensor,
+                               spatial_shapes: Tensor, level_start_index: Tensor) -> Tensor:
+    """What ``attn(query, boxes per level, memory, ...)`` computes, reordered to skip projecting the whole memory.
+
+    MSDeformAttn projects every memory position (``value_proj``, S x C x C per layer: 11k positions for a
+    640x864 image) and then reads a few bilinear samples per query. The projection is affine and the sampling
+    linear, so the samples can be read from the raw memory and projected afterwards: each head's weighted sum of
+    raw samples goes through that head's rows of ``value_proj``; the bias counts with the total weight that
+    landed inside the image (outside reads zeros), which the ones channel of ``memory_ones`` measures.
+    Same result up to float rounding, at a cost that scales with the queries instead of the image.
+
+    query [B, nq, C]; reference_boxes [B, nq, 4] (cxcywh in [0, 1], the same on every level);
+    memory_ones [B, S, 1, C + 1] from :func:`with_ones_channel`.
+    """
+    batch, num_queries, channels = query.shape
+    heads, levels, points = attn.n_heads, attn.n_levels, attn.n_points
+    offsets = attn.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+    weights = attn.attention_weights(query).view(batch, num_queries, heads, levels * points)
+    weights = F.softmax(weights, -1).view(batch, num_queries, heads, levels, points)
+    ref = reference_boxes[:, :, None, None, None, :]
+    # sampling points spread over the reference box (offsets in units of half its size / number of points)
+    locations = ref[..., :2] + offsets / points * ref[..., 2:] * 0.5
+
+    # every (query, head) pair samples the raw memory as its own single-head query
+    sampled = ms_deform_attn_core(memory_ones, spatial_shapes, level_start_index,
+                                  locations.reshape(batch, num_queries * heads, 1, levels, points, 2),
+                                  weights.reshape(batch, num_queries * heads, 1, levels, points))
+    sampled = sampled.view(batch, num_queries, heads, channels + 1)
+    head_dim = channels // heads
+    proj_weight = attn.value_proj.weight.view(heads, head_dim, channels)
+    proj_bias = attn.value_proj.bias.view(heads, head_dim)
+    values = torch.einsum("bqmc,mdc->bqmd", sampled[..., :channels], proj_weight) + sampled[..., channels:] * proj_bias
+    return attn.output_proj(values.reshape(batch, num_queries, channels))
+
+
 class DeformableDecoderLayer(nn.Module):
     """Self-attention -> multi-scale deformable cross-attention -> FFN, each followed by residual + LayerNorm."""
 
@@ -151,13 +192,22 @@ class DeformableDecoderLayer(nn.Module):
         self.dropout4 = nn.Dropout(dropout)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
-                spatial_shapes: Tensor, level_start_index: Tensor, layout: SelfAttentionLayout) -> Tensor:
-        """tgt/query_pos [B, nq, D]; reference_points [B, nq, L, 4]; memory [B, S, D] (levels low-res first)."""
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_boxes: Tensor, memory: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor, layout: SelfAttentionLayout,
+                memory_ones: Optional[Tensor] = None) -> Tensor:
+        """tgt/query_pos [B, nq, D]; reference_boxes [B, nq, 4] sigmoid cxcywh; memory [B, S, D] (levels low-res
+        first). With ``memory_ones`` (:func:`with_ones_channel` of memory) the cross-attention projects samples
+        instead of the whole memory (:func:`deformable_cross_attention`)."""
         qk = tgt + query_pos
         tgt = self.norm2(tgt + self.dropout2(_grouped_self_attention(self.self_attn, qk, tgt, layout)))
 
-        attended = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index)
+        if memory_ones is not None:
+            attended = deformable_cross_attention(self.cross_attn, tgt + query_pos, reference_boxes, memory_ones,
+                                                  spatial_shapes, level_start_index)
+        else:
+            # no padding masks in inference: every level's valid ratio is 1, the box is the same on all levels
+            per_level = reference_boxes[:, :, None, :].expand(-1, -1, spatial_shapes.shape[0], -1).contiguous()
+            attended = self.cross_attn(tgt + query_pos, per_level, memory, spatial_shapes, level_start_index)
         tgt = self.norm1(tgt + self.dropout1(attended))
 
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
@@ -180,6 +230,8 @@ class DeformableDecoder(nn.Module):
         self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
         self.bbox_embed = bbox_embed
         self.d_model = d_model
+        # cross-attention reading raw memory samples and projecting them (same result, much cheaper)
+        self.project_samples = True
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -201,17 +253,16 @@ class DeformableDecoder(nn.Module):
         """
         if layout.num_queries != tgt.shape[1]:
             raise ValueError(f"self-attention layout covers {layout.num_queries} queries, tgt has {tgt.shape[1]}")
-        n_levels = spatial_shapes.shape[0]
+        memory_ones = with_ones_channel(memory) if self.project_samples else None
         output = tgt
         reference_points = reference_unsigmoid.sigmoid()
         references = [reference_points]
         hs = []
         for layer_id, layer in enumerate(self.layers):
-            # padding masks are never used in inference, so every level's valid ratio is 1
-            reference_input = reference_points[:, :, None, :].expand(-1, -1, n_levels, -1).contiguous()
             query_sine = sine_box_embedding(reference_points, self.d_model // 2)
             query_pos = self.ref_point_head(query_sine)
-            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index, layout)
+            output = layer(output, query_pos, reference_points, memory, spatial_shapes, level_start_index, layout,
+                           memory_ones)
 
             delta = self.bbox_embed[layer_id](output)
             new_reference = (delta + inverse_sigmoid(reference_points)).sigmoid()

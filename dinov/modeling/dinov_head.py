@@ -176,15 +176,18 @@ class DINOvHead(nn.Module):
     # ------------------------------------------------------------------ generic decoding
 
     def decode_generic(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, class_embeddings: Tensor,
-                       aux_masks: bool = False) -> Dict[str, object]:
+                       with_masks: bool = True, aux_masks: bool = False) -> Dict[str, object]:
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
             uses the mean of their labels, see ``prompt_encoder.mean_content_label``).
+        with_masks: compute ``pred_masks``; ``mask_embed`` [B, Q, mask_dim] is always returned, so the masks of
+            the queries kept by the filter can be computed later instead (``postprocess.filter_generic``).
+        aux_masks: also predict masks after every earlier layer (for training).
         Returns pred_logits [B, Q, C] (similarity logits; == pred_match_score), pred_masks [B, Q, H/4, W/4]
-        (last layer), pred_boxes [B, Q, 4] (cxcywh normalised to the padded size), pred_match_score, and
-        aux_outputs: one dict per earlier layer with pred_logits, pred_boxes, pred_match_score (and pred_masks
-        when ``aux_masks``, for training).
+        (last layer), pred_boxes [B, Q, 4] (cxcywh normalised to the padded size), pred_match_score, mask_embed,
+        and aux_outputs: one dict per earlier layer with pred_logits, pred_boxes, pred_match_score (and
+        pred_masks when ``aux_masks``).
         """
         batch = self._check_features(multi_scale_features)
         self._check_mask_features(mask_features, batch)
@@ -205,6 +208,7 @@ class DINOvHead(nn.Module):
 
         outputs = []
         for i, h in enumerate(hs):
+            last = i == len(hs) - 1
             normed = self.decoder_norm(h)
             projected = normed @ self.class_embed_openset
             # similarity of each object query to each class query
@@ -212,8 +216,12 @@ class DINOvHead(nn.Module):
             generic_hs = h[:, :num_generic]
             boxes = (self.bbox_embed[i](generic_hs) + inverse_sigmoid(references[i][:, :num_generic])).sigmoid()
             out = {"pred_logits": logits, "pred_boxes": boxes, "pred_match_score": logits}
-            if i == len(hs) - 1 or aux_masks:
-                out["pred_masks"] = self._predict_masks(normed[:, :num_generic], mask_features)
+            if last or aux_masks:
+                mask_embed = self.mask_embed(normed[:, :num_generic])
+                if last:
+                    out["mask_embed"] = mask_embed
+                if with_masks or not last:
+                    out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
             outputs.append(out)
         result: Dict[str, object] = dict(outputs[-1])
         result["aux_outputs"] = outputs[:-1]
@@ -290,6 +298,3 @@ class DINOvHead(nn.Module):
         if with_masks:
             out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         return out
-
-    def _predict_masks(self, normed_queries: Tensor, mask_features: Tensor) -> Tensor:
-        return torch.einsum("bqc,bchw->bqhw", self.mask_embed(normed_queries), mask_features)
