@@ -111,6 +111,8 @@ def test_encode_prompts_rejects_bad_input(mini):
         mini.head.encode_prompts(mini.ref, mini.padded("ref_mask")[0])
     with pytest.raises(ValueError, match="multi-scale"):
         mini.head.encode_prompts(mini.ref[:-1], mini.padded("ref_mask"))
+    with pytest.raises(ValueError, match="padded image size"):
+        mini.head.encode_prompts(mini.ref, mini.io["ref_mask"])  # not padded
 
 
 def test_mean_content_label():
@@ -167,6 +169,31 @@ def test_sample_projection_equals_msdeformattn(mini):
         assert_close(f"MSDeformAttn: openset3_raw_{key}", generic_module[key], io[f"openset3_raw_{key}"])
     for key in ("pred_masks", "pred_ious", "pred_boxes", "pred_match_score"):
         assert_close(f"projected samples vs MSDeformAttn: refer {key}", refer_fast[key], refer_module[key], 1e-5)
+
+
+def test_sample_projection_gradients_equal_msdeformattn(mini):
+    """Training through the reordered cross-attention gives the gradients MSDeformAttn gives."""
+    head = mini.head
+    names = ("decoder.layers.0.cross_attn.value_proj.weight", "decoder.layers.0.cross_attn.value_proj.bias",
+             "decoder.layers.1.cross_attn.sampling_offsets.weight", "decoder.layers.2.cross_attn.attention_weights.bias",
+             "query_feat.weight")
+    grads = {}
+    try:
+        for project_samples in (True, False):
+            head.decoder.project_samples = project_samples
+            head.zero_grad()
+            features = [f.clone().requires_grad_(True) for f in mini.tgt]
+            out = head.decode_generic(features, mini.tgt_mask_features, mini.io["content_label_1ex"])
+            (out["pred_logits"].sum() + out["pred_boxes"].sum() + out["pred_masks"].mean()).backward()
+            params = dict(head.named_parameters())
+            grads[project_samples] = [params[n].grad.clone() for n in names] + [f.grad for f in features]
+    finally:
+        head.decoder.project_samples = True
+        head.zero_grad()
+    for name, fast, module in zip(names + tuple(f"features[{i}]" for i in range(len(mini.tgt))), *grads.values()):
+        scale = module.abs().max().item()
+        assert scale > 0, name
+        assert_close(f"gradient {name} (relative)", fast / scale, module / scale, 1e-4)
 
 
 def test_decode_generic_batch_equals_single(mini):
@@ -269,7 +296,7 @@ def test_head_is_differentiable(mini):
         + refer["pred_ious"].sum() + refer["pred_masks"].mean() + refer["pred_match_score"].sum() \
         + refer["pred_boxes"].sum()
     loss.backward()
-    for name in ("query_feat.weight", "content_tokens.weight", "mask_tokens.weight", "class_embed",
+    for name in ("query_feat.weight", "content_tokens.weight", "decoder.layers.0.cross_attn.value_proj.weight", "mask_tokens.weight", "class_embed",
                  "class_embed_openset", "project_cross_attention_layers.0.multihead_attn.in_proj_weight",
                  "decoder.layers.0.self_attn.in_proj_weight", "mask_embed.layers.0.weight",
                  "iou_prediction_head.layers.0.weight", "_bbox_embed.layers.2.weight"):

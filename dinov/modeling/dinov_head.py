@@ -157,6 +157,11 @@ class DINOvHead(nn.Module):
         if prompt_masks.dim() != 3 or prompt_masks.shape[0] == 0:
             raise ValueError(f"prompt_masks must be [N>=1, H_pad, W_pad], got {tuple(prompt_masks.shape)}")
         finest = multi_scale_features[0]
+        pad_h, pad_w = prompt_masks.shape[-2:]
+        fine_h, fine_w = finest.shape[-2:]
+        if pad_h % fine_h or pad_w % fine_w or pad_h // fine_h != pad_w // fine_w:
+            raise ValueError(f"prompt_masks ({pad_h}x{pad_w}) must be zero-padded to the padded image size, a whole "
+                             f"multiple of the finest feature map ({fine_h}x{fine_w}) with the same stride on both axes")
         num_prompts = prompt_masks.shape[0]
         feature_sizes = [tuple(f.shape[-2:]) for f in multi_scale_features]
         level_masks = prompt_mask_pyramid(prompt_masks.to(finest.device), feature_sizes)
