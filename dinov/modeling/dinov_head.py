@@ -269,6 +269,9 @@ class DINOvHead(nn.Module):
         if label.dim() != 3 or label.shape[0] != 1 or label.shape[-1] != self.hidden_dim:
             raise ValueError(f"prompt.label must be [1, N, {self.hidden_dim}], got {tuple(label.shape)}")
         num_content = label.shape[1]
+        if content_bbox.shape != (1, num_content, 4) or content_mask.shape != (num_content, num_content):
+            raise ValueError(f"prompt.bbox must be [1, {num_content}, 4] and prompt.attn_mask [{num_content}, "
+                             f"{num_content}], got {tuple(content_bbox.shape)} and {tuple(content_mask.shape)}")
         num_tokens = self.num_mask_tokens
         memory, spatial_shapes, level_start_index = flatten_multi_scale(multi_scale_features)
         num_position = position_boxes.shape[0] * num_tokens
