@@ -7,6 +7,7 @@ with `pytest -m "not e2e"`.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -56,6 +57,12 @@ def ls(label_studio_url: str, label_studio_token: str) -> LabelStudio:
     return LabelStudio(label_studio_url, label_studio_token)
 
 
+# The checkpoint and device of the e2e backend: the demo model on CPU unless E2E_DINOV_CHECKPOINT / E2E_DEVICE
+# name others (e.g. swinT on cuda on a GPU machine).
+E2E_CHECKPOINT = os.environ.get("E2E_DINOV_CHECKPOINT", "demo")
+E2E_DEVICE = os.environ.get("E2E_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def backend_factory(tmp_path_factory: pytest.TempPathFactory, label_studio_url: str,
                     label_studio_token: str) -> Iterator[Callable[..., ServerProcess]]:
@@ -64,6 +71,7 @@ def backend_factory(tmp_path_factory: pytest.TempPathFactory, label_studio_url: 
 
     def start(model_dir: Path | None = None, **env: str) -> ServerProcess:
         model_dir = model_dir or tmp_path_factory.mktemp("backend") / "model_dir"
+        env = {"DINOV_CHECKPOINT": E2E_CHECKPOINT, "DEVICE": E2E_DEVICE, **env}
         server = start_backend(REPO_ROOT, model_dir, label_studio_url, label_studio_token, extra_env=env)
         server.model_dir = model_dir
         started.append(server)
@@ -78,5 +86,6 @@ def backend_factory(tmp_path_factory: pytest.TempPathFactory, label_studio_url: 
 
 @pytest.fixture(scope="session")
 def backend(backend_factory: Callable[..., ServerProcess]) -> ServerProcess:
-    """The session's backend: DINOV_CHECKPOINT=demo on CPU, MODEL_DIR in a tmp dir, Label Studio's URL and token."""
+    """The session's backend: DINOV_CHECKPOINT=demo on CPU (see E2E_CHECKPOINT), MODEL_DIR in a tmp dir, Label
+    Studio's URL and token."""
     return backend_factory()

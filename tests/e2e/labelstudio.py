@@ -292,7 +292,7 @@ def rectangle_region(box: tuple[float, float, float, float], size: tuple[int, in
                      from_name: str = "box", to_name: str = "image", region_id: str | None = None) -> dict:
     """A RectangleLabels item for box (x0, y0, x1, y1) in pixels on an image of size (H, W)."""
     height, width = size
-    x0, y0, x1, y1 = box
+    x0, y0, x1, y1 = (float(v) for v in box)  # numpy scalars are not JSON
     return {"id": region_id or uuid.uuid4().hex[:10], "type": "rectanglelabels", "from_name": from_name,
             "to_name": to_name, "original_width": width, "original_height": height, "image_rotation": 0,
             "origin": "manual",
@@ -304,6 +304,7 @@ def keypoint_region(x: float, y: float, size: tuple[int, int], label: str, posit
                     from_name: str = "kp", to_name: str = "image", region_id: str | None = None) -> dict:
     """A KeyPointLabels item (a smart-tool click) at pixel (x, y); positive=False is a negative point."""
     height, width = size
+    x, y = float(x), float(y)
     return {"id": region_id or uuid.uuid4().hex[:10], "type": "keypointlabels", "from_name": from_name,
             "to_name": to_name, "original_width": width, "original_height": height, "image_rotation": 0,
             "origin": "manual", "is_positive": positive,

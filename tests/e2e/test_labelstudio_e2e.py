@@ -16,6 +16,7 @@ from dinov.data.scenes import class_id, class_names, generate_scene
 from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.sync import LabelStudioError, sync_project
 
+from .conftest import E2E_CHECKPOINT
 from .labelstudio import (
     brush_region,
     keypoint_region,
@@ -221,7 +222,7 @@ SCENE_SIZE = (256, 256)
 
 
 def _require_demo_model() -> None:
-    if not DEMO_CHECKPOINT.exists():
+    if E2E_CHECKPOINT == "demo" and not DEMO_CHECKPOINT.exists():
         pytest.fail(f"the demo checkpoint {DEMO_CHECKPOINT} does not exist yet: these checks need the trained model")
 
 
@@ -256,7 +257,13 @@ def scene_project(ls, backend):
 def test_retrieve_predictions_segments_unlabelled_scenes(ls, scene_project):
     pid, scenes, tasks = scene_project["id"], scene_project["scenes"], scene_project["tasks"]
     targets = [name for name in scenes if name not in scene_project["annotated"]]
-    ls.retrieve_predictions(pid, [tasks[name]["id"] for name in targets])
+    pending = targets
+    for _ in range(4):  # the backend defers tasks beyond its time budget to the next run, as a user would retry
+        ls.retrieve_predictions(pid, [tasks[name]["id"] for name in pending])
+        pending = [name for name in pending if not ls.predictions(tasks[name]["id"])]
+        if not pending:
+            break
+    assert not pending, f"no prediction for {pending} after 4 runs"
     best_ious, labels_right = [], []
     for name in targets:
         predictions = ls.predictions(tasks[name]["id"])
