@@ -354,8 +354,8 @@ class DINOvBackend:
         """One prediction per task, in task order.
 
         Without context: pre-annotation. A task whose image fails gets an empty result (reason
-        logged); tasks left when PREDICT_TIME_BUDGET runs out get what `defer_tasks` returns (by
-        default `[]`, no prediction, so Label Studio predicts them on its next run). With a context
+        logged); tasks left when PREDICT_TIME_BUDGET runs out get what `defer_tasks` returns (`[]`, stored
+        as nothing, while a background thread predicts and posts them). With a context
         holding drawn regions: interactive refinement of exactly one task.
         """
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
@@ -421,14 +421,20 @@ class DINOvBackend:
         version = self.model_version
         labels = config.output_labels
         results: list[dict | list] = []
+        claimed = self._background_claims(version)
+        computed = 0
         for index, task in enumerate(tasks):
+            if claimed and _int_or_none(task.get("id")) in claimed:
+                results.append([])  # a background run of an earlier call predicts (or just posted) it
+                continue
             elapsed = time.perf_counter() - started
-            per_task = elapsed / index if index else 0.0
-            if index and elapsed + per_task > budget:
+            per_task = elapsed / computed if computed else 0.0
+            if computed and elapsed + per_task > budget:
                 logger.warning("project %s: time budget of %.0f s reached after %d of %d tasks; deferring the rest",
                                self.project_id, budget, index, len(tasks))
                 results.extend(self.defer_tasks(tasks[index:], version))
                 break
+            computed += 1
             try:
                 results.append(self._preannotate(task, config, labels, version))
             except ModelUnavailable:
@@ -442,9 +448,17 @@ class DINOvBackend:
         return results
 
     def defer_tasks(self, tasks: list[dict], model_version: str) -> list[dict | list]:
-        """Extension point for large "Retrieve predictions" runs: answers for the tasks that did not fit
-        into PREDICT_TIME_BUDGET. Default: no prediction (`[]`), so Label Studio asks for them again."""
-        return [[] for _ in tasks]
+        """Answers for the tasks that did not fit into PREDICT_TIME_BUDGET: `[]` each (Label Studio stores
+        nothing for it), while a background thread predicts them and posts the predictions through the API
+        (labelstudio_backend.bulk; without LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY the next run asks again)."""
+        from labelstudio_backend.bulk import defer_to_background
+
+        return defer_to_background(self, tasks, model_version)
+
+    def _background_claims(self, model_version: str) -> frozenset[int]:
+        from labelstudio_backend.bulk import background_claims
+
+        return background_claims(self.runtime, self.project_id, model_version)
 
     def _wait_for_first_sync(self, timeout: float) -> None:
         if self.project_id is None:
