@@ -44,10 +44,8 @@ def _label_studio_syncer(settings: Settings):
     """The reference sync from the Label Studio API, when the sync module and a connection are configured."""
     if not (settings.label_studio_url and settings.label_studio_api_key):
         return None
-    try:
-        from labelstudio_backend.sync import make_syncer
-    except ImportError:
-        return None
+    from labelstudio_backend.sync import make_syncer
+
     return make_syncer(settings)
 
 

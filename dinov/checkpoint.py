@@ -309,7 +309,7 @@ def load_model(checkpoint: PathLike, config=None, cache_dir: Optional[PathLike] 
 
     The config comes from, in order: the `config` argument, the safetensors metadata written by
     `save_model`, the released preset of a named checkpoint, or the preset whose shapes fit.
-    Returns (model in eval mode, short content hash of the file for cache keys).
+    Returns (model in eval mode, its config, short content hash of the file for cache keys).
     """
     import json
 
@@ -347,7 +347,7 @@ def load_model(checkpoint: PathLike, config=None, cache_dir: Optional[PathLike] 
         config = _infer_preset(state_dict, path)
     model = build_dinov(config)
     load_into(model, state_dict, source=str(path))
-    return model.eval(), file_digest(path)
+    return model.eval(), config, file_digest(path)
 
 
 def save_model(model: nn.Module, config, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:

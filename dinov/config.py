@@ -76,6 +76,9 @@ class DINOvConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.280, 103.530)
     pixel_std: tuple[float, float, float] = (58.395, 57.120, 57.375)
     size_divisibility: int = 32
+    # Inference resize the model is made for (the official MIN/MAX_SIZE_TEST: COCO's 800/1333).
+    test_shortest_edge: int = 800
+    test_max_size: int | None = 1333
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,6 +96,8 @@ class DINOvConfig:
             pixel_mean=tuple(data["pixel_mean"]),
             pixel_std=tuple(data["pixel_std"]),
             size_divisibility=data["size_divisibility"],
+            test_shortest_edge=data.get("test_shortest_edge", 800),
+            test_max_size=data.get("test_max_size", 1333),
         )
 
 
@@ -118,6 +123,9 @@ def demo() -> DINOvConfig:
         swin=SwinConfig(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8), window_size=7, drop_path_rate=0.0),
         pixel_decoder=PixelDecoderConfig(conv_dim=64, mask_dim=64, num_encoder_layers=2, dim_feedforward=128),
         decoder=DecoderConfig(hidden_dim=64, num_queries=30, dim_feedforward=128, dec_layers=3, dim_proj=64),
+        # trained on scenes rescaled to a shorter side of 128-192 px
+        test_shortest_edge=160,
+        test_max_size=320,
     )
 
 

@@ -93,13 +93,14 @@ class DINOvPredictor:
         self,
         model: DINOv,
         device: str | torch.device = "cpu",
-        resize: ResizeConfig = ResizeConfig(),
+        resize: ResizeConfig | None = None,
         autocast_dtype: torch.dtype | None = None,
         checkpoint_id: str = "unnamed",
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.resize = resize
+        # By default the size the model is made for: 800/1333 for the released models.
+        self.resize = resize or ResizeConfig(shortest_edge=model.test_resize[0], max_size=model.test_resize[1])
         # Mixed precision only on CUDA; CPU runs in fp32, where bf16 is slower and less exact.
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
         self.checkpoint_id = checkpoint_id
@@ -113,13 +114,13 @@ class DINOvPredictor:
         config: DINOvConfig | None = None,
         device: str = "auto",
         cache_dir: str | Path | None = None,
-        resize: ResizeConfig = ResizeConfig(),
+        resize: ResizeConfig | None = None,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
     ) -> "DINOvPredictor":
         """Load `demo`, `swinT`, `swinL` (downloaded once into `cache_dir`) or a checkpoint file."""
         from dinov.checkpoint import load_model
 
-        model, checkpoint_id = load_model(checkpoint, config=config, cache_dir=cache_dir)
+        model, _, checkpoint_id = load_model(checkpoint, config=config, cache_dir=cache_dir)
         return cls(model, device=resolve_device(device), resize=resize, autocast_dtype=autocast_dtype,
                    checkpoint_id=checkpoint_id)
 

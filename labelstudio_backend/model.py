@@ -49,7 +49,7 @@ DUPLICATE_IOU = 0.8            # same-label instances overlapping more than this
 FAILED_REFERENCE_RETRY_S = 600  # a reference whose image failed is retried after this long
 FIRST_SYNC_WAIT_S = 20.0       # how long the first prediction of a project waits for its reference sync
 TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-                   "START_TRAINING", "PROJECT_DELETED", "PROJECT_UPDATED", "TASKS_CREATED")
+                   "START_TRAINING", "PROJECT_DELETED", "PROJECT_UPDATED", "TASKS_CREATED", "TASKS_DELETED")
 
 
 class BackendError(ValueError):
@@ -382,6 +382,10 @@ class DINOvBackend:
             ids = [int(a["id"] if isinstance(a, dict) else a) for a in data.get("annotations") or []]
             runtime.submit(f"{event} in project {pid}", runtime.store.delete_annotations, pid, ids)
             return {"status": "queued", "event": event, "annotations": len(ids)}
+        if event == "TASKS_DELETED":  # their annotations go with them
+            ids = [int(t["id"] if isinstance(t, dict) else t) for t in data.get("tasks") or []]
+            runtime.submit(f"{event} in project {pid}", runtime.store.delete_tasks, pid, ids)
+            return {"status": "queued", "event": event, "tasks": len(ids)}
         if event == "START_TRAINING":
             runtime.ensure_synced(pid, force=True)
             return {"status": "syncing", "event": event}

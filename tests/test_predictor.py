@@ -11,7 +11,7 @@ from dinov.transforms import InputError, ResizeConfig
 
 @pytest.fixture(scope="module")
 def predictor(reference_dir):
-    model, digest = load_model(reference_dir / "miniT_ckpt.pth")
+    model, _, digest = load_model(reference_dir / "miniT_ckpt.pth")
     # No resizing: the reference tensors were made at the images' own sizes.
     return DINOvPredictor(model, resize=ResizeConfig(shortest_edge=None), checkpoint_id=digest)
 
@@ -101,7 +101,7 @@ def test_batched_encoding_equals_single(predictor, io):
 
 
 def test_resizing_returns_masks_at_the_original_size(reference_dir, io):
-    model, _ = load_model(reference_dir / "miniT_ckpt.pth")
+    model, _, _ = load_model(reference_dir / "miniT_ckpt.pth")
     predictor = DINOvPredictor(model, resize=ResizeConfig(shortest_edge=96, max_size=200))
     tgt = predictor.encode_image(rgb(io["tgt_image"]))
     assert tgt.input_size == (96, 134) and tgt.image_size == (150, 210)

@@ -612,7 +612,7 @@ def test_the_real_predictor_fits_the_backend(tmp_path, reference_dir):
     from dinov.predictor import DINOvPredictor
     from dinov.transforms import ResizeConfig
 
-    model, digest = load_model(reference_dir / "miniT_ckpt.pth")
+    model, _, digest = load_model(reference_dir / "miniT_ckpt.pth")
     predictor = DINOvPredictor(model, resize=ResizeConfig(shortest_edge=128, max_size=256), checkpoint_id="miniT")
     backend = Backend(tmp_path, predictor=predictor, score_threshold=0.0, min_area=1, max_instances_per_label=3)
     assert "dinov-miniT-refs0" in backend.setup()
@@ -629,3 +629,16 @@ def test_the_real_predictor_fits_the_backend(tmp_path, reference_dir):
     assert len(prediction["result"]) == 1 and prediction["result"][0]["value"]["brushlabels"] == ["Blue"]
     assert 0.0 <= prediction["score"] <= 1.0
     backend.runtime.shutdown()
+
+
+def test_deleting_a_task_removes_its_references(backend):
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    first = backend.predict([task(2, "b")]).json["results"][0]
+    assert first["result"]
+    response = backend.post("/webhook", {"action": "TASKS_DELETED", "tasks": [{"id": 1}], "project": {"id": 7}})
+    assert response.status_code == 200
+    backend.drain()
+    after = backend.predict([task(2, "b")]).json["results"][0]
+    assert after["result"] == [] and after["model_version"] != first["model_version"]

@@ -35,6 +35,7 @@ class DINOv(nn.Module):
         size_divisibility: int = 32,
         points_per_side: int = 20,
         nms_threshold: float = 0.7,
+        test_resize: tuple[int, int | None] = (800, 1333),
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -46,6 +47,8 @@ class DINOv(nn.Module):
         # Cross-image referring: the point grid of position queries and the box NMS of the filter.
         self.points_per_side = points_per_side
         self.nms_threshold = nms_threshold
+        # (shorter side, cap of the longer side) of the images this model is meant to see.
+        self.test_resize = test_resize
 
     @property
     def head(self) -> DINOvHead:
@@ -108,4 +111,5 @@ def build_dinov(config: DINOvConfig) -> DINOv:
         content_independent=dec.content_independent,
     )
     return DINOv(backbone, pixel_decoder, head, config.pixel_mean, config.pixel_std, config.size_divisibility,
-                 points_per_side=dec.points_per_side, nms_threshold=dec.nms_threshold)
+                 points_per_side=dec.points_per_side, nms_threshold=dec.nms_threshold,
+                 test_resize=(config.test_shortest_edge, config.test_max_size))

@@ -1,0 +1,111 @@
+"""Train or fine-tune DINOv.
+
+From scratch on generated scenes (this is how the demo model is made; see BENCHMARKS.md):
+
+    python -m dinov.train --config demo --data scenes --steps 800 --out runs/demo --export dinov/assets/demo.safetensors
+
+Fine-tune a released checkpoint on a Label Studio export (or COCO instances) of a project:
+
+    python -m dinov.train --init swinT --data export.json --images ./images --freeze-backbone --out runs/mine
+
+The evaluation on held-out data is printed before and after training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from dinov.checkpoint import load_model, save_model
+from dinov.config import PRESETS
+from dinov.modeling.dinov import build_dinov
+from dinov.train.trainer import TrainConfig, Trainer, train
+
+logger = logging.getLogger("dinov.train")
+
+
+def load_dataset(data: str, images: Path | None, seeds: range):
+    """`scenes` (generated), a Label Studio JSON export, or a COCO instances file."""
+    if data == "scenes":
+        from dinov.data.scenes import SceneDataset
+
+        return SceneDataset(seeds)
+    path = Path(data)
+    if not path.exists():
+        raise SystemExit(f"--data {data}: no such file; give 'scenes', a Label Studio JSON export or a COCO json")
+    content = json.loads(path.read_text())
+    if isinstance(content, dict) and "annotations" in content and "images" in content:
+        from dinov.data.coco import load_coco
+
+        if images is None:
+            raise SystemExit("--images is required with COCO annotations")
+        return load_coco(path, images)
+    from dinov.data.labelstudio_export import load_labelstudio_export
+
+    return load_labelstudio_export(path, images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", choices=sorted(PRESETS), default="demo", help="architecture when training from scratch")
+    parser.add_argument("--init", help="start from this checkpoint (demo, swinT, swinL or a path)")
+    parser.add_argument("--data", default="scenes", help="'scenes', a Label Studio JSON export, or COCO json")
+    parser.add_argument("--images", type=Path, help="folder of the images an export refers to")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (last.pt is resumable)")
+    parser.add_argument("--export", type=Path, help="also write the final weights as safetensors here")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--eval-scenes", type=int, default=0, help="held-out generated scenes to evaluate on (0: skip)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("model_dir"), help="where swinT/swinL are downloaded")
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    if args.init:
+        model, model_config, _ = load_model(args.init, cache_dir=args.cache_dir)
+    else:
+        model_config = PRESETS[args.config]()
+        model = build_dinov(model_config)
+    trainer = Trainer(model, model_config, train_config, device=args.device)
+    if args.resume and (args.out / "last.pt").exists():
+        trainer.resume(args.out / "last.pt")
+        logger.info("resumed at step %d", trainer.step)
+
+    dataset = load_dataset(args.data, args.images, range(0, 1_000_000))
+    if args.eval_scenes:
+        from dinov.evaluate import evaluate_model, format_report
+
+        logger.info("evaluation before training:\n%s", format_report(evaluate_model(trainer.model, args.eval_scenes)))
+    history = train(trainer, dataset, args.out)
+    if history:
+        first = sum(h["total"] for h in history[:20]) / min(20, len(history))
+        last = sum(h["total"] for h in history[-20:]) / min(20, len(history))
+        logger.info("loss: first steps %.3f, last steps %.3f", first, last)
+    if args.export:
+        args.export.parent.mkdir(parents=True, exist_ok=True)
+        save_model(trainer.model.eval(), model_config, args.export,
+                   metadata={"train_config": json.dumps(dataclasses.asdict(train_config)), "data": str(args.data)})
+        logger.info("wrote %s", args.export)
+    if args.eval_scenes:
+        from dinov.evaluate import evaluate_model, format_report
+
+        logger.info("evaluation after training:\n%s", format_report(evaluate_model(trainer.model, args.eval_scenes)))
+
+
+if __name__ == "__main__":
+    main()
