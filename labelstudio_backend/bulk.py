@@ -299,11 +299,18 @@ class JsonSink:
         return next((p.get("model_version") for p in item.get("predictions") or []), None)
 
     def done_keys(self, model_version: str) -> set:
-        stale = [i for i in self.items if self._version(i) != model_version]
-        if stale:
-            logger.warning("%s holds %d predictions of other model versions; they are kept as they are",
-                           self.path, len(stale))
-        return {self._key(i) for i in self.items if self._version(i) == model_version}
+        """Keys written before with this model version. Items of another version (the job was pinned again)
+        are dropped, so that the file never holds two predictions for one task."""
+        kept = [i for i in self.items if self._version(i) == model_version]
+        if len(kept) < len(self.items):
+            logger.warning("%s: dropping %d predictions of other model versions (the references were pinned "
+                           "again)", self.path, len(self.items) - len(kept))
+            self.items = kept
+            with open(self.journal, "w") as f:
+                f.writelines(json.dumps(item) + "\n" for item in kept)
+            self._file.close()
+            self._file = open(self.journal, "a")
+        return {self._key(i) for i in kept}
 
     def write(self, items: list[tuple[dict, dict]]) -> list[tuple[str, str]]:
         for task, prediction in items:

@@ -468,6 +468,14 @@ def test_out_file_instead_of_posting_and_resume(ls, tmp_path):
     assert sorted(i["task"] for i in items) == sorted(truth)
     assert {tuple(sorted(i)) for i in items} == {("model_version", "result", "score", "task")}
     assert not out.with_name(out.name + ".partial.jsonl").exists()
+    # pinned again on new references: the file holds the new version only, one prediction per task
+    image, masks = scene(98)
+    ls.add_task(3, 98, png(image), [[brush(masks["Blue"], "Blue", "b9")]])
+    third = run(ls, tmp_path, batch_size=2, out=out, only_unlabeled=True, refresh_references=True)
+    assert third.model_version != second.model_version and third.done == 5
+    items = json.loads(out.read_text())
+    assert sorted(i["task"] for i in items) == sorted(truth)
+    assert {i["model_version"] for i in items} == {third.model_version}
 
 
 def test_folder_mode_with_an_export(tmp_path):
