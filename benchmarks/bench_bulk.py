@@ -122,7 +122,7 @@ def main() -> int:
         tmp = Path(tmp)
         images, export = write_dataset(tmp / "data", args.images, (height, width))
         original = bulk.FolderImages
-        bulk.FolderImages = SlowFolderImages
+        bulk.FolderImages = SlowFolderImages  # run_bulk builds its folder image source from this name
         try:
             for name in args.models.split(","):
                 predictor, what = load_predictor(name, args.device, args.mini)
