@@ -38,7 +38,8 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def run(preset: str, height: int, width: int, device: str, repeats: int, classes: int, dtype: str) -> dict[str, float]:
+def run(preset: str, height: int, width: int, device: str, repeats: int, classes: int, dtype: str,
+        baseline: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     dev = torch.device(device)
     model = build_dinov(PRESETS[preset]()).to(dev).eval()
@@ -65,6 +66,12 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
                 lambda: head.decode_referring(multi_scale, mask_features, content, grid), repeats, dev
             ),
         }
+        if baseline:
+            # The official computation: dense masked self-attention over all 2400 referring queries.
+            results["decode_referring_dense_s"] = _timed(
+                lambda: head.decode_referring(multi_scale, mask_features, content, grid, dense_attention=True),
+                repeats, dev,
+            )
     if dev.type == "cuda":
         results["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -82,11 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="autocast dtype on CUDA (CPU always runs float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time referring with the official dense 2400x2400 masked attention")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.lower().split("x"))
-    results = run(args.preset, height, width, args.device, args.repeats, args.classes, args.dtype)
+    results = run(args.preset, height, width, args.device, args.repeats, args.classes, args.dtype, args.baseline)
     print(f"preset={args.preset} size={height}x{width} device={args.device} dtype={args.dtype if args.device != 'cpu' else 'float32'} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     for key, value in results.items():

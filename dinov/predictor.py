@@ -28,8 +28,8 @@ from PIL import Image
 
 from dinov import postprocess
 from dinov.config import DINOvConfig
-from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, inverse_sigmoid, point_boxes
-from dinov.modeling.prompt_encoder import PromptContent, content_attention_mask
+from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, point_boxes
+from dinov.modeling.prompt_encoder import PromptContent
 from dinov.modeling.dinov import DINOv, build_dinov
 from dinov.transforms import (
     InputError,
@@ -266,9 +266,7 @@ class DINOvPredictor:
         embeddings = np.asarray(prompt_embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != self.embedding_dim:
             raise InputError(f"prompt embeddings must have shape [N >= 1, {self.embedding_dim}], got {embeddings.shape}")
-        label = torch.from_numpy(embeddings).to(self.device)[None]
-        content = PromptContent(label=label, bbox=inverse_sigmoid(torch.tensor([0.0, 0.0, 1.0, 1.0], device=self.device)).expand(1, len(embeddings), 4),
-                                attn_mask=content_attention_mask(len(embeddings), self.device))
+        content = PromptContent.from_labels(torch.from_numpy(embeddings).to(self.device)[None])
         grid = point_grid_boxes(self.model.points_per_side, encoded.padded_size).to(self.device)
         with self._lock, self._autocast():
             # Masks of the 2400 proposals are only needed for the few that pass NMS: the filter

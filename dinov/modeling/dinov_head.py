@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from .box_ops import inverse_sigmoid
 from .decoder import MLP, DeformableDecoder, DeformableDecoderLayer, QueryBlock, SelfAttentionLayout, \
     flatten_multi_scale
-from .prompt_encoder import CrossAttentionLayer, PromptContent, content_attention_mask, prompt_mask_pyramid
+from .prompt_encoder import CrossAttentionLayer, PromptContent, content_attention_mask, prompt_mask_pyramid, \
+    whole_image_box
 
 # pb_embedding index used for every prompt in the released inference code
 _PROMPT_PB_INDEX = 1
@@ -139,10 +140,6 @@ class DINOvHead(nn.Module):
         # the query embedding every position/content query starts from (label 0, prompt flag 1)
         return self.label_enc.weight[_PROMPT_LABEL_INDEX] + self.pb_embedding.weight[_PROMPT_PB_INDEX]
 
-    def _whole_image_box(self, n: int, like: Tensor) -> Tensor:
-        box = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=like.dtype, device=like.device)
-        return inverse_sigmoid(box).expand(1, n, 4)
-
     # ------------------------------------------------------------------ prompt encoder
 
     def encode_prompts(self, multi_scale_features: Sequence[Tensor], prompt_masks: Tensor) -> PromptContent:
@@ -175,7 +172,7 @@ class DINOvHead(nn.Module):
             tokens = layer(tokens, memory, memory_mask=mask, query_pos=query_pos)
 
         label = self._prompt_query_embedding()[None, None] + tokens
-        bbox = self._whole_image_box(num_prompts, label)
+        bbox = whole_image_box(num_prompts, label)
         return PromptContent(label=label, bbox=bbox, attn_mask=content_attention_mask(num_prompts, label.device))
 
     # ------------------------------------------------------------------ generic decoding
@@ -207,7 +204,7 @@ class DINOvHead(nn.Module):
         tgt = torch.cat([self.query_feat.weight[None].expand(batch, -1, -1),
                          class_embeddings.to(memory).expand(batch, -1, -1)], dim=1)
         refs = torch.cat([self.query_embed.weight[None].expand(batch, -1, -1),
-                          self._whole_image_box(num_classes, memory).expand(batch, -1, -1)], dim=1)
+                          whole_image_box(num_classes, memory).expand(batch, -1, -1)], dim=1)
         layout = self._generic_layout(num_classes, memory.device)
         hs, references = self.decoder(tgt, refs, memory, spatial_shapes, level_start_index, layout)
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .box_ops import inverse_sigmoid
+
 
 @dataclass
 class PromptContent:
@@ -30,6 +32,14 @@ class PromptContent:
     @property
     def num_prompts(self) -> int:
         return self.label.shape[1]
+
+    @classmethod
+    def from_labels(cls, label: Tensor) -> "PromptContent":
+        """Content queries from stored prompt embeddings [1, N, D] (the box and mask are the same for all)."""
+        if label.dim() != 3 or label.shape[0] != 1 or label.shape[1] == 0:
+            raise ValueError(f"label must be [1, N>=1, D], got {tuple(label.shape)}")
+        n = label.shape[1]
+        return cls(label=label, bbox=whole_image_box(n, label), attn_mask=content_attention_mask(n, label.device))
 
 
 class CrossAttentionLayer(nn.Module):
@@ -82,6 +92,12 @@ def prompt_mask_pyramid(prompt_masks: Tensor, feature_sizes: Sequence[Tuple[int,
         fully_blocked = blocked.all(dim=-1, keepdim=True)
         masks.append(blocked & ~fully_blocked)
     return masks
+
+
+def whole_image_box(n: int, like: Tensor) -> Tensor:
+    """[1, n, 4] initial boxes of content queries: the whole image, as logits (inverse sigmoid of cxcywh)."""
+    box = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=like.dtype, device=like.device)
+    return inverse_sigmoid(box).expand(1, n, 4)
 
 
 def content_attention_mask(num_prompts: int, device: Optional[torch.device] = None) -> Tensor:

@@ -17,7 +17,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP): on a shared machine
+# spinning threads slow training many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 

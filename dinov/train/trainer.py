@@ -33,7 +33,7 @@ from dinov.config import DINOvConfig
 from dinov.data.scenes import Scene
 from dinov.modeling.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, point_boxes
 from dinov.modeling.dinov import DINOv
-from dinov.modeling.prompt_encoder import PromptContent, content_attention_mask
+from dinov.modeling.prompt_encoder import PromptContent
 from dinov.train.losses import SetCriterion, dice_loss, point_sample, sigmoid_ce_loss
 from dinov.train.matcher import HungarianMatcher
 from dinov.transforms import normalize_and_pad, resize_image, resize_mask
@@ -250,8 +250,7 @@ class Trainer:
         # the classes of this image as content prompts: their match scores learn cross-image referring
         prompt_classes = sorted({class_index[int(c)] for c in classes})
         label = bank[:, prompt_classes]
-        content = PromptContent(label=label, bbox=self._whole_box(len(prompt_classes), label),
-                                attn_mask=content_attention_mask(len(prompt_classes), label.device))
+        content = PromptContent.from_labels(label)
         features = [f[i : i + 1] for f in multi_scale]
         out = head.decode_referring(features, mask_features[i : i + 1], content, positions)
         tokens = head.num_mask_tokens
@@ -299,13 +298,6 @@ class Trainer:
         match_loss = 2.0 * torch.stack(match_losses).mean() if match_losses else match.sum() * 0.0
         return {"interactive_mask": mask_loss, "interactive_iou": iou_loss, "interactive_box": box_loss,
                 "match": match_loss}
-
-    @staticmethod
-    def _whole_box(n: int, like: Tensor) -> Tensor:
-        # content queries start from the whole-image box, as in prompt encoding
-        from dinov.modeling.box_ops import inverse_sigmoid
-
-        return inverse_sigmoid(torch.tensor([0.0, 0.0, 1.0, 1.0], device=like.device)).expand(1, n, 4)
 
     @staticmethod
     def _pad(masks: Tensor, padded) -> Tensor:
