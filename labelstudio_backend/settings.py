@@ -189,7 +189,7 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
                "In-context examples per label (most recent first).", True),
     SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "80",
                "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left "
-               "over get no prediction this time and are predicted on the next run.", True),
+               "over are answered [] (Label Studio stores nothing for them) and finished in the background, which posts their predictions through the API.", True),
     SettingRow("INTERACTIVE_MODE", "interactive_mode", "object",
                "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.",
                True),
