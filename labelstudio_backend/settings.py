@@ -40,7 +40,7 @@ class Settings:
     checkpoint: str = "demo"
     device: str = "auto"
     # Pre-annotation (per project).
-    score_threshold: float = 0.3
+    score_threshold: float = 0.12  # the official demo keeps proposals scoring above 0.12
     max_instances_per_label: int = 20
     min_area: int = 16
     allow_overlap: bool = False
@@ -172,7 +172,7 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("DINOV_CHECKPOINT", "checkpoint", "demo",
                "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
     SettingRow("DEVICE", "device", "auto", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
-    SettingRow("SCORE_THRESHOLD", "score_threshold", "0.3", "Minimum instance score kept by pre-annotation.", True),
+    SettingRow("SCORE_THRESHOLD", "score_threshold", "0.12", "Minimum instance score kept by pre-annotation (0.12 is the official demo's threshold).", True),
     SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "20",
                "At most this many regions per label and image.", True),
     SettingRow("MIN_AREA", "min_area", "16", "Drop predicted regions smaller than this many pixels.", True),
