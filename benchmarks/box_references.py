@@ -3,8 +3,9 @@
     python benchmarks/box_references.py --checkpoint demo --pool 60 --targets 30
 
 Annotators often draw boxes. A filled box is half background, so the backend first turns a box (or a
-keypoint) reference into the object's mask by interactive segmentation on its own image, then encodes
-that mask. This measures both ways on generated scenes: each class's examples are the boxes of its
+keypoint) reference into the object's mask by interactive segmentation on its own image, keeps it inside
+the box and falls back to the filled box when the segmentation covers little of it. This measures the
+filled box, the raw segmentation and the backend's rule on generated scenes: each class's examples are the boxes of its
 instances in the pool scenes (4 per class); generic segmentation of the target scenes is scored as in
 dinov.evaluate (mIoU, found, AP50).
 """
@@ -23,6 +24,13 @@ from dinov.predictor import DINOvPredictor
 from dinov.prompts import box_to_mask
 
 
+def box_segmentation(mask: np.ndarray | None, filled_box: np.ndarray) -> np.ndarray:
+    """The backend's rule for box references (labelstudio_backend.model.box_reference_mask)."""
+    from labelstudio_backend.model import box_reference_mask
+
+    return box_reference_mask(mask, filled_box)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
@@ -32,17 +40,19 @@ def main() -> None:
     args = parser.parse_args()
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device="cpu")
 
-    banks: dict[str, dict[int, list[np.ndarray]]] = {"filled box": defaultdict(list), "segmented box": defaultdict(list)}
+    names = ("filled box", "segmented box", "segmented, kept inside the box")
+    banks: dict[str, dict[int, list[np.ndarray]]] = {name: defaultdict(list) for name in names}
     for i in range(args.pool):
         scene = generate_scene(POOL_SEED + i)
         encoded = predictor.encode_image(scene.image)
         size = scene.image.shape[:2]
         filled = np.stack([box_to_mask((b[0], b[1], b[2] - 1, b[3] - 1), size) for b in scene.boxes])
-        segmented = []
+        segmented, inside = [], []
         for box, fill in zip(scene.boxes, filled):
             best = predictor.segment_interactive(encoded, boxes=[box]).best
             segmented.append(best.mask if best is not None and best.mask.any() else fill)
-        for name, masks in (("filled box", filled), ("segmented box", np.stack(segmented))):
+            inside.append(box_segmentation(best.mask if best is not None else None, fill))
+        for name, masks in zip(names, (filled, np.stack(segmented), np.stack(inside))):
             for c, e in zip(scene.classes.tolist(), predictor.encode_prompts(encoded, masks)):
                 banks[name][c].append(e)
 

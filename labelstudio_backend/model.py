@@ -52,6 +52,17 @@ TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDA
                    "START_TRAINING", "PROJECT_DELETED", "PROJECT_UPDATED", "TASKS_CREATED", "TASKS_DELETED")
 
 
+def box_reference_mask(segmented: np.ndarray | None, filled_box: np.ndarray, min_cover: float = 0.3) -> np.ndarray:
+    """The prompt mask of a box reference: the object segmented from the box, clipped to the box; the
+    filled box when the segmentation covers less than `min_cover` of it (a miss, not the object)."""
+    if segmented is None:
+        return filled_box
+    inside = segmented & filled_box
+    if inside.sum() < min_cover * filled_box.sum():
+        return filled_box
+    return inside
+
+
 class BackendError(ValueError):
     """A request the backend cannot serve as given; the message says why (answered as a 4xx)."""
 
@@ -632,9 +643,10 @@ class DINOvBackend:
                 result = predictor.segment_interactive(encoded, points=np.array([prompt.point]),
                                                        point_labels=np.array([1]))
         best = getattr(result, "best", None)
-        if best is not None and best.mask.any():
-            return np.asarray(best.mask, dtype=bool)
-        return prompt.filled_mask(size)
+        mask = None if best is None else np.asarray(best.mask, dtype=bool)
+        if prompt.box is not None:
+            return box_reference_mask(mask, prompt.filled_mask(size))
+        return mask if mask is not None and mask.any() else prompt.filled_mask(size)
 
     # --- interactive
 
