@@ -84,7 +84,7 @@ def prepare_sample(scene: Scene, rng: np.random.Generator, min_size: int, max_si
     if not keep.any():
         return None
     return Sample(
-        image=torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1),
+        image=torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1),
         masks=torch.from_numpy(masks[keep]),
         classes=torch.as_tensor(np.asarray(scene.classes)[keep], dtype=torch.long),
     )
