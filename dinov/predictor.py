@@ -30,6 +30,7 @@ from dinov import postprocess
 from dinov.config import DINOvConfig
 from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, point_boxes
 from dinov.modeling.prompt_encoder import PromptContent
+from dinov.prompts import points_to_mask
 from dinov.modeling.dinov import DINOv, build_dinov
 from dinov.transforms import (
     InputError,
@@ -323,29 +324,27 @@ class DINOvPredictor:
         if len(positive) == 0 and len(bxs) == 0 and stroke is None:
             raise InputError("interactive segmentation needs a positive point, a box or a stroke")
 
-        sy, sx = encoded.scale
-        query_boxes = []  # xyxy in model-input pixels
-        for x, y in positive:
-            cx, cy = x * sx, y * sy
-            query_boxes.append([cx - CLICK_HALF_SIZE, cy - CLICK_HALF_SIZE, cx + CLICK_HALF_SIZE, cy + CLICK_HALF_SIZE])
         for x0, y0, x1, y1 in bxs:
             if not (x1 > x0 and y1 > y0):
                 raise InputError(f"box must have x1 > x0 and y1 > y0, got {(x0, y0, x1, y1)}")
-            query_boxes.append([x0 * sx, y0 * sy, x1 * sx, y1 * sy])
-        if stroke is not None:
-            for x, y in stroke_sample_points(stroke, count=4):
-                cx, cy = x * sx, y * sy
-                query_boxes.append([cx - CLICK_HALF_SIZE, cy - CLICK_HALF_SIZE, cx + CLICK_HALF_SIZE, cy + CLICK_HALF_SIZE])
+        # Position queries in model-input pixels: clicks (and points along the stroke) as +-3 px
+        # boxes, as the official interactive code; boxes as drawn.
+        sy, sx = encoded.scale
+        scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+        clicks = np.concatenate([positive, np.asarray(stroke_sample_points(stroke, count=4)).reshape(-1, 2)]) \
+            if stroke is not None else positive
         ph, pw = encoded.padded_size
-        xyxy = torch.tensor(query_boxes, dtype=torch.float32)
-        positions = box_xyxy_to_cxcywh(xyxy) / torch.tensor([pw, ph, pw, ph], dtype=torch.float32)
+        positions = torch.cat([
+            point_boxes(torch.as_tensor(clicks, dtype=torch.float32).reshape(-1, 2) * scale[:2],
+                        encoded.padded_size, CLICK_HALF_SIZE),
+            box_xyxy_to_cxcywh(torch.as_tensor(bxs, dtype=torch.float32).reshape(-1, 4) * scale)
+            / torch.tensor([pw, ph, pw, ph], dtype=torch.float32),
+        ])
 
         # The content query only shapes match scores, not the candidates' masks or IoUs; give it
         # the drawn prompt itself so that it is meaningful.
         prompt_mask = np.zeros((height, width), bool)
         if len(positive):
-            from dinov.prompts import points_to_mask
-
             prompt_mask |= points_to_mask(positive, (height, width), radius=max(3.0, 0.01 * min(height, width)))
         for x0, y0, x1, y1 in bxs:
             prompt_mask[max(0, int(y0)) : int(np.ceil(y1)), max(0, int(x0)) : int(np.ceil(x1))] = True

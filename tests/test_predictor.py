@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dinov.checkpoint import load_model
-from dinov.predictor import DINOvPredictor, mask_box
+from dinov.predictor import Candidate, DINOvPredictor, choose_candidate, mask_box
 from dinov.transforms import InputError, ResizeConfig
 
 
@@ -74,17 +74,24 @@ def test_interactive_candidates_are_the_official_click_outputs(predictor, io):
     assert result.best is None or any(c is result.best for c in result.candidates)
 
 
-def test_negative_click_excludes_candidates(predictor, io):
-    tgt = predictor.encode_image(rgb(io["tgt_image"]))
-    x, y = io["click_points"][0].tolist()
-    plain = predictor.segment_interactive(tgt, points=[[x, y]], point_labels=[1])
-    if plain.best is None:
-        pytest.skip("random weights gave no candidate")
-    ys, xs = np.nonzero(plain.best.mask)
-    far = max(zip(xs, ys), key=lambda p: (p[0] - x) ** 2 + (p[1] - y) ** 2)
-    result = predictor.segment_interactive(tgt, points=[[x, y], list(far)], point_labels=[1, 0])
-    if result.best is not None:
-        assert not result.best.mask[far[1], far[0]]
+def test_candidate_choice_follows_clicks_and_strokes():
+    def square(x0, y0, x1, y1):
+        mask = np.zeros((40, 40), bool)
+        mask[y0:y1, x0:x1] = True
+        return mask
+
+    small, large, other = square(5, 5, 15, 15), square(5, 5, 30, 30), square(25, 25, 38, 38)
+    candidates = [Candidate(small, 0.9, 0, 0), Candidate(large, 0.5, 1, 0), Candidate(other, 0.95, 2, 1)]
+    # one click: the highest predicted IoU among candidates containing it
+    assert choose_candidate(candidates, np.array([[8, 8]]), np.zeros((0, 2)), None) is candidates[0]
+    # two clicks: the candidate covering both, despite a lower IoU
+    assert choose_candidate(candidates, np.array([[8, 8], [20, 20]]), np.zeros((0, 2)), None) is candidates[1]
+    # a negative click inside the large square rules it out
+    assert choose_candidate(candidates, np.array([[8, 8]]), np.array([[20, 20]]), None).granularity == 0
+    # a stroke: the candidate overlapping it most
+    assert choose_candidate(candidates, np.zeros((0, 2)), np.zeros((0, 2)), square(6, 20, 28, 22)) is candidates[1]
+    # nothing left: None
+    assert choose_candidate(candidates[:1], np.array([[8, 8]]), np.array([[8, 8]]), None) is None
 
 
 def test_batched_encoding_equals_single(predictor, io):

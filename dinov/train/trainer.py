@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou
+from torchvision.ops import generalized_box_iou, masks_to_boxes
 
 from dinov.config import DINOvConfig
 from dinov.data.scenes import Scene
@@ -110,10 +110,8 @@ def scribble_inside(mask: Tensor, rng: np.random.Generator) -> Tensor:
 
 
 def mask_to_box(mask: Tensor) -> Tensor:
-    """Tight xyxy box (x1, y1 exclusive) of a bool mask, in pixels."""
-    ys = torch.nonzero(mask.any(1)).flatten()
-    xs = torch.nonzero(mask.any(0)).flatten()
-    return torch.tensor([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], dtype=torch.float32)
+    """Tight xyxy box (x1, y1 exclusive, as the scenes' boxes) of a non-empty bool mask, in pixels."""
+    return masks_to_boxes(mask[None])[0].float() + torch.tensor([0.0, 0.0, 1.0, 1.0])
 
 
 class Trainer:
