@@ -66,15 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     runtime = app.extensions["dinov"]
 
     if args.command == "leave-one-out":
-        from labelstudio_backend.model import DINOvBackend
+        from labelstudio_backend.backend import DINOvBackend
+        from labelstudio_backend.evaluation import leave_one_out
 
         config = open(args.label_config).read() if args.label_config else None
         model = DINOvBackend(args.project, config, runtime=runtime)
         sync = runtime.ensure_synced(args.project, force=True)
         if sync is not None:
             sync.result()
-        estimate = model.leave_one_out(max_tasks=args.max_tasks)
-        runtime.save_estimate(args.project, estimate)
+        estimate = leave_one_out(model, max_tasks=args.max_tasks)
+        runtime.projects.save_estimate(args.project, estimate)
         print(json.dumps(estimate, indent=2))
         return 0
 

@@ -37,6 +37,7 @@ from dinov.data.scenes import class_id, class_names, generate_scene  # noqa: E40
 from dinov.predictor import DINOvPredictor  # noqa: E402
 from dinov.transforms import ResizeConfig  # noqa: E402
 from labelstudio_backend import bulk  # noqa: E402
+from labelstudio_backend.bulk import job as bulk_job  # noqa: E402
 from labelstudio_backend.regions import encode_rle  # noqa: E402
 from labelstudio_backend.settings import Settings  # noqa: E402
 
@@ -121,8 +122,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images, export = write_dataset(tmp / "data", args.images, (height, width))
-        original = bulk.FolderImages
-        bulk.FolderImages = SlowFolderImages  # run_bulk builds its folder image source from this name
+        original = bulk_job.FolderImages
+        bulk_job.FolderImages = SlowFolderImages  # run_bulk builds its folder image source from this name
         try:
             for name in args.models.split(","):
                 predictor, what = load_predictor(name, args.device, args.mini)
@@ -142,7 +143,7 @@ def main() -> int:
                         print(f"{what}: batch {batch}, workers {count}: {report.images_per_second:.2f} images/s",
                               file=sys.stderr, flush=True)
         finally:
-            bulk.FolderImages = original
+            bulk_job.FolderImages = original
 
     print(f"\n{args.images} images of {width}x{height} px, {args.fetch_latency * 1000:.0f} ms fetch latency each, "
           f"torch threads {torch.get_num_threads()}\n")

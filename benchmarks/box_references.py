@@ -25,8 +25,8 @@ from dinov.prompts import box_to_mask
 
 
 def box_segmentation(mask: np.ndarray | None, filled_box: np.ndarray) -> np.ndarray:
-    """The backend's rule for box references (labelstudio_backend.model.box_reference_mask)."""
-    from labelstudio_backend.model import box_reference_mask
+    """The backend's rule for box references (labelstudio_backend.references.box_reference_mask)."""
+    from labelstudio_backend.references import box_reference_mask
 
     return box_reference_mask(mask, filled_box)
 

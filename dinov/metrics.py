@@ -64,6 +64,15 @@ def iou(a, b) -> float:
     return float(mask_iou(a, b)[0, 0])
 
 
+def point_in_mask(mask: np.ndarray, point) -> bool:
+    """Whether the pixel under `point` (x, y in pixels, rounded to the nearest pixel and clamped to the
+    image) is set in the bool mask [H, W]. The predictor's click rules and the backend both use this."""
+    x, y = int(round(float(point[0]))), int(round(float(point[1])))
+    x = min(max(x, 0), mask.shape[1] - 1)
+    y = min(max(y, 0), mask.shape[0] - 1)
+    return bool(mask[y, x])
+
+
 def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
     """[G]: for each true instance, the best IoU among the predictions of its class (0 if none)."""
     gt = _as_masks(gt_masks, "gt_masks")

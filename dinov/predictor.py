@@ -28,6 +28,7 @@ from PIL import Image
 
 from dinov import postprocess
 from dinov.config import DINOvConfig
+from dinov.metrics import point_in_mask
 from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, point_boxes
 from dinov.modeling.prompt_encoder import PromptContent
 from dinov.prompts import points_to_mask
@@ -402,19 +403,13 @@ def choose_candidate(
     """Pick the candidate a user means: contains no negative click, covers the most positive
     clicks, overlaps the stroke most, then the highest predicted IoU."""
 
-    def covers(mask: np.ndarray, point) -> bool:
-        x, y = int(round(point[0])), int(round(point[1]))
-        x = min(max(x, 0), mask.shape[1] - 1)
-        y = min(max(y, 0), mask.shape[0] - 1)
-        return bool(mask[y, x])
-
     best_key, best = None, None
     for candidate in candidates:
         if not candidate.mask.any():
             continue
-        if any(covers(candidate.mask, p) for p in negative):
+        if any(point_in_mask(candidate.mask, p) for p in negative):
             continue
-        covered = sum(covers(candidate.mask, p) for p in positive)
+        covered = sum(point_in_mask(candidate.mask, p) for p in positive)
         overlap = float((candidate.mask & stroke).sum() / stroke.sum()) if stroke is not None else 0.0
         key = (covered, round(overlap, 2), candidate.predicted_iou)
         if best_key is None or key > best_key:

@@ -16,9 +16,7 @@ and hosts matched by a wildcard of ALLOWED_HOSTS must resolve to public addresse
 followed by hand: Label Studio may redirect anywhere (it hands out presigned storage URLs), other
 hosts only to allowed hosts; the API key never leaves Label Studio's origin.
 
-Authentication: a legacy token is sent as ``Authorization: Token <key>``; a personal access token
-(a JWT refresh token) is exchanged at ``POST /api/token/refresh/`` for a short-lived access token
-sent as ``Bearer``, renewed when it expires or is refused.
+Authentication and the "is this Label Studio" decision are labelstudio_client.LabelStudioClient's.
 """
 
 from __future__ import annotations
@@ -33,24 +31,23 @@ import posixpath
 import socket
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, urljoin, urlparse
 
-import jwt
 import numpy as np
 import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from labelstudio_backend.errors import LabelStudioError
+from labelstudio_backend.labelstudio_client import LabelStudioClient
 from labelstudio_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 MAX_REDIRECTS = 5
-TOKEN_REFRESH_PATH = "/api/token/refresh/"
 
 
 class ImageError(ValueError):
@@ -77,91 +74,22 @@ class Source:
     cache_key: str
 
 
-# --- authentication --------------------------------------------------------------------------------------
-
-class LabelStudioAuth:
-    """Authorization headers for Label Studio, from LABEL_STUDIO_API_KEY (legacy token or PAT)."""
-
-    def __init__(self, url: str, api_key: str, session: requests.Session, timeout: float = 30.0,
-                 verify: bool = True):
-        self.url = url.rstrip("/")
-        self.api_key = api_key.strip()
-        self.session = session
-        self.timeout = timeout
-        self.verify = verify
-        self._access: str | None = None
-        self._access_expires = 0.0
-        self._lock = threading.Lock()
-
-    @property
-    def is_personal_access_token(self) -> bool:
-        if self.api_key.count(".") != 2:
-            return False
-        try:
-            jwt.get_unverified_header(self.api_key)
-            return True
-        except jwt.PyJWTError:
-            return False
-
-    def headers(self) -> dict[str, str]:
-        if not self.api_key:
-            raise ImageAuthError(
-                "LABEL_STUDIO_API_KEY is not set; Label Studio's images and API need it. Copy a token from "
-                "Label Studio (Account & Settings > Personal Access Token, or the legacy token) into "
-                "LABEL_STUDIO_API_KEY")
-        if not self.is_personal_access_token:
-            return {"Authorization": f"Token {self.api_key}"}
-        with self._lock:
-            if self._access is None or time.time() > self._access_expires - 30:
-                self._refresh()
-            return {"Authorization": f"Bearer {self._access}"}
-
-    def invalidate(self) -> None:
-        """Forget the access token (after a 401), so the next headers() call gets a new one."""
-        with self._lock:
-            self._access = None
-
-    def _refresh(self) -> None:
-        url = self.url + TOKEN_REFRESH_PATH
-        try:
-            response = self.session.post(url, json={"refresh": self.api_key}, timeout=self.timeout,
-                                         verify=self.verify, allow_redirects=False)
-        except requests.RequestException as e:
-            raise ImageError(f"cannot reach Label Studio at LABEL_STUDIO_URL={self.url} to exchange the personal "
-                             f"access token ({e.__class__.__name__}: {e})") from None
-        if response.status_code in (401, 403):
-            raise ImageAuthError(
-                f"Label Studio refused the personal access token in LABEL_STUDIO_API_KEY ({TOKEN_REFRESH_PATH} "
-                f"answered {response.status_code}): it is expired, revoked or from another Label Studio; "
-                "create a new one under Account & Settings")
-        if response.status_code != 200:
-            raise ImageError(f"exchanging the personal access token at {url} failed with HTTP "
-                             f"{response.status_code}; check LABEL_STUDIO_URL")
-        try:
-            access = response.json()["access"]
-        except (ValueError, KeyError, TypeError):
-            raise ImageError(f"{url} did not return an access token; check LABEL_STUDIO_URL") from None
-        try:
-            expires = float(jwt.decode(access, options={"verify_signature": False}).get("exp", 0))
-        except jwt.PyJWTError:
-            expires = 0.0
-        self._access = access
-        self._access_expires = expires or time.time() + 240
-
-
 # --- the loader ------------------------------------------------------------------------------------------
 
 class ImageLoader:
-    """Resolve, fetch (with a bounded on-disk cache) and decode task images."""
+    """Resolve, fetch (with a bounded on-disk cache) and decode task images.
+
+    session: the requests.Session for every download (tests mount fakes on it); client: the Label Studio
+    client (default: one over the same session, from the settings); resolve_host(name) -> addresses.
+    """
 
     def __init__(self, settings: Settings, session: requests.Session | None = None,
-                 resolve_host: Callable[[str], list[str]] | None = None):
+                 resolve_host: Callable[[str], list[str]] | None = None, client: LabelStudioClient | None = None):
         self.settings = settings
-        self.session = session or requests.Session()
+        self.session = session or (client.session if client is not None else requests.Session())
+        self.client = client or LabelStudioClient.from_settings(settings, session=self.session)
         self.resolve_host = resolve_host or _resolve_host
-        self.ls_url = settings.label_studio_url.rstrip("/")
-        self.auth = LabelStudioAuth(self.ls_url, settings.label_studio_api_key, self.session,
-                                    settings.fetch_timeout, settings.verify_ssl)
+        self.ls_url = self.client.base_url
         self.cache_dir = Path(settings.model_dir) / "image_cache"
         self._cache_lock = threading.Lock()
 
@@ -239,10 +167,7 @@ class ImageLoader:
         return self.ls_url + path
 
     def _is_label_studio(self, url: str) -> bool:
-        if not self.ls_url:
-            return False
-        a, b = urlparse(url), urlparse(self.ls_url)
-        return (a.scheme, a.hostname, _port(a)) == (b.scheme, b.hostname, _port(b))
+        return self.client.is_label_studio_url(url)
 
     def _local_files_path(self, url: str) -> Path | None:
         root = self.settings.local_files_root
@@ -335,22 +260,21 @@ class ImageLoader:
         raise ImageError(f"{original}: more than {MAX_REDIRECTS} redirects")
 
     def _get(self, url: str, with_auth: bool) -> requests.Response:
-        for attempt in range(2):
-            headers = self.auth.headers() if with_auth else {}
-            try:
-                response = self.session.get(url, headers=headers, stream=True, timeout=self.settings.fetch_timeout,
-                                            verify=self.settings.verify_ssl, allow_redirects=False)
-            except requests.exceptions.SSLError as e:
-                raise ImageError(f"TLS error fetching {url} ({e}); fix the certificate or set VERIFY_SSL=false") \
-                    from None
-            except requests.RequestException as e:
-                raise ImageError(f"cannot fetch {url} ({e.__class__.__name__}: {e})") from None
-            if response.status_code == 401 and with_auth and attempt == 0 and self.auth.is_personal_access_token:
-                response.close()
-                self.auth.invalidate()  # the access token expired early: get a new one once
-                continue
-            return response
-        return response
+        """GET without following redirects; with_auth: through the Label Studio client (its token)."""
+        options = dict(stream=True, timeout=self.settings.fetch_timeout, verify=self.settings.verify_ssl,
+                       allow_redirects=False)
+        try:
+            if with_auth:
+                return self.client.send("GET", url, **options)
+            return self.session.get(url, **options)
+        except LabelStudioError as e:  # the token is missing or refused, or Label Studio is unreachable
+            if e.status in (401, 403) or not self.client.api_key:
+                raise ImageAuthError(str(e)) from None
+            raise ImageError(str(e)) from None
+        except requests.exceptions.SSLError as e:
+            raise ImageError(f"TLS error fetching {url} ({e}); fix the certificate or set VERIFY_SSL=false") from None
+        except requests.RequestException as e:
+            raise ImageError(f"cannot fetch {url} ({e.__class__.__name__}: {e})") from None
 
     def _read_body(self, response: requests.Response, url: str, original: str, from_label_studio: bool) -> bytes:
         with response:
@@ -429,10 +353,6 @@ class ImageLoader:
 
 def _resolve_host(host: str) -> list[str]:
     return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
-
-
-def _port(parsed) -> int | None:
-    return parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
 
 
 def _origin(url: str) -> str:

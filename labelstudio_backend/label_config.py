@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 from label_studio_sdk.label_interface import LabelInterface
 
-OUTPUT_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
-PROMPT_ONLY_TYPES = ("keypointlabels", "ellipselabels", "bitmasklabels")
-SUPPORTED_TYPES = OUTPUT_TYPES + PROMPT_ONLY_TYPES
+from labelstudio_backend.region_types import OUTPUT_TYPES, REGION_TYPES
 
 
 class LabelConfigError(ValueError):
@@ -102,7 +100,7 @@ def _parse_cached(config: str) -> ParsedConfig:
     controls_by_image: dict[str, list[Control]] = {name: [] for name in images}
     for tag in interface.controls or []:
         kind = tag.tag.lower()
-        if kind not in SUPPORTED_TYPES:
+        if kind not in REGION_TYPES:
             continue
         for to_name in tag.to_name:
             if to_name in controls_by_image:

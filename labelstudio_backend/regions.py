@@ -27,9 +27,8 @@ from PIL import Image
 
 from dinov import prompts
 from labelstudio_backend.label_config import Control
+from labelstudio_backend.region_types import REGION_TYPES
 
-GEOMETRY_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels", "ellipselabels", "keypointlabels",
-                  "bitmasklabels")
 MAX_RLE_PIXELS = 200_000_000  # a canvas header above this is an attack or a corrupt region, not an image
 KEYPOINT_MIN_RADIUS = 3.0     # pixels of the disc a keypoint becomes when a mask is needed
 
@@ -45,10 +44,10 @@ def region_type(region: dict) -> str:
     if not isinstance(region, dict):
         raise RegionError(f"a region must be a JSON object, got {type(region).__name__}")
     kind = str(region.get("type", "")).lower()
-    if kind + "labels" in GEOMETRY_TYPES:
+    if kind + "labels" in REGION_TYPES:
         kind += "labels"
-    if kind not in GEOMETRY_TYPES:
-        raise RegionError(f"region {_rid(region)} has type {region.get('type')!r}; supported: {', '.join(GEOMETRY_TYPES)}")
+    if kind not in REGION_TYPES:
+        raise RegionError(f"region {_rid(region)} has type {region.get('type')!r}; supported: {', '.join(REGION_TYPES)}")
     if not isinstance(region.get("value"), dict):
         raise RegionError(f"region {_rid(region)} has no 'value' object")
     return kind

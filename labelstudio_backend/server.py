@@ -28,10 +28,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
+from labelstudio_backend import background
+from labelstudio_backend.backend import DINOvBackend
+from labelstudio_backend.errors import BackendError, ModelUnavailable
+from labelstudio_backend.evaluation import leave_one_out
 from labelstudio_backend.images import ImageLoader
-from labelstudio_backend.model import (
-    BackendError, DINOvBackend, ModelUnavailable, Predictor, Runtime, parse_project_id,
-)
+from labelstudio_backend.payload import parse_project_id
+from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     load_model the model starts loading in the background at once."""
     settings = settings or Settings.from_env()
     runtime = Runtime(settings, model_factory=model_factory, store=store, images=images, syncer=syncer)
+    background.install(runtime)  # /predict finishes what does not fit its time budget in the background
     app = Flask(__name__)
     app.json.sort_keys = False
     app.extensions["dinov"] = runtime
@@ -182,7 +186,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
                 model = DINOvBackend(project_id, None, runtime=runtime)
                 model.parsed_label_config  # needs the config /setup stored
                 runtime.submit(f"leave-one-out of project {project_id}",
-                               lambda: runtime.save_estimate(project_id, model.leave_one_out()))
+                               lambda: runtime.projects.save_estimate(project_id, leave_one_out(model)))
                 answer["started"] = "estimate"
             else:
                 raise BackendError("POST /references needs action=sync or action=estimate")
@@ -191,7 +195,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         answer.update({"revision": store.revision(project_id),
                        "last_sync": runtime.last_sync.get(project_id) or stats.get("last_sync"),
                        "examples_per_label": _per_label(stats), "stats": stats,
-                       "leave_one_out": runtime.load_estimate(project_id)})
+                       "leave_one_out": runtime.projects.load_estimate(project_id)})
         return jsonify(answer), (202 if request.method == "POST" else 200)
 
     return app

@@ -13,9 +13,7 @@ and ``/api/tasks/<id>/`` retrieve predictions for unpredicted tasks when the pro
 predictions. The export endpoint with ``ids[]`` checks tasks a full sync did not see (they may have moved
 between pages while it read them).
 
-Authentication: a legacy token is sent as ``Authorization: Token <key>``; a personal access token (a JWT
-refresh token) is first exchanged at ``POST /api/token/refresh/`` for a short-lived ``Bearer`` token,
-renewed on a 401.
+The API calls and their authentication are labelstudio_client.LabelStudioClient's.
 """
 
 from __future__ import annotations
@@ -28,128 +26,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import requests
-
-from .store import ReferenceStore, normalize_timestamp
+from labelstudio_backend.labelstudio_client import LabelStudioClient
+from labelstudio_backend.store import ReferenceStore, normalize_timestamp
 
 logger = logging.getLogger(__name__)
 
 # Saves committed while a sync ran may carry a timestamp just before its watermark.
 WATERMARK_MARGIN = timedelta(minutes=2)
-
-
-class LabelStudioError(RuntimeError):
-    """Label Studio could not be reached or refused the request; the message says what to fix."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def is_personal_access_token(api_key: str) -> bool:
-    """Personal access tokens are JWTs (three base64 parts); legacy tokens are 40 hex characters."""
-    return api_key.count(".") == 2 and api_key.startswith("eyJ")
-
-
-class LabelStudioClient:
-    """The few Label Studio API calls the backend needs, with either kind of token."""
-
-    def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, session: requests.Session | None = None):
-        if not base_url or not base_url.startswith(("http://", "https://")):
-            raise LabelStudioError(
-                f"LABEL_STUDIO_URL must be the http(s) address of Label Studio, got {base_url!r}"
-            )
-        if not api_key:
-            raise LabelStudioError(
-                "LABEL_STUDIO_API_KEY is empty: set it to a legacy token or a personal access token "
-                "(Label Studio > Account & Settings)"
-            )
-        self.base_url = base_url.rstrip("/")
-        self.api_key = api_key.strip()
-        self.timeout = timeout
-        self.session = session or requests.Session()
-        self._access: str | None = None
-
-    def _authorization(self, renew: bool = False) -> str:
-        if not is_personal_access_token(self.api_key):
-            return f"Token {self.api_key}"
-        if self._access is None or renew:
-            url = f"{self.base_url}/api/token/refresh/"
-            try:
-                response = self.session.post(url, json={"refresh": self.api_key}, timeout=self.timeout)
-            except requests.RequestException as exc:
-                raise LabelStudioError(f"cannot reach Label Studio at LABEL_STUDIO_URL={self.base_url}: {exc}") from exc
-            if response.status_code != 200 or "access" not in _json(response, {}):
-                raise LabelStudioError(
-                    f"Label Studio refused the personal access token in LABEL_STUDIO_API_KEY "
-                    f"(POST /api/token/refresh/ -> {response.status_code}): create a new one or use the legacy token",
-                    response.status_code,
-                )
-            self._access = response.json()["access"]
-        return f"Bearer {self._access}"
-
-    def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
-        """Send one request; raises LabelStudioError for 401/403 and unreachable servers, returns others."""
-        url = f"{self.base_url}{path}"
-        for attempt in range(2):
-            headers = {"Authorization": self._authorization(renew=attempt > 0), **kwargs.pop("headers", {})}
-            try:
-                response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-            except requests.RequestException as exc:
-                raise LabelStudioError(f"cannot reach Label Studio at LABEL_STUDIO_URL={self.base_url}: {exc}") from exc
-            if response.status_code == 401 and is_personal_access_token(self.api_key) and attempt == 0:
-                continue  # the short-lived access token expired: renew once
-            break
-        if response.status_code in (401, 403):
-            raise LabelStudioError(
-                f"Label Studio answered {response.status_code} to {method} {path}: the token in "
-                "LABEL_STUDIO_API_KEY is wrong or lacks access to this project (with a legacy token, the "
-                "organization must allow legacy tokens: LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true)",
-                response.status_code,
-            )
-        return response
-
-    def get_json(self, path: str, params: Any = None, missing_ok: bool = False) -> Any:
-        response = self.request("GET", path, params=params)
-        if response.status_code == 404 and missing_ok:
-            return None
-        if response.status_code != 200:
-            raise LabelStudioError(
-                f"Label Studio answered {response.status_code} to GET {path}: {response.text[:300]}",
-                response.status_code,
-            )
-        return _json(response, None, path)
-
-    def project(self, project_id: int) -> dict | None:
-        """The project, or None when it does not exist (any more)."""
-        return self.get_json(f"/api/projects/{int(project_id)}/", missing_ok=True)
-
-    def task_page(self, project_id: int, page: int, page_size: int) -> list[dict]:
-        """One page of the project's tasks with their annotations, newest updated_at first; [] past the end."""
-        found = self.get_json(
-            f"/api/projects/{int(project_id)}/tasks/", params={"page": page, "page_size": page_size}, missing_ok=True
-        )
-        if found is None:
-            return []
-        if not isinstance(found, list):
-            raise LabelStudioError(f"unexpected answer to the task list of project {project_id}: {str(found)[:200]}")
-        return found
-
-    def export_tasks(self, project_id: int, task_ids: list[int]) -> list[dict]:
-        """The tasks among task_ids that still exist, with their annotations (no predictions triggered)."""
-        params: list[tuple[str, Any]] = [("exportType", "JSON"), ("download_all_tasks", "true")]
-        params += [("ids[]", int(t)) for t in task_ids]
-        found = self.get_json(f"/api/projects/{int(project_id)}/export", params=params)
-        return found if isinstance(found, list) else []
-
-
-def _json(response: requests.Response, default: Any, what: str = "") -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        if default is not None:
-            return default
-        raise LabelStudioError(f"Label Studio sent non-JSON for {what}: {response.text[:200]}", response.status_code)
 
 
 @dataclass
@@ -240,7 +123,7 @@ def sync_project(
         page_size: tasks per API page.
         client: reuse a client (tests, or one session for many calls); built from base_url/api_key otherwise.
 
-    Raises LabelStudioError when Label Studio is unreachable or refuses the token.
+    Raises labelstudio_backend.errors.LabelStudioError when Label Studio is unreachable or refuses the token.
     """
     started = time.monotonic()
     began_at = datetime.now(timezone.utc)
@@ -248,6 +131,7 @@ def sync_project(
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, got {page_size}")
     client = client or LabelStudioClient(base_url, api_key)
+    client.check_configured()
     previous = store.sync_watermark(project_id)
     full = previous is None if full is None else full
     report = SyncReport(project_id=project_id, full=full)
@@ -319,7 +203,7 @@ def make_syncer(settings: Any, store: ReferenceStore | None = None) -> Callable[
     settings needs label_studio_url, label_studio_api_key and db_path (labelstudio_backend.settings.Settings).
     The store opens lazily, in the worker that first syncs (never before gunicorn forks).
     """
-    client = LabelStudioClient(settings.label_studio_url, settings.label_studio_api_key)
+    client = LabelStudioClient.from_settings(settings)
     lock = threading.Lock()
     opened: list[ReferenceStore] = [store] if store is not None else []
 

@@ -1,4 +1,4 @@
-"""Bulk auto-labeling (labelstudio_backend/bulk.py) against a fake Label Studio and a test-double model.
+"""Bulk auto-labeling (labelstudio_backend/bulk/) against a fake Label Studio and a test-double model.
 
 The fake Label Studio is a real HTTP server on 127.0.0.1 that implements the few API endpoints the job uses,
 with the behaviour of Label Studio 1.23.2 that matters here: the task list is ordered by updated_at (newest
@@ -34,7 +34,8 @@ from labelstudio_backend.bulk import (
     BulkError, BulkOptions, JsonSink, PinnedReferences, label_config_from_export, parse_task_ids, run_bulk,
     select_tasks,
 )
-from labelstudio_backend.model import DINOvBackend, Runtime
+from labelstudio_backend.backend import DINOvBackend
+from labelstudio_backend.runtime import Runtime
 from labelstudio_backend.regions import encode_rle, region_to_mask
 from labelstudio_backend.settings import Settings
 
@@ -364,7 +365,7 @@ def test_ctrl_c_stops_after_the_batch_and_a_rerun_finishes(ls, tmp_path):
             signal.raise_signal(signal.SIGINT)
 
     stop = threading.Event()
-    with bulk._StopOnSigint(stop):
+    with bulk.StopOnSigint(stop):
         first = run(ls, tmp_path, ColourModel(on_encode=interrupt), batch_size=3, stop=stop, only_unlabeled=True)
     assert first.interrupted and first.done == 6 and first.failed == []
     assert sum(len(ls.of_task(t)) for t in truth) == 6
@@ -514,18 +515,6 @@ def test_folder_mode_with_an_export(tmp_path):
         run_bulk(BulkOptions(images=images, out=out), settings)
 
 
-def test_feature_cache_key_is_what_runtime_encode_reads(tmp_path):
-    class NoEncoding(ColourModel):
-        def encode_images(self, images, batch_size=8):
-            raise AssertionError("encoded again")
-
-    runtime = Runtime(Settings(model_dir=tmp_path), model_factory=lambda s: NoEncoding())
-    runtime.predictor
-    bulk.remember_encoded(runtime, "/data/upload/1/a.png", "ENCODED")
-    assert runtime.encode("/data/upload/1/a.png", 1) == "ENCODED"
-    runtime.shutdown()
-
-
 def test_json_sink_refuses_a_foreign_file(tmp_path):
     out = tmp_path / "x.json"
     out.write_text("{not json")
@@ -579,7 +568,7 @@ def test_large_retrieve_predictions_finishes_in_the_background(ls, tmp_path):
     assert 1 <= len(answered) < len(tasks) and all(r == [] for r in first[len(answered):])
     second = retrieve([t for t in tasks if t["id"] not in answered])  # "Retrieve predictions" again
     assert all(r == [] for r in second)  # all owned by the background run
-    assert bulk.background_for(runtime).wait(timeout=60)
+    assert runtime.deferral.wait(timeout=60)
     for tid, masks in truth.items():
         (prediction,) = ls.of_task(tid)
         assert prediction["model_version"] == version
@@ -597,7 +586,7 @@ def test_ray_mode_gives_the_same_predictions_as_local_mode(ls, tmp_path):
     make_project(ls, unlabeled=5, broken=(12,))
     local_out, ray_out = tmp_path / "local.json", tmp_path / "ray.json"
     local = run(ls, tmp_path, batch_size=2, out=local_out)
-    from labelstudio_backend.bulk_ray import init_ray
+    from labelstudio_backend.bulk.ray_mode import init_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the test double goes to the workers
     init_ray(None, num_cpus=2, log_to_driver=False)

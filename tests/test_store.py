@@ -5,7 +5,7 @@ import sqlite3
 
 import numpy as np
 import pytest
-from labelstudio_backend.store import SCHEMA_VERSION, Example, ReferenceStore, StoreError, _MIGRATIONS
+from labelstudio_backend.store import SCHEMA_VERSION, Example, ReferenceStore, StoreError, MIGRATIONS
 
 PROJECT = 7
 
@@ -224,7 +224,7 @@ def test_survives_reopen(tmp_path):
 def test_migration_from_version_1_keeps_data(tmp_path):
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path, isolation_level=None)
-    _MIGRATIONS[0](db)  # a file as the first release left it
+    MIGRATIONS[0](db)  # a file as the first release left it
     db.execute("PRAGMA user_version = 1")
     db.execute("INSERT INTO projects (project_id, revision, last_sync) VALUES (?, 5, '2024-01-01T00:00:00.000000Z')",
                (PROJECT,))

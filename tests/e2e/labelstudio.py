@@ -342,11 +342,6 @@ def region_mask(item: dict, size: tuple[int, int]) -> np.ndarray:
     return np.array(canvas, dtype=bool)
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 0.0
-
-
 def _png_bytes(image: Any) -> bytes:
     if isinstance(image, bytes):
         return image

@@ -13,14 +13,15 @@ import requests
 
 from dinov.checkpoint import DEMO_CHECKPOINT
 from dinov.data.scenes import class_id, class_names, generate_scene
+from dinov.metrics import iou as mask_iou
 from labelstudio_backend.store import ReferenceStore
-from labelstudio_backend.sync import LabelStudioError, sync_project
+from labelstudio_backend.errors import LabelStudioError
+from labelstudio_backend.sync import sync_project
 
 from .conftest import E2E_CHECKPOINT
 from .labelstudio import (
     brush_region,
     keypoint_region,
-    mask_iou,
     rectangle_region,
     region_label,
     region_mask,

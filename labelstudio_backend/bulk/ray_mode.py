@@ -1,4 +1,4 @@
-"""The bulk pipeline on Ray Data: `python -m labelstudio_backend.bulk ... --ray [ADDRESS]`.
+"""The bulk pipeline on Ray Data: `python -m labelstudio_backend.bulk ... --ray [ADDRESS]` (this module imports ray).
 
 The driver (the command) lists the tasks, pins the references and writes the results, exactly as in local
 mode. Between, a Ray Dataset of the selected tasks flows through two stages:
@@ -8,8 +8,8 @@ mode. Between, a Ray Dataset of the selected tasks flows through two stages:
           predictions --iter_batches (driver)--> Label Studio API or --out file, in batches
 
 Each Segmenter holds one model and the pinned references (sent with the actor, not read from MODEL_DIR),
-and predicts with the same code as local mode (bulk.segment_batch on a PinnedBackend), so both modes give the
-same predictions. Images travel as their encoded bytes (smaller than pixels) and are decoded next to the
+and predicts with the same code as local mode (pipeline.segment_batch on a DINOvBackend over a PinnedSource), so
+both modes give the same predictions. Images travel as their encoded bytes (smaller than pixels) and are decoded next to the
 model.
 
 A cluster: on the head node `ray start --head --port=6379`, on every other node
@@ -31,18 +31,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from labelstudio_backend.bulk import (
-    BulkOptions, BulkReport, FolderImages, PinnedBackend, PinnedReferences, Recorder, Sink, _int_or_none,
-    _progress_bar, _reason, finish_report, segment_batch,
+from labelstudio_backend.backend import DINOvBackend
+from labelstudio_backend.bulk.folder import FolderImages
+from labelstudio_backend.bulk.options import BulkOptions
+from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource
+from labelstudio_backend.bulk.pipeline import (
+    BulkReport, Recorder, failure_reason, finish_report, progress_bar, segment_batch,
 )
+from labelstudio_backend.bulk.sinks import Sink
 from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.label_config import parse_label_config
-from labelstudio_backend.model import Predictor, Runtime
+from labelstudio_backend.payload import task_id_of
+from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class ImageFetcher:
@@ -56,9 +61,9 @@ class ImageFetcher:
     def _fetch(self, task_json: str) -> tuple[bytes, str]:
         task = json.loads(task_json)
         try:
-            return self.images.fetch(self.config.image_url(task), _int_or_none(task.get("id"))), ""
+            return self.images.fetch(self.config.image_url(task), task_id_of(task.get("id"))), ""
         except Exception as e:
-            return b"", _reason(e)
+            return b"", failure_reason(e)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fetched = list(self.pool.map(self._fetch, batch["task"]))
@@ -72,11 +77,12 @@ class Segmenter:
     def __init__(self, settings: Settings, label_config: str, project_id: int, pinned: PinnedReferences,
                  model_factory: Callable[[Settings], Predictor] | None = None):
         runtime = Runtime(settings, model_factory=model_factory)
-        self.backend = PinnedBackend(project_id, label_config, runtime, pinned, settings=settings)
+        self.backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=settings,
+                                    references=PinnedSource(pinned, settings.max_examples_per_label))
         self.config = parse_label_config(label_config)
         self.version = pinned.model_version
         self.decoder = ImageLoader(settings)
-        runtime.predictor  # load the model when the actor starts, not with its first batch
+        runtime.load_model()  # load the model when the actor starts, not with its first batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks = [json.loads(t) for t in batch["task"]]
@@ -90,9 +96,9 @@ class Segmenter:
                 items.append((task, self.decoder.decode(bytes(data), self.config.image_url(task))))
                 where.append(i)
             except Exception as e:
-                outcome[i] = ("", _reason(e))
-        for i, (prediction, reason) in zip(where, segment_batch(self.backend, self.config, self.version, items)):
-            outcome[i] = (json.dumps(prediction), "") if prediction is not None else ("", reason)
+                outcome[i] = ("", failure_reason(e))
+        for i, result in zip(where, segment_batch(self.backend, self.config, self.version, items)):
+            outcome[i] = (json.dumps(result.prediction), "") if result.prediction is not None else ("", result.reason)
         return {"task": batch["task"], "prediction": np.array([p for p, _ in outcome], dtype=object),
                 "error": np.array([e for _, e in outcome], dtype=object)}
 
@@ -144,7 +150,7 @@ def run_on_ray(options: BulkOptions, settings: Settings, label_config: str, proj
 
         started = time.perf_counter()
         predicted = 0
-        with _progress_bar(len(tasks), options.progress) as bar:
+        with progress_bar(len(tasks), options.progress) as bar:
             recorder = Recorder(sink, report, stop, progress=bar)
             try:
                 for batch in dataset.iter_batches(batch_size=options.batch_size, batch_format="numpy"):

@@ -1,0 +1,7 @@
+"""`python -m labelstudio_backend.bulk ...`: the bulk job's command line (cli.py)."""
+
+import sys
+
+from labelstudio_backend.bulk.cli import main
+
+sys.exit(main())

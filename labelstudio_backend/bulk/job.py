@@ -1,0 +1,148 @@
+"""One bulk job, local or on Ray: list the tasks, pin the references, predict, write, report.
+
+Each task is predicted by the server's own code (DINOvBackend.preannotate: the project's reference store, the
+per-project settings /setup saved in MODEL_DIR, the same filters and region conversion) with the pinned
+references as its reference source. Tasks are listed once, before anything is written, and those that already
+hold a prediction of the pinned version are skipped, so a rerun continues where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import replace
+from typing import Any, Callable
+
+from labelstudio_backend.backend import DINOvBackend
+from labelstudio_backend.bulk.folder import (
+    FolderImages, fill_store_from_export, folder_tasks, label_config_from_export, load_export,
+)
+from labelstudio_backend.bulk.options import (
+    OFFLINE_PROJECT_ID, BulkError, BulkOptions, list_project_tasks, select_tasks,
+)
+from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource, pin_references, version_at_revision
+from labelstudio_backend.bulk.pipeline import BulkReport, Pipeline, Recorder, image_loader, progress_bar
+from labelstudio_backend.bulk.sinks import JsonSink, LabelStudioSink, Sink
+from labelstudio_backend.images import ImageLoader
+from labelstudio_backend.label_config import parse_label_config
+from labelstudio_backend.labelstudio_client import LabelStudioClient
+from labelstudio_backend.payload import utc_now
+from labelstudio_backend.runtime import Predictor, Runtime
+from labelstudio_backend.settings import Settings
+from labelstudio_backend.store import ReferenceStore
+from labelstudio_backend.sync import sync_project
+
+logger = logging.getLogger(__name__)
+
+
+def run_bulk(options: BulkOptions, settings: Settings | None = None,
+             model_factory: Callable[[Settings], Predictor] | None = None,
+             stop: threading.Event | None = None, client: LabelStudioClient | None = None) -> BulkReport:
+    """Run one bulk job (the command line's work); returns its report, also written to the report file."""
+    settings = settings or Settings.from_env()
+    settings = replace(settings, feature_cache_size=1)  # each encoded image is used once
+    stop = stop or threading.Event()
+    report = BulkReport(started_at=utc_now())
+    if (options.project is None) == (options.images is None):
+        raise BulkError("give --project <id> (a Label Studio project) or --images <folder> with --references "
+                        "<export.json> (no Label Studio)")
+    if options.images is not None and (options.references is None or options.out is None):
+        raise BulkError("--images needs --references <Label Studio JSON export> and --out <file.json>")
+
+    if options.project is not None:
+        client = client or LabelStudioClient.from_settings(settings)
+        project = client.project(options.project)
+        if project is None:
+            raise BulkError(f"project {options.project} does not exist in Label Studio at {client.base_url}")
+        label_config = options.label_config or project.get("label_config")
+        store = ReferenceStore(settings.db_path)
+        images: Any = ImageLoader(settings, client=client)
+        job = f"project-{options.project}"
+        project_id = int(options.project)
+        report.mode, report.project = "label_studio", project_id
+    else:
+        export = load_export(options.references)
+        label_config = options.label_config or label_config_from_export(export)
+        job = "images-" + hashlib.sha1(f"{options.images.resolve()}|{options.references.resolve()}".encode()
+                                       ).hexdigest()[:10]
+        store = ReferenceStore(settings.model_dir / "bulk" / f"{job}.references.sqlite3")
+        project_id = OFFLINE_PROJECT_ID
+        report.mode = "folder"
+    config = parse_label_config(label_config)
+    report.job = job
+
+    if options.images is not None:
+        reference_dirs = tuple(options.reference_images) or (str(options.images), str(options.references.parent))
+        tasks, files = folder_tasks(options.images, config.value_key, options.url_prefix, export, reference_dirs)
+        images = FolderImages(settings, files, reference_dirs)
+        fill_store_from_export(store, export, config.value_key, project_id)
+
+    runtime = Runtime(settings, model_factory=model_factory, store=store, images=images)
+    try:
+        project_settings = runtime.projects.settings_for(project_id)
+        if options.extra_params:
+            project_settings = project_settings.with_overrides(options.extra_params)
+        backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings)
+        runtime.load_model()  # load the model first: its failure is the error to report
+        job_path = settings.model_dir / "bulk" / f"{job}.json"
+        pinned = None if options.refresh_references else PinnedReferences.load(job_path)
+        if pinned is not None and pinned.model_version != version_at_revision(backend, pinned.revision):
+            logger.info("the checkpoint or the settings changed since the job was pinned (%s); pinning again",
+                        pinned.model_version)
+            pinned = None
+        if pinned is None:
+            if options.project is not None:
+                sync_project(store, client.base_url, client.api_key, project_id, client=client)
+            pinned = pin_references(backend, config.output_labels)
+            if not pinned.examples:
+                where = f"project {project_id}" if options.project is not None else str(options.references)
+                raise BulkError(f"{where} has no usable labeled regions for the labels "
+                                f"{', '.join(config.output_labels)}; annotate a few images first")
+            pinned.save(job_path)
+            logger.info("pinned %d examples of %s at reference revision %d: model_version %s", pinned.examples,
+                        ", ".join(sorted(set(pinned.labels))), pinned.revision, pinned.model_version)
+        else:
+            logger.info("continuing with the references pinned at %s (revision %d, model_version %s); "
+                        "--refresh-references takes the newest", pinned.pinned_at, pinned.revision,
+                        pinned.model_version)
+        report.model_version, report.revision = pinned.model_version, pinned.revision
+        pinned_backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings,
+                                      references=PinnedSource(pinned, project_settings.max_examples_per_label))
+
+        if options.project is not None:
+            tasks = list_project_tasks(client, project_id, options.page_size, expected=project.get("task_number"))
+            sink: Sink = (JsonSink(options.out, project_mode=True) if options.out
+                          else LabelStudioSink(client, project_id))
+        else:
+            sink = JsonSink(options.out, project_mode=False, image_key=config.value_key)
+        report.out = str(options.out) if options.out else None
+        report.tasks_listed = len(tasks)
+        selected, skipped = select_tasks(tasks, pinned.model_version, options.only_unlabeled, options.task_ids,
+                                         sink.done_keys(pinned.model_version))
+        report.selected, report.skipped = len(selected), dict(skipped)
+        logger.info("%d of %d tasks to predict (%s)", len(selected), len(tasks),
+                    ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none skipped")
+        try:
+            if options.ray is not None:
+                from labelstudio_backend.bulk.ray_mode import run_on_ray  # Ray is an optional requirement
+
+                run_on_ray(options, settings=backend.settings, label_config=label_config, project_id=project_id,
+                           pinned=pinned, tasks=selected, images=images, sink=sink, report=report, stop=stop,
+                           model_factory=model_factory)
+            else:
+                with progress_bar(len(selected), options.progress) as bar:
+                    recorder = Recorder(sink, report, stop, progress=bar)
+                    Pipeline(pinned_backend, config, pinned.model_version, recorder, image_loader(runtime, config),
+                             options.batch_size, options.workers).run(selected)
+        finally:
+            sink.close()
+    finally:
+        runtime.shutdown()
+    report.finished_at = utc_now()
+    path = options.report or settings.model_dir / "bulk" / f"{job}.report.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.as_dict(), indent=2))
+    logger.info("report written to %s", path)
+    return report
