@@ -3,3 +3,5 @@
 The user-facing entry point is :class:`dinov.predictor.DINOvPredictor`; the network
 itself lives in :mod:`dinov.modeling`, its configuration in :mod:`dinov.config`.
 """
+
+from __future__ import annotations

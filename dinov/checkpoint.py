@@ -7,11 +7,13 @@ some tensors are stored under several names because the official modules are sha
 plain state dict, and :func:`load_into` loads it strictly, accepting any one name of a shared tensor.
 """
 
+from __future__ import annotations
+
 import hashlib
 import os
 import pickle
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,14 +26,14 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # How many keys of each kind an error message lists before summarising the rest.
 MAX_LISTED_KEYS = 15
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class CheckpointError(ValueError):
     """A checkpoint file cannot be read, or does not fit the model it is loaded into."""
 
 
-def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
+def read_state_dict(path: PathLike) -> dict[str, Tensor]:
     """Read a ``.pth``/``.pt`` or ``.safetensors`` checkpoint into a CPU state dict with model-relative keys.
 
     Accepts ``{"model": state_dict}`` or a bare state dict, strips a leading ``model.`` from keys and drops
@@ -60,7 +62,7 @@ def read_state_dict(path: PathLike) -> Dict[str, Tensor]:
             f"is it a DINOv checkpoint?"
         )
 
-    state_dict: Dict[str, Tensor] = {}
+    state_dict: dict[str, Tensor] = {}
     for key, value in raw.items():
         if key.startswith(MODEL_PREFIX):
             key = key[len(MODEL_PREFIX) :]
@@ -87,7 +89,7 @@ def _read_torch(path: Path) -> object:
         ) from err
 
 
-def _read_safetensors(path: Path) -> Dict[str, Tensor]:
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -100,7 +102,7 @@ def _read_safetensors(path: Path) -> Dict[str, Tensor]:
         ) from err
 
 
-def read_safetensors_metadata(path: PathLike) -> Dict[str, str]:
+def read_safetensors_metadata(path: PathLike) -> dict[str, str]:
     """The string metadata stored in a ``.safetensors`` header (empty if there is none)."""
     from safetensors import SafetensorError, safe_open
 
@@ -115,7 +117,7 @@ def load_into(
     model: nn.Module,
     state_dict: Mapping[str, Tensor],
     source: str,
-    aliases: Optional[Mapping[str, Sequence[str]]] = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Copy ``state_dict`` into ``model`` after checking that it fits exactly.
 
@@ -132,7 +134,7 @@ def load_into(
     ignored = _non_persistent_buffer_names(model)
 
     groups = _UnionFind()
-    first_name: Dict[int, str] = {}
+    first_name: dict[int, str] = {}
     for name, tensor in targets.items():
         groups.add(name)
         groups.union(name, first_name.setdefault(id(tensor), name))
@@ -143,10 +145,10 @@ def load_into(
         for other in others:
             groups.union(name, other)
 
-    missing: List[str] = []
-    mis_shaped: List[str] = []
-    inconsistent: List[str] = []
-    source_of: Dict[str, str] = {}
+    missing: list[str] = []
+    mis_shaped: list[str] = []
+    inconsistent: list[str] = []
+    source_of: dict[str, str] = {}
     for members in groups.classes():
         model_names = [n for n in members if n in targets]
         if not model_names:
@@ -180,7 +182,7 @@ def load_into(
             targets[name].copy_(state_dict[src_name])
 
 
-def save_safetensors(model: nn.Module, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
+def save_safetensors(model: nn.Module, path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Write the model's state dict as ``.safetensors``, each shared tensor once (under its first name).
 
     :func:`load_into` restores the ties, since the model ties the other names to the one that was kept. The file
@@ -192,7 +194,7 @@ def save_safetensors(model: nn.Module, path: PathLike, metadata: Optional[Mappin
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map str to str; convert values with str() or json.dumps()")
 
-    unique: Dict[str, Tensor] = {}
+    unique: dict[str, Tensor] = {}
     storages_seen: set = set()
     state = model.state_dict()
     for names in _same_storage_groups(state).values():
@@ -212,13 +214,13 @@ def save_safetensors(model: nn.Module, path: PathLike, metadata: Optional[Mappin
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _storage_key(tensor: Tensor) -> Tuple[int, str]:
+def _storage_key(tensor: Tensor) -> tuple[int, str]:
     return tensor.untyped_storage().data_ptr(), str(tensor.device)
 
 
-def _same_storage_groups(state_dict: Mapping[str, Tensor]) -> Dict[object, List[str]]:
+def _same_storage_groups(state_dict: Mapping[str, Tensor]) -> dict[object, list[str]]:
     """Names grouped by identical tensor (same memory, offset, shape, strides and dtype), in state-dict order."""
-    groups: Dict[object, List[str]] = {}
+    groups: dict[object, list[str]] = {}
     for name, tensor in state_dict.items():
         if tensor.numel() == 0:  # empty tensors may all report address 0
             key: object = ("empty", name)
@@ -244,7 +246,7 @@ def _non_persistent_buffer_names(model: nn.Module) -> set:
 
 class _UnionFind:
     def __init__(self) -> None:
-        self._parent: Dict[str, str] = {}
+        self._parent: dict[str, str] = {}
 
     def add(self, name: str) -> None:
         self._parent.setdefault(name, name)
@@ -261,8 +263,8 @@ class _UnionFind:
         if ra != rb:
             self._parent[rb] = ra
 
-    def classes(self) -> List[List[str]]:
-        out: Dict[str, List[str]] = {}
+    def classes(self) -> list[list[str]]:
+        out: dict[str, list[str]] = {}
         for name in self._parent:
             out.setdefault(self.find(name), []).append(name)
         return list(out.values())
@@ -277,7 +279,7 @@ def _listing(items: Iterable[str], indent: str = "") -> str:
 
 
 def _mismatch_message(
-    source: str, missing: List[str], unexpected: List[str], mis_shaped: List[str], inconsistent: List[str]
+    source: str, missing: list[str], unexpected: list[str], mis_shaped: list[str], inconsistent: list[str]
 ) -> str:
     lines = [f"checkpoint {source} does not fit the model:"]
     for title, keys in (
@@ -304,7 +306,7 @@ DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo.safetensors
 CONFIG_METADATA_KEY = "dinov_config"
 
 
-def load_model(checkpoint: PathLike, config=None, cache_dir: Optional[PathLike] = None):
+def load_model(checkpoint: PathLike, config=None, cache_dir: PathLike | None = None):
     """Build and load a DINOv model from `demo`, `swinT`, `swinL` or a checkpoint file.
 
     The config comes from, in order: the `config` argument, the safetensors metadata written by
@@ -350,7 +352,7 @@ def load_model(checkpoint: PathLike, config=None, cache_dir: Optional[PathLike] 
     return model.eval(), config, file_digest(path)
 
 
-def save_model(model: nn.Module, config, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
+def save_model(model: nn.Module, config, path: PathLike, metadata: Mapping[str, str] | None = None) -> None:
     """Save a model as safetensors with its config, so that `load_model(path)` needs nothing else."""
     import json
 

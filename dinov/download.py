@@ -4,9 +4,10 @@ The file is streamed into ``<cache_dir>/<name>.part``; an interrupted download c
 Range request, and only a complete file is renamed to ``<cache_dir>/<name>``.
 """
 
+from __future__ import annotations
+
 import os
 from pathlib import Path
-from typing import Optional, Union
 
 import requests
 from tqdm import tqdm
@@ -29,7 +30,7 @@ def checkpoint_url(name: str, base_url: str = RELEASE_URL) -> str:
 
 def download_checkpoint(
     name: str,
-    cache_dir: Union[str, os.PathLike],
+    cache_dir: str | os.PathLike,
     base_url: str = RELEASE_URL,
     timeout: float = 30.0,
     progress: bool = True,
@@ -71,7 +72,7 @@ def download_checkpoint(
     return target
 
 
-def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> Optional[int]:
+def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> int | None:
     """Append the rest of ``url`` to ``part``; return the full size if the server told it."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-"} if offset else {}
@@ -110,7 +111,7 @@ def _fetch_into(url: str, part: Path, timeout: float, progress: bool) -> Optiona
     return total
 
 
-def _start_from_content_range(value: Optional[str]) -> Optional[int]:
+def _start_from_content_range(value: str | None) -> int | None:
     # "bytes 100-999/1000"
     if not value or not value.startswith("bytes ") or "-" not in value:
         return None
@@ -120,7 +121,7 @@ def _start_from_content_range(value: Optional[str]) -> Optional[int]:
         return None
 
 
-def _total_from_content_range(value: Optional[str]) -> Optional[int]:
+def _total_from_content_range(value: str | None) -> int | None:
     # "bytes 100-999/1000" or "bytes */1000"; the size may be "*" (unknown)
     if not value or "/" not in value:
         return None

@@ -7,8 +7,10 @@
   steps of 0.04 until at least one survives).
 * :func:`upsample_masks` brings stride-4 mask logits to the image: bilinear to the padded size, then cropped.
 """
+
+from __future__ import annotations
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +52,10 @@ def filter_referring(
     pred_boxes: Tensor,
     pred_ious: Tensor,
     pred_match_score: Tensor,
-    pred_masks: Optional[Tensor] = None,
-    mask_embed: Optional[Tensor] = None,
-    mask_features: Optional[Tensor] = None,
-    levels: Optional[Sequence[int]] = None,
+    pred_masks: Tensor | None = None,
+    mask_embed: Tensor | None = None,
+    mask_features: Tensor | None = None,
+    levels: Sequence[int] | None = None,
     iou_threshold: float = 0.5,
     nms_threshold: float = 0.7,
     min_mask_pixels: int = 50,
@@ -110,8 +112,8 @@ def filter_referring(
     return ReferringSelection(index=ids[best], mask_logits=masks[best], scores=scores, kept_index=ids)
 
 
-def filter_generic(pred_logits: Tensor, pred_masks: Optional[Tensor] = None, threshold: float = 0.12,
-                   step: float = 0.04, mask_embed: Optional[Tensor] = None, mask_features: Optional[Tensor] = None
+def filter_generic(pred_logits: Tensor, pred_masks: Tensor | None = None, threshold: float = 0.12,
+                   step: float = 0.04, mask_embed: Tensor | None = None, mask_features: Tensor | None = None
                    ) -> GenericSelection:
     """Keep the object queries whose best class probability (sigmoid of the logit) exceeds ``threshold``,
     lowering it by ``step`` until at least one survives.
@@ -145,7 +147,7 @@ def filter_generic(pred_logits: Tensor, pred_masks: Optional[Tensor] = None, thr
                             threshold=threshold)
 
 
-def upsample_masks(mask_logits: Tensor, padded_size: Tuple[int, int], image_size: Tuple[int, int]) -> Tensor:
+def upsample_masks(mask_logits: Tensor, padded_size: tuple[int, int], image_size: tuple[int, int]) -> Tensor:
     """Stride-4 mask logits [M, h, w] -> [M, H, W] at the image size: bilinear to the padded size, then cropped
     to the top-left image area (the padding is at the bottom/right). A mask is logit > 0."""
     if mask_logits.dim() != 3:

@@ -6,6 +6,8 @@
 See server.py (HTTP protocol), model.py (DINOvBackend), settings.py (environment variables).
 """
 
+from __future__ import annotations
+
 import os
 
 # Before torch loads OpenMP (every entry point, the server and the bulk job, imports this package first):

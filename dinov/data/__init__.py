@@ -4,6 +4,8 @@ Every source yields :class:`~dinov.data.scenes.Scene` samples: an RGB uint8 imag
 (bool masks [N, H, W], class ids [N], xyxy pixel boxes [N, 4]); each dataset has ``class_names``.
 """
 
+from __future__ import annotations
+
 from .coco import CocoDataset, load_coco, write_coco
 from .labelstudio_export import LabelStudioDataset, load_labelstudio_export, write_labelstudio_export
 from .scenes import Scene, SceneDataset, class_names, generate_scene

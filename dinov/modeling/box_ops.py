@@ -2,7 +2,8 @@
 
 Boxes are ``cxcywh`` normalised to the padded image size unless a name says otherwise.
 """
-from typing import Tuple
+
+from __future__ import annotations
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ def _linspace_like_numpy(start: float, stop: float, num: int) -> Tensor:
     return values
 
 
-def grid_points(points_per_side: int, padded_size: Tuple[int, int]) -> Tensor:
+def grid_points(points_per_side: int, padded_size: tuple[int, int]) -> Tensor:
     """Evenly spaced points (offset half a cell from the border), row-major, as (x, y) padded pixels, float32.
 
     These are the points DINOv turns into position queries to propose every object in an image.
@@ -51,7 +52,7 @@ def grid_points(points_per_side: int, padded_size: Tuple[int, int]) -> Tensor:
     return unit * torch.tensor([padded_w, padded_h], dtype=torch.float32)
 
 
-def point_boxes(points: Tensor, padded_size: Tuple[int, int], half_size: float = 3.0) -> Tensor:
+def point_boxes(points: Tensor, padded_size: tuple[int, int], half_size: float = 3.0) -> Tensor:
     """Small boxes (+-half_size pixels) around (x, y) points in padded pixels -> [P, 4] normalised cxcywh, float32.
 
     float32 arithmetic throughout: this reproduces the reference position boxes bit for bit.

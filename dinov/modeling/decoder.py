@@ -10,10 +10,12 @@ official code builds a dense [nq, nq] mask (2400 x 2400 for a 20x20 point grid);
 describes the same visibility as independent blocks so that the attention is computed block by block, with
 identical results.
 """
+
+from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +65,7 @@ class QueryBlock:
 
     num_groups: int
     group_size: int
-    mask: Optional[Tensor] = None
+    mask: Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -79,8 +81,8 @@ class SelfAttentionLayout:
     (for visibilities that are not block-diagonal).
     """
 
-    blocks: Tuple[QueryBlock, ...]
-    full_mask: Optional[Tensor] = None
+    blocks: tuple[QueryBlock, ...]
+    full_mask: Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -88,7 +90,7 @@ class SelfAttentionLayout:
             return self.full_mask.shape[0]
         return sum(b.num_queries for b in self.blocks)
 
-    def dense_mask(self, device: Optional[torch.device] = None) -> Tensor:
+    def dense_mask(self, device: torch.device | None = None) -> Tensor:
         """The equivalent dense [nq, nq] mask (True = blocked), as the official code builds it."""
         if self.full_mask is not None:
             return self.full_mask.to(device)
@@ -194,7 +196,7 @@ class DeformableDecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_boxes: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, layout: SelfAttentionLayout,
-                memory_ones: Optional[Tensor] = None) -> Tensor:
+                memory_ones: Tensor | None = None) -> Tensor:
         """tgt/query_pos [B, nq, D]; reference_boxes [B, nq, 4] sigmoid cxcywh; memory [B, S, D] (levels low-res
         first). With ``memory_ones`` (:func:`with_ones_channel` of memory) the cross-attention projects samples
         instead of the whole memory (:func:`deformable_cross_attention`)."""
@@ -243,7 +245,7 @@ class DeformableDecoder(nn.Module):
                 m._reset_parameters()
 
     def forward(self, tgt: Tensor, reference_unsigmoid: Tensor, memory: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, layout: SelfAttentionLayout) -> Tuple[List[Tensor], List[Tensor]]:
+                level_start_index: Tensor, layout: SelfAttentionLayout) -> tuple[list[Tensor], list[Tensor]]:
         """Run all layers.
 
         tgt [B, nq, D] query contents; reference_unsigmoid [B, nq, 4] initial boxes (logits of cxcywh);
@@ -273,7 +275,7 @@ class DeformableDecoder(nn.Module):
         return hs, references
 
 
-def flatten_multi_scale(features: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+def flatten_multi_scale(features: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """Multi-scale features (high-res first, [B, D, H_l, W_l]) -> memory [B, S, D] low-res level first,
     spatial_shapes [L, 2] (long) and level_start_index [L] (long), the layout the deformable attention expects."""
     ordered = list(features)[::-1]

@@ -14,7 +14,9 @@ Attribute names equal the official state_dict keys so the released checkpoints l
 differentiable (no in-place ops on activations, no ``no_grad``); training-only paths (denoising queries, losses)
 are not implemented.
 """
-from typing import Dict, List, Sequence, Tuple
+
+from __future__ import annotations
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -178,7 +180,7 @@ class DINOvHead(nn.Module):
     # ------------------------------------------------------------------ generic decoding
 
     def decode_generic(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, class_embeddings: Tensor,
-                       with_masks: bool = True, aux_masks: bool = False) -> Dict[str, object]:
+                       with_masks: bool = True, aux_masks: bool = False) -> dict[str, object]:
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
@@ -225,7 +227,7 @@ class DINOvHead(nn.Module):
                 if with_masks or not last:
                     out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
             outputs.append(out)
-        result: Dict[str, object] = dict(outputs[-1])
+        result: dict[str, object] = dict(outputs[-1])
         result["aux_outputs"] = outputs[:-1]
         return result
 
@@ -246,7 +248,7 @@ class DINOvHead(nn.Module):
 
     def decode_referring(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, prompt: PromptContent,
                          position_boxes: Tensor, with_masks: bool = True, dense_attention: bool = False
-                         ) -> Dict[str, Tensor]:
+                         ) -> dict[str, Tensor]:
         """Referring decoding: P position boxes x ``num_interactive_tokens`` (K) granularities, matched to N prompts.
 
         prompt: content queries of the N visual prompts (``encode_prompts``; may come from another image).

@@ -8,6 +8,8 @@ one ``F.embedding_bag`` call, which is several times faster on CPU, works on any
 computes the same numbers (the sampling coordinates are rounded like grid_sample's).
 """
 
+from __future__ import annotations
+
 import math
 
 import torch

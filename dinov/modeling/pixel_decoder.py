@@ -8,6 +8,8 @@ added to a projection of res2, gives the mask features. The Swin-L layout runs t
 on res2..res5 (plus stride 64) and the FPN step adds res2 at the same size.
 """
 
+from __future__ import annotations
+
 import math
 from collections.abc import Mapping, Sequence
 

@@ -1,5 +1,7 @@
 """Sine position embedding of DETR, generalised to images (Carion et al., 2020)."""
 
+from __future__ import annotations
+
 import math
 
 import torch

@@ -5,9 +5,11 @@ seeing only the feature cells the prompt mask covers (a prompt too small to cove
 whole level). The head (``dinov_head.DINOvHead.encode_prompts``) owns the parameters (``content_tokens``,
 ``pos_embed``, ``project_cross_attention_layers``) under the checkpoint's names and calls these helpers.
 """
+
+from __future__ import annotations
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,15 +56,15 @@ class CrossAttentionLayer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, tgt: Tensor, memory: Tensor, memory_mask: Optional[Tensor] = None,
-                query_pos: Optional[Tensor] = None) -> Tensor:
+    def forward(self, tgt: Tensor, memory: Tensor, memory_mask: Tensor | None = None,
+                query_pos: Tensor | None = None) -> Tensor:
         """tgt [B, N, D], memory [B, S, D], memory_mask [N, S] or [B * nhead, N, S] (True = blocked)."""
         query = tgt if query_pos is None else tgt + query_pos
         attended = self.multihead_attn(query, memory, memory, attn_mask=memory_mask, need_weights=False)[0]
         return self.norm(tgt + self.dropout(attended))
 
 
-def prompt_mask_pyramid(prompt_masks: Tensor, feature_sizes: Sequence[Tuple[int, int]]) -> List[Tensor]:
+def prompt_mask_pyramid(prompt_masks: Tensor, feature_sizes: Sequence[tuple[int, int]]) -> list[Tensor]:
     """Cross-attention masks of N prompts for each feature level.
 
     prompt_masks: [N, H_pad, W_pad] (any numeric dtype, > 0 = inside the prompt) on the padded image.
@@ -100,7 +102,7 @@ def whole_image_box(n: int, like: Tensor) -> Tensor:
     return inverse_sigmoid(box).expand(1, n, 4)
 
 
-def content_attention_mask(num_prompts: int, device: Optional[torch.device] = None) -> Tensor:
+def content_attention_mask(num_prompts: int, device: torch.device | None = None) -> Tensor:
     """[N, N] self-attention mask of N content queries: each sees only itself (True = blocked)."""
     return ~torch.eye(num_prompts, dtype=torch.bool, device=device)
 

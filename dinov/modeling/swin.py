@@ -6,7 +6,9 @@ The module tree reproduces the official state_dict names (``patch_embed``, ``lay
 at strides 4, 8, 16 and 32.
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +101,7 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """x: [B * nW, N, C] windows (nW consecutive windows per image); mask: [nW, N, N] additive or None."""
         bw, n, c = x.shape
         heads = self.num_heads
@@ -147,7 +149,7 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: Tensor, height: int, width: int, shift_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, height: int, width: int, shift_mask: Tensor | None) -> Tensor:
         b, length, c = x.shape
         if length != height * width:
             raise ValueError(f"got {length} tokens for a {height}x{width} feature map")
@@ -228,7 +230,7 @@ class BasicLayer(nn.Module):
         )
         self.downsample = PatchMerging(dim) if downsample else None
 
-    def forward(self, x: Tensor, height: int, width: int) -> Tuple[Tensor, Tensor, int, int]:
+    def forward(self, x: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, int, int]:
         """Returns (stage output [B, H*W, C], input of the next stage, its height, its width)."""
         ws = self.window_size
         hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
@@ -295,7 +297,7 @@ class SwinTransformer(nn.Module):
         self.num_features = [embed_dim * 2**i for i in range(self.num_layers)]
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
-        self.absolute_pos_embed: Optional[nn.Parameter] = None
+        self.absolute_pos_embed: nn.Parameter | None = None
         if ape:
             grid = pretrain_img_size // patch_size
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, embed_dim, grid, grid))
@@ -327,10 +329,10 @@ class SwinTransformer(nn.Module):
             self.add_module(f"norm{i}", nn.LayerNorm(self.num_features[i]))
 
         names = [f"res{i + 2}" for i in self.out_indices]
-        self.out_feature_channels: Dict[str, int] = {n: self.num_features[i] for n, i in zip(names, self.out_indices)}
-        self.out_feature_strides: Dict[str, int] = {n: patch_size * 2**i for n, i in zip(names, self.out_indices)}
+        self.out_feature_channels: dict[str, int] = {n: self.num_features[i] for n, i in zip(names, self.out_indices)}
+        self.out_feature_strides: dict[str, int] = {n: patch_size * 2**i for n, i in zip(names, self.out_indices)}
 
-    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
         """x: normalised image batch [B, in_chans, H, W] -> {"res2": [B, C, H/4, W/4], ..., "res5": ...}."""
         if x.dim() != 4:
             raise ValueError(f"SwinTransformer expects a [B, C, H, W] batch, got shape {tuple(x.shape)}")
@@ -340,7 +342,7 @@ class SwinTransformer(nn.Module):
             x = x + F.interpolate(self.absolute_pos_embed, size=(height, width), mode="bicubic")
         x = self.pos_drop(x.flatten(2).transpose(1, 2))
 
-        outs: Dict[str, Tensor] = {}
+        outs: dict[str, Tensor] = {}
         for i, layer in enumerate(self.layers):
             stage_out, x, next_h, next_w = layer(x, height, width)
             if i in self.out_indices:

@@ -30,6 +30,8 @@ Label Studio 1.23.2 facts this relies on (checked against a running server):
   predictions when the project retrieves predictions automatically, so it is not used.
 """
 
+from __future__ import annotations
+
 from labelstudio_backend.bulk.cli import StopOnSigint, main
 from labelstudio_backend.bulk.folder import FolderImages, label_config_from_export
 from labelstudio_backend.bulk.job import run_bulk

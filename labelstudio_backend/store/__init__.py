@@ -7,6 +7,8 @@ SQLite file.
     references.py  ReferenceStore: upserts, deletions, per-label queries, revisions, sync bookkeeping
 """
 
+from __future__ import annotations
+
 from labelstudio_backend.store.examples import Example, annotation_rows, find_image_url, normalize_timestamp
 from labelstudio_backend.store.references import ReferenceStore, UpsertOutcome
 from labelstudio_backend.store.schema import MIGRATIONS, SCHEMA_VERSION, StoreError
