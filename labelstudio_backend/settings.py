@@ -145,73 +145,78 @@ def parse_extra_params(params: Mapping[str, Any] | str | None) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class SettingRow:
+    """One line of the settings table: the variable, the Settings field it sets, what it means, and whether
+    extra_params may override it per project. The default is read from the dataclass, never repeated here."""
+
     env: str
     field: str
-    default: str
     meaning: str
     per_project: bool = False
 
+    @property
+    def default(self) -> str:
+        """The field's default as the README shows it ("(empty)" for an empty string, tuple or None)."""
+        return describe_default(_FIELD_DEFAULTS[self.field])
+
+
+def describe_default(value: Any) -> str:
+    """A default value as text: 80.0 -> "80", False -> "false", Path("model_dir") -> "./model_dir"."""
+    if value in ("", (), None):
+        return "(empty)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, Path) and not value.is_absolute():
+        return f"./{value}"
+    return str(value)
+
 
 SETTINGS_TABLE: tuple[SettingRow, ...] = (
-    SettingRow("LABEL_STUDIO_URL", "label_studio_url", "(empty)",
-               "Label Studio's base URL as the backend reaches it, e.g. http://label-studio:8080. Needed for "
+    SettingRow("LABEL_STUDIO_URL", "label_studio_url", "Label Studio's base URL as the backend reaches it, e.g. http://label-studio:8080. Needed for "
                "uploaded, local-storage and cloud-storage images and for the reference sync."),
-    SettingRow("LABEL_STUDIO_API_KEY", "label_studio_api_key", "(empty)",
-               "A legacy API token (sent as `Token <key>`) or a personal access token (a JWT, exchanged at "
+    SettingRow("LABEL_STUDIO_API_KEY", "label_studio_api_key", "A legacy API token (sent as `Token <key>`) or a personal access token (a JWT, exchanged at "
                "/api/token/refresh/ for a Bearer access token). LABEL_STUDIO_ACCESS_TOKEN is read too."),
-    SettingRow("MODEL_DIR", "model_dir", "./model_dir",
-               "Where the reference store (SQLite), downloaded checkpoints, per-project settings and the "
+    SettingRow("MODEL_DIR", "model_dir", "Where the reference store (SQLite), downloaded checkpoints, per-project settings and the "
                "image cache live."),
-    SettingRow("PORT", "port", "9090", "Port of `python _wsgi.py` and scripts/start.sh."),
-    SettingRow("WORKERS", "workers", "1",
-               "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU."),
-    SettingRow("THREADS", "threads", "8", "Threads per worker; model work is serialised per device."),
-    SettingRow("BASIC_AUTH_USER", "basic_auth_user", "(empty)", "With BASIC_AUTH_PASS: require HTTP basic auth."),
-    SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "(empty)", "Password for basic auth."),
-    SettingRow("LOG_LEVEL", "log_level", "INFO", "DEBUG, INFO, WARNING or ERROR."),
-    SettingRow("DINOV_CHECKPOINT", "checkpoint", "demo",
-               "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
-    SettingRow("DEVICE", "device", "auto", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
-    SettingRow("SCORE_THRESHOLD", "score_threshold", "0.12", "Minimum instance score kept by pre-annotation (0.12 is the official demo's threshold).", True),
-    SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "20",
-               "At most this many regions per label and image.", True),
-    SettingRow("MIN_AREA", "min_area", "16", "Drop predicted regions smaller than this many pixels.", True),
-    SettingRow("ALLOW_OVERLAP", "allow_overlap", "false",
-               "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps "
+    SettingRow("PORT", "port", "Port of `python _wsgi.py` and scripts/start.sh."),
+    SettingRow("WORKERS", "workers", "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU."),
+    SettingRow("THREADS", "threads", "Threads per worker; model work is serialised per device."),
+    SettingRow("BASIC_AUTH_USER", "basic_auth_user", "With BASIC_AUTH_PASS: require HTTP basic auth."),
+    SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "Password for basic auth."),
+    SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
+    SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
+    SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
+    SettingRow("SCORE_THRESHOLD", "score_threshold", "Minimum instance score kept by pre-annotation (0.12 is the official demo's threshold).", True),
+    SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "At most this many regions per label and image.", True),
+    SettingRow("MIN_AREA", "min_area", "Drop predicted regions smaller than this many pixels.", True),
+    SettingRow("ALLOW_OVERLAP", "allow_overlap", "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps "
                "the shared pixels.", True),
-    SettingRow("POLYGON_TOLERANCE", "polygon_tolerance", "1.5",
-               "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", True),
-    SettingRow("REFERENCES", "references", "all",
-               "Which annotations are in-context examples: all | ground_truth | annotators.", True),
-    SettingRow("REFERENCE_ANNOTATORS", "reference_annotators", "(empty)",
-               "Comma-separated annotator user ids, for REFERENCES=annotators.", True),
-    SettingRow("MAX_EXAMPLES_PER_LABEL", "max_examples_per_label", "16",
-               "In-context examples per label (most recent first).", True),
-    SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "80",
-               "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left "
+    SettingRow("POLYGON_TOLERANCE", "polygon_tolerance", "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", True),
+    SettingRow("REFERENCES", "references", "Which annotations are in-context examples: all | ground_truth | annotators.", True),
+    SettingRow("REFERENCE_ANNOTATORS", "reference_annotators", "Comma-separated annotator user ids, for REFERENCES=annotators.", True),
+    SettingRow("MAX_EXAMPLES_PER_LABEL", "max_examples_per_label", "In-context examples per label (most recent first).", True),
+    SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left "
                "over are answered [] (Label Studio stores nothing for them) and finished in the background, which posts their predictions through the API.", True),
-    SettingRow("INTERACTIVE_MODE", "interactive_mode", "object",
-               "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.",
+    SettingRow("INTERACTIVE_MODE", "interactive_mode", "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.",
                True),
-    SettingRow("ALLOWED_HOSTS", "allowed_hosts", "(empty)",
-               "Comma-separated extra hosts task images may come from (name, *.domain, IP or CIDR). "
+    SettingRow("ALLOWED_HOSTS", "allowed_hosts", "Comma-separated extra hosts task images may come from (name, *.domain, IP or CIDR). "
                "Label Studio's host and the presigned URLs it returns are always allowed."),
-    SettingRow("LOCAL_FILES_DOCUMENT_ROOT", "local_files_root", "(empty)",
-               "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it "
+    SettingRow("LOCAL_FILES_DOCUMENT_ROOT", "local_files_root", "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it "
                "from Label Studio."),
-    SettingRow("MAX_IMAGE_BYTES", "max_image_bytes", str(64 * 1024 * 1024), "Largest image download, in bytes."),
-    SettingRow("MAX_IMAGE_PIXELS", "max_image_pixels", "64000000", "Largest image, width x height."),
-    SettingRow("IMAGE_CACHE_MB", "image_cache_mb", "2048", "Size bound of the downloaded-image cache in MODEL_DIR."),
-    SettingRow("FETCH_TIMEOUT", "fetch_timeout", "30", "Seconds per image or API request."),
-    SettingRow("VERIFY_SSL", "verify_ssl", "true", "Verify TLS certificates when fetching."),
-    SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "8",
-               "Encoded images kept per process, so the next click on the same image costs only the decoder."),
+    SettingRow("MAX_IMAGE_BYTES", "max_image_bytes", "Largest image download, in bytes."),
+    SettingRow("MAX_IMAGE_PIXELS", "max_image_pixels", "Largest image, width x height."),
+    SettingRow("IMAGE_CACHE_MB", "image_cache_mb", "Size bound of the downloaded-image cache in MODEL_DIR."),
+    SettingRow("FETCH_TIMEOUT", "fetch_timeout", "Seconds per image or API request."),
+    SettingRow("VERIFY_SSL", "verify_ssl", "Verify TLS certificates when fetching."),
+    SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "Encoded images kept per process, so the next click on the same image costs only the decoder."),
 )
 
 PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_project)
 _PER_PROJECT_KEYS = {key: row.field for row in SETTINGS_TABLE if row.per_project
                      for key in (row.field, row.env.lower())}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
 def _parse(name: str, raw: Any, source: str) -> Any:

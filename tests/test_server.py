@@ -13,15 +13,14 @@ from __future__ import annotations
 import io
 import threading
 import time
-from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 import requests
 import requests_mock
 from PIL import Image
 
+from doubles import ColourPredictor
 from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.regions import encode_rle, region_to_mask
 from labelstudio_backend.server import create_app
@@ -75,64 +74,6 @@ def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-# --- the test double --------------------------------------------------------------------------------------
-
-class ColourPredictor:
-    checkpoint_id = "fake-ckpt"
-    device = "cpu"
-    TOLERANCE = 0.15
-
-    def __init__(self, encode_delay: float = 0.0):
-        self.encode_delay = encode_delay
-        self.encoded_images = 0
-        self.encoded_prompts = 0
-        self.lock = threading.Lock()
-
-    def encode_image(self, image):
-        time.sleep(self.encode_delay)
-        with self.lock:
-            self.encoded_images += 1
-        image = np.asarray(image)
-        return SimpleNamespace(image=image.astype(np.float32) / 255.0, image_size=image.shape[:2])
-
-    def encode_prompts(self, encoded, masks):
-        with self.lock:
-            self.encoded_prompts += len(masks)
-        return np.stack([encoded.image[m].mean(axis=0) for m in np.asarray(masks, bool)]).astype(np.float32)
-
-    def _parts(self, encoded, colour):
-        close = np.linalg.norm(encoded.image - colour, axis=2) < self.TOLERANCE
-        count, labels = cv2.connectedComponents(close.astype(np.uint8))
-        return [labels == i for i in range(1, count)]
-
-    def segment_generic(self, encoded, classes, score_threshold=0.3, max_instances=100, max_examples=16):
-        instances = []
-        for index, examples in enumerate(classes):
-            colour = np.asarray(examples)[:max_examples].mean(axis=0)
-            for mask in self._parts(encoded, colour):
-                ys, xs = np.nonzero(mask)
-                instances.append(SimpleNamespace(mask=mask, score=0.9 - 0.01 * index, class_index=index,
-                                                 box=(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)))
-        return [i for i in instances if i.score >= (score_threshold or 0)][:max_instances]
-
-    def segment_interactive(self, encoded, points=None, point_labels=None, boxes=None, stroke=None):
-        points = [] if points is None else list(np.asarray(points).reshape(-1, 2))
-        labels = [1] * len(points) if point_labels is None else list(point_labels)
-        seeds = [p for p, positive in zip(points, labels) if positive]
-        seeds += [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in ([] if boxes is None else boxes)]
-        if stroke is not None:
-            ys, xs = np.nonzero(stroke)
-            seeds.append((xs[0], ys[0]))
-        x, y = seeds[0]
-        colour = encoded.image[int(y), int(x)]
-        part = next(m for m in self._parts(encoded, colour) if m[int(y), int(x)])
-        negatives = [p for p, positive in zip(points, labels) if not positive]
-        if any(part[int(py), int(px)] for px, py in negatives):
-            return SimpleNamespace(best=None, candidates=[])
-        best = SimpleNamespace(mask=part, predicted_iou=0.93, granularity=0, query_index=0)
-        return SimpleNamespace(best=best, candidates=[best])
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
@@ -567,40 +508,6 @@ def test_leave_one_out_estimate(backend):
         assert estimate["labels"][label]["mean_iou"] == pytest.approx(1.0)
         assert estimate["labels"][label]["recall"] == pytest.approx(1.0)
     assert estimate["labels"]["Red"]["regions"] == 3
-
-
-# --- settings ---------------------------------------------------------------------------------------------
-
-def test_settings_from_the_environment():
-    from labelstudio_backend.settings import SETTINGS_TABLE, SettingsError
-
-    defaults = Settings.from_env({})
-    assert (defaults.port, defaults.workers, defaults.threads, defaults.checkpoint, defaults.device) == \
-        (9090, 1, 8, "demo", "auto")
-    assert defaults.max_examples_per_label == 16 and defaults.interactive_mode == "object"
-    assert str(defaults.model_dir) == "model_dir" and defaults.basic_auth is None
-    s = Settings.from_env({"LABEL_STUDIO_URL": "http://ls:8080", "LABEL_STUDIO_ACCESS_TOKEN": "abc",
-                           "ALLOWED_HOSTS": "a.example.com, *.cdn.example.com", "ALLOW_OVERLAP": "yes",
-                           "SCORE_THRESHOLD": "0.45", "REFERENCES": "annotators", "REFERENCE_ANNOTATORS": "3,5",
-                           "LOCAL_FILES_DOCUMENT_ROOT": "/data", "PORT": ""})
-    assert s.label_studio_api_key == "abc" and s.allowed_hosts == ("a.example.com", "*.cdn.example.com")
-    assert s.allow_overlap is True and s.score_threshold == 0.45 and s.reference_annotators == ("3", "5")
-    assert str(s.local_files_root) == "/data" and s.port == 9090
-    assert "abc" not in repr(s)  # secrets stay out of logs
-    for env, message in (({"PORT": "http"}, "PORT='http'"), ({"SCORE_THRESHOLD": "2"}, "SCORE_THRESHOLD"),
-                         ({"INTERACTIVE_MODE": "all"}, "object, similar"), ({"ALLOW_OVERLAP": "maybe"}, "true or"),
-                         ({"REFERENCES": "annotators"}, "REFERENCE_ANNOTATORS"),
-                         ({"LABEL_STUDIO_URL": "ls:8080"}, "full URL"), ({"BASIC_AUTH_USER": "u"}, "both set")):
-        with pytest.raises(SettingsError, match=message):
-            Settings.from_env(env)
-    tuned = defaults.with_overrides({"SCORE_THRESHOLD": "0.6", "max_examples_per_label": 4})
-    assert tuned.score_threshold == 0.6 and tuned.max_examples_per_label == 4
-    assert defaults.with_overrides('{"interactive_mode": "similar"}').interactive_mode == "similar"
-    with pytest.raises(SettingsError, match="not a per-project setting"):
-        defaults.with_overrides({"max_image_bytes": 1})
-    assert {row.env for row in SETTINGS_TABLE} >= {"LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "MODEL_DIR", "PORT",
-                                                   "WORKERS", "THREADS", "BASIC_AUTH_USER", "BASIC_AUTH_PASS",
-                                                   "LOG_LEVEL", "DINOV_CHECKPOINT", "DEVICE"}
 
 
 # --- the real predictor -----------------------------------------------------------------------------------
