@@ -3,7 +3,8 @@
     from labelstudio_backend import create_app
     app = create_app()            # what `gunicorn _wsgi:app` serves
 
-See server.py (HTTP protocol), model.py (DINOvBackend), settings.py (environment variables).
+See server.py (HTTP protocol), backend.py (DINOvBackend), settings.py (environment variables); the README's
+"How it works" names every module in the order a request meets them.
 """
 
 from __future__ import annotations
