@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov.metrics import InstanceEvaluator, best_ious, coco_average_precision, iou, mask_iou
+from dinov.metrics import InstanceEvaluator, best_ious, coco_average_precision, iou, mask_iou, point_in_mask
 
 H, W = 20, 40
 
@@ -127,3 +127,12 @@ def test_evaluator_input_checks_and_empty_summary():
            torch.from_numpy(rect(0, 5, 0, 5))[None], torch.tensor([1]))
     s = ev.summary()
     assert s["miou"] == 0 and s["found"] == 0 and s["ap50"] == 0
+
+
+def test_point_in_mask_rounds_to_the_nearest_pixel_and_clamps():
+    mask = np.zeros((4, 5), bool)
+    mask[1, 2] = True
+    assert point_in_mask(mask, (2, 1)) and point_in_mask(mask, (1.6, 0.6))  # rounds, as the click rules do
+    assert not point_in_mask(mask, (2.6, 1))
+    mask[3, 4] = True
+    assert point_in_mask(mask, (40, 30))  # outside: the nearest pixel inside
