@@ -5,7 +5,6 @@ examples.py for how an annotation becomes rows, embeddings.py for the cache).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import datetime
