@@ -141,4 +141,3 @@ def main(argv: list[str] | None = None, model_factory: Callable[[Settings], Pred
     if report.interrupted:
         return 130
     return 1 if report.failed or report.stopped_because else 0
-

@@ -50,7 +50,6 @@ class BulkOptions:
     cpus_per_replica: float = 1.0
 
 
-
 def parse_task_ids(text: str) -> list[tuple[int, int]]:
     """'100-200,305,400-' -> [(100, 200), (305, 305), (400, max)]: inclusive ranges of task ids."""
     ranges = []

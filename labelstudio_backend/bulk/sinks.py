@@ -195,5 +195,3 @@ class JsonSink:
         tmp.write_text(json.dumps(self.items))
         os.replace(tmp, self.path)
         self.journal.unlink()
-
-

@@ -73,7 +73,6 @@ class Row:
     updated_at: str
 
 
-
 def normalize_timestamp(value: Any) -> str | None:
     """Label Studio timestamp (ISO 8601, any offset, or a datetime) -> UTC 'YYYY-MM-DDTHH:MM:SS.ffffffZ'.
 
@@ -206,8 +205,6 @@ def annotation_rows(task: dict, annotation: dict, image_key: str | None = None) 
                 )
             )
     return rows
-
-
 
 
 ROW_COLUMNS = (

@@ -82,8 +82,6 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: migrate_0_to_1
 assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION))
 
 
-
-
 class Database:
     """A SQLite file at the current schema version, one connection per (process, thread).
 
