@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 250
+    snapshot_every: int = 0  # >0: also keep the weights of every this many steps (OUT/step_NNNNN.safetensors)
 
 
 @dataclass
@@ -425,5 +426,10 @@ def train(trainer: Trainer, dataset: Sequence[Scene], out_dir: Path, progress: b
                         " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
         if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
             trainer.save(out_dir / "last.pt")
+        if config.snapshot_every and trainer.step % config.snapshot_every == 0:
+            # model-only snapshots, so that the best so far can be taken while the run goes on
+            from dinov.checkpoint import save_model
+
+            save_model(trainer.model, trainer.model_config, out_dir / f"step_{trainer.step:05d}.safetensors")
     bar.close()
     return history
