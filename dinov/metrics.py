@@ -64,6 +64,37 @@ def iou(a, b) -> float:
     return float(mask_iou(a, b)[0, 0])
 
 
+def point_in_mask(mask, x: float, y: float) -> bool:
+    """Whether the pixel under the point (x, y) (pixel coordinates of the mask's image, x to the right) is in
+    the mask. The pixel is (round(y), round(x)); a point beyond the border counts as the nearest border pixel
+    (a click on the image's edge)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"point_in_mask takes one [H, W] mask, got shape {mask.shape}")
+    col = min(max(int(round(float(x))), 0), mask.shape[1] - 1)
+    row = min(max(int(round(float(y))), 0), mask.shape[0] - 1)
+    return bool(mask[row, col])
+
+
+def fraction_outside_box(mask, box) -> float:
+    """The fraction of a mask's pixels outside the box (x0, y0, x1, y1) in pixels, x1/y1 exclusive (0 for an
+    empty mask); a pixel is inside when its centre is."""
+    mask = np.asarray(mask, dtype=bool)
+    total = int(mask.sum())
+    if total == 0:
+        return 0.0
+    return 1.0 - int(box_region(box, mask.shape)[mask].sum()) / total
+
+
+def box_region(box, size: tuple[int, int]) -> np.ndarray:
+    """Bool [H, W]: the pixels whose centre (x + 0.5, y + 0.5) lies in the box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    height, width = size
+    cols = (np.arange(width) + 0.5 >= x0) & (np.arange(width) + 0.5 <= x1)
+    rows = (np.arange(height) + 0.5 >= y0) & (np.arange(height) + 0.5 <= y1)
+    return rows[:, None] & cols[None, :]
+
+
 def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
     """[G]: for each true instance, the best IoU among the predictions of its class (0 if none)."""
     gt = _as_masks(gt_masks, "gt_masks")
