@@ -109,6 +109,31 @@ def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
     return np.where(same_class, ious, 0.0).max(0)
 
 
+def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold: float = 0.5) -> int:
+    """How many predicted regions match no true instance of their class: IoU below ``iou_threshold`` with every
+    one of them (a region an annotator would delete)."""
+    gt = _as_masks(gt_masks, "gt_masks")
+    if len(pred_masks) == 0:
+        return 0
+    pred = _as_masks(pred_masks, "pred_masks")
+    gt_cls = _as_vector(gt_classes, "gt_classes", len(gt), np.int64)
+    pred_cls = _as_vector(pred_classes, "pred_classes", len(pred), np.int64)
+    if len(gt) == 0:
+        return len(pred)
+    ious = np.where(pred_cls[:, None] == gt_cls[None, :], mask_iou(pred, gt), 0.0)
+    return int((ious.max(1) < iou_threshold).sum())
+
+
+def covers_another(mask, others, fraction: float = 0.2) -> bool:
+    """Whether a mask covers at least ``fraction`` of the area of any of the masks ``others`` [N, H, W]."""
+    mask = np.asarray(mask, dtype=bool)
+    for other in _as_masks(others, "others") if len(others) else ():
+        area = int(other.sum())
+        if area and int((mask & other).sum()) >= fraction * area:
+            return True
+    return False
+
+
 def _match_image(ious: np.ndarray, iou_threshold: float) -> np.ndarray:
     """COCO's greedy matching for one image and class: detections (rows, already in score order)
     take the unmatched true instance of highest IoU >= the threshold. Returns bool [D] matched."""

@@ -101,6 +101,7 @@ class DINOvPredictor:
         resize: ResizeConfig | None = None,
         autocast_dtype: torch.dtype | None = None,
         checkpoint_id: str = "unnamed",
+        model_name: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -109,6 +110,8 @@ class DINOvPredictor:
         # Mixed precision only on CUDA; CPU runs in fp32, where bf16 is slower and less exact.
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
         self.checkpoint_id = checkpoint_id
+        # what predictions say made them (model_version): "demo-1a2b3c4d"; load_model names loaded models
+        self.model_name = model_name or getattr(model, "model_name", None) or f"model-{checkpoint_id[:8]}"
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- construction
@@ -127,11 +130,19 @@ class DINOvPredictor:
 
         model, _, checkpoint_id = load_model(checkpoint, config=config, cache_dir=cache_dir)
         return cls(model, device=resolve_device(device), resize=resize, autocast_dtype=autocast_dtype,
-                   checkpoint_id=checkpoint_id)
+                   checkpoint_id=checkpoint_id, model_name=model.model_name)
 
     @property
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
+
+    @property
+    def default_score_threshold(self) -> float:
+        """The checkpoint's score threshold for generic segmentation (its metadata; the official 0.12 for the
+        released checkpoints and models without one): what ``segment_generic`` applies when given none."""
+        from dinov.checkpoint import OFFICIAL_SCORE_THRESHOLD
+
+        return float(getattr(self.model, "default_score_threshold", OFFICIAL_SCORE_THRESHOLD))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -222,8 +233,11 @@ class DINOvPredictor:
         """Every object that looks like one of the classes. A class is given by its examples
         ([k, D] prompt embeddings; the first `max_examples` are averaged, as in the paper).
 
-        `score_threshold=None` applies the official demo's rule (0.12, lowered until something
-        is found); a number keeps only instances scoring at least that, possibly none.
+        A score is the instance's class probability (sigmoid of its similarity to the best class).
+        `score_threshold=None` applies the official demo's rule with the checkpoint's default
+        threshold (`default_score_threshold`: 0.12 for the released checkpoints, calibrated for
+        the demo), lowered until something is found; a number keeps only instances scoring at
+        least that, possibly none.
         """
         class_embeddings = self._class_bank(classes, max_examples)
         with self._lock, self._autocast():
@@ -233,7 +247,7 @@ class DINOvPredictor:
         logits = outputs["pred_logits"][0].float()
         masks = outputs["pred_masks"][0].float()
         if score_threshold is None:
-            selection = postprocess.filter_generic(logits, masks)
+            selection = postprocess.filter_generic(logits, masks, threshold=self.default_score_threshold)
             keep, scores, labels = selection.index, selection.scores, selection.labels
         else:
             scores, labels = logits.sigmoid().max(-1)
