@@ -304,6 +304,10 @@ def _mismatch_message(
 RELEASED_CHECKPOINTS = {"swinT": ("model_swinT.pth", "swin_t"), "swinL": ("model_swinL.pth", "swin_l")}
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo.safetensors"
 CONFIG_METADATA_KEY = "dinov_config"
+# The checkpoint's default score threshold for generic segmentation (`python -m dinov.calibrate` writes it);
+# files without it (the released checkpoints, older files) use the official demo's 0.12.
+SCORE_THRESHOLD_METADATA_KEY = "default_score_threshold"
+OFFICIAL_SCORE_THRESHOLD = 0.12
 
 
 def load_model(checkpoint: PathLike, config=None, cache_dir: PathLike | None = None):
@@ -311,7 +315,9 @@ def load_model(checkpoint: PathLike, config=None, cache_dir: PathLike | None = N
 
     The config comes from, in order: the `config` argument, the safetensors metadata written by
     `save_model`, the released preset of a named checkpoint, or the preset whose shapes fit.
-    Returns (model in eval mode, its config, short content hash of the file for cache keys).
+    Returns (model in eval mode, its config, short content hash of the file for cache keys). The model carries
+    ``default_score_threshold`` (from the file's metadata, else the official 0.12) and ``model_name``
+    (:func:`model_name`).
     """
     import json
 
@@ -339,17 +345,47 @@ def load_model(checkpoint: PathLike, config=None, cache_dir: PathLike | None = N
             )
 
     state_dict = read_state_dict(path)
-    if config is None and path.suffix == SAFETENSORS_SUFFIX:
-        stored = read_safetensors_metadata(path).get(CONFIG_METADATA_KEY)
-        if stored:
-            config = DINOvConfig.from_dict(json.loads(stored))
+    metadata = read_safetensors_metadata(path) if path.suffix == SAFETENSORS_SUFFIX else {}
+    if config is None and metadata.get(CONFIG_METADATA_KEY):
+        config = DINOvConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
     if config is None and preset is not None:
         config = PRESETS[preset]()
     if config is None:
         config = _infer_preset(state_dict, path)
     model = build_dinov(config)
     load_into(model, state_dict, source=str(path))
-    return model.eval(), config, file_digest(path)
+    digest = file_digest(path)
+    model.default_score_threshold = float(metadata.get(SCORE_THRESHOLD_METADATA_KEY, OFFICIAL_SCORE_THRESHOLD))
+    model.model_name = model_name(checkpoint, digest)
+    return model.eval(), config, digest
+
+
+def model_name(checkpoint: PathLike, digest: str) -> str:
+    """A readable name of a checkpoint for predictions' model_version: "demo-1a2b3c4d", "swinT-…", or the file's
+    stem for a path ("mymodel-…"); the suffix is the first 8 hex digits of the file's content hash, so a
+    retrained file gets a new name."""
+    name = str(checkpoint)
+    if name != "demo" and name not in RELEASED_CHECKPOINTS:
+        name = Path(name).name
+        for suffix in (SAFETENSORS_SUFFIX, ".pth", ".pt"):
+            if name.endswith(suffix):
+                name = name[: -len(suffix)]
+    return f"{name}-{digest[:8]}"
+
+
+def write_metadata(path: PathLike, updates: Mapping[str, str]) -> None:
+    """Add or replace string metadata of a ``.safetensors`` checkpoint, keeping its tensors as they are."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != SAFETENSORS_SUFFIX:
+        raise CheckpointError(f"{path}: only .safetensors files carry metadata; save it with save_model first")
+    metadata = read_safetensors_metadata(path)
+    metadata.update({str(k): str(v) for k, v in updates.items()})
+    tensors = _read_safetensors(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata=metadata)
+    os.replace(tmp, path)
 
 
 def save_model(model: nn.Module, config, path: PathLike, metadata: Mapping[str, str] | None = None) -> None:

@@ -5,11 +5,14 @@
 Generic propagation: every target scene is segmented against all 30 classes, each class given by
 1, 4 or 16 examples (full instance masks) taken from other scenes; reported as mIoU (for each
 true instance the best IoU among predictions of its class, 0 if none), found (IoU >= 0.5) and
-AP50 (COCO's 101-point interpolation, averaged over classes).
+AP50 (COCO's 101-point interpolation, averaged over classes), all at the checkpoint's default
+score threshold, and wrong regions per image (predicted regions whose IoU with every true instance
+of their class is below 0.5).
 Referring on the same image: from a click at the instance's innermost pixel, from its box and
 from a scribble inside it (IoU of the chosen candidate with the instance, 0 if none); from an
 example on another image: one example of each class present, IoU with the best-matching
-instance of that class in the target.
+instance of that class in the target. For clicks, also the fraction of answers that cover at least
+a fifth of another instance (a spill onto a neighbour).
 The targets use seeds from 10,000,000 and the example pool seeds from 20,000,000; training uses
 seeds below 1,000,000.
 """
@@ -26,7 +29,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dinov.data.scenes import NUM_CLASSES, generate_scene
-from dinov.metrics import InstanceEvaluator, iou
+from dinov.metrics import InstanceEvaluator, covers_another, iou, wrong_regions
 from dinov.modeling.dinov import DINOv
 from dinov.predictor import DINOvPredictor
 from dinov.transforms import ResizeConfig
@@ -72,7 +75,9 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
     classes = sorted(pool)
 
     evaluators = {k: InstanceEvaluator() for k in EXAMPLE_COUNTS}
+    wrong = {k: 0 for k in EXAMPLE_COUNTS}
     refer = defaultdict(list)
+    spills = []
     for i in tqdm(range(num_scenes), desc="targets", disable=not progress):
         scene = generate_scene(TARGET_SEED + i)
         encoded = predictor.encode_image(scene.image)
@@ -80,12 +85,15 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
             bank = [np.stack(pool[c][:k]) for c in classes]
             instances = predictor.segment_generic(encoded, bank)
             masks = np.stack([x.mask for x in instances]) if instances else np.zeros((0, *scene.image.shape[:2]), bool)
-            evaluators[k].add(masks, [x.score for x in instances], [classes[x.class_index] for x in instances],
-                              scene.masks, scene.classes)
-        for mask in scene.masks:
+            labels = [classes[x.class_index] for x in instances]
+            evaluators[k].add(masks, [x.score for x in instances], labels, scene.masks, scene.classes)
+            wrong[k] += wrong_regions(masks, labels, scene.masks, scene.classes)
+        for j, mask in enumerate(scene.masks):
             x, y = innermost_point(mask)
             got = predictor.segment_interactive(encoded, points=[[x, y]], point_labels=[1]).best
             refer["point"].append(iou(got.mask, mask) if got else 0.0)
+            others = np.delete(scene.masks, j, axis=0)
+            spills.append(bool(got) and covers_another(got.mask, others, 0.2))
             ys, xs = np.nonzero(mask)
             box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             got = predictor.segment_interactive(encoded, boxes=[box]).best
@@ -103,9 +111,12 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
     for k, evaluator in evaluators.items():
         summary = evaluator.summary()
         report[f"generic_{k}"] = {key: summary[key] for key in ("miou", "found", "ap50", "num_instances")}
+        report[f"generic_{k}"]["wrong_per_image"] = wrong[k] / max(1, num_scenes)
     for key, values in refer.items():
         report[f"refer_{key}"] = {"miou": float(np.mean(values)), "found": float(np.mean(np.asarray(values) >= 0.5)),
                                   "num_instances": len(values)}
+    report["refer_point"]["covering_another"] = float(np.mean(spills)) if spills else 0.0
+    report["score_threshold"] = predictor.default_score_threshold
     return report
 
 
@@ -119,10 +130,17 @@ def evaluate_model(model: DINOv, num_scenes: int = 40, resize: ResizeConfig | No
 
 
 def format_report(report: dict) -> str:
-    lines = ["| task | mIoU | found (IoU>=0.5) | AP50 | instances |", "|---|---|---|---|---|"]
+    lines = [f"default score threshold: {report.get('score_threshold', float('nan')):.2f}", "",
+             "| task | mIoU | found (IoU>=0.5) | AP50 | wrong regions / image | masks covering >= 1/5 of another "
+             "instance | instances |", "|---|---|---|---|---|---|---|"]
     for name, row in report.items():
+        if not isinstance(row, dict):
+            continue
         ap = f"{row['ap50']:.3f}" if "ap50" in row else "-"
-        lines.append(f"| {name} | {row['miou']:.3f} | {row['found']:.3f} | {ap} | {row['num_instances']} |")
+        wrong = f"{row['wrong_per_image']:.2f}" if "wrong_per_image" in row else "-"
+        spill = f"{row['covering_another']:.3f}" if "covering_another" in row else "-"
+        lines.append(f"| {name} | {row['miou']:.3f} | {row['found']:.3f} | {ap} | {wrong} | {spill} | "
+                     f"{row['num_instances']} |")
     return "\n".join(lines)
 
 

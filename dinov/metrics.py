@@ -64,13 +64,35 @@ def iou(a, b) -> float:
     return float(mask_iou(a, b)[0, 0])
 
 
-def point_in_mask(mask: np.ndarray, point) -> bool:
-    """Whether the pixel under `point` (x, y in pixels, rounded to the nearest pixel and clamped to the
-    image) is set in the bool mask [H, W]. The predictor's click rules and the backend both use this."""
-    x, y = int(round(float(point[0]))), int(round(float(point[1])))
-    x = min(max(x, 0), mask.shape[1] - 1)
-    y = min(max(y, 0), mask.shape[0] - 1)
-    return bool(mask[y, x])
+def point_in_mask(mask, x: float, y: float) -> bool:
+    """Whether the pixel under the point (x, y) (pixel coordinates of the mask's image, x to the right) is in
+    the mask. The pixel is (round(y), round(x)); a point beyond the border counts as the nearest border pixel
+    (a click on the image's edge)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"point_in_mask takes one [H, W] mask, got shape {mask.shape}")
+    col = min(max(int(round(float(x))), 0), mask.shape[1] - 1)
+    row = min(max(int(round(float(y))), 0), mask.shape[0] - 1)
+    return bool(mask[row, col])
+
+
+def fraction_outside_box(mask, box) -> float:
+    """The fraction of a mask's pixels outside the box (x0, y0, x1, y1) in pixels, x1/y1 exclusive (0 for an
+    empty mask); a pixel is inside when its centre is."""
+    mask = np.asarray(mask, dtype=bool)
+    total = int(mask.sum())
+    if total == 0:
+        return 0.0
+    return 1.0 - int(box_region(box, mask.shape)[mask].sum()) / total
+
+
+def box_region(box, size: tuple[int, int]) -> np.ndarray:
+    """Bool [H, W]: the pixels whose centre (x + 0.5, y + 0.5) lies in the box (x0, y0, x1, y1)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    height, width = size
+    cols = (np.arange(width) + 0.5 >= x0) & (np.arange(width) + 0.5 <= x1)
+    rows = (np.arange(height) + 0.5 >= y0) & (np.arange(height) + 0.5 <= y1)
+    return rows[:, None] & cols[None, :]
 
 
 def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
@@ -85,6 +107,31 @@ def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
     ious = mask_iou(pred, gt)
     same_class = pred_cls[:, None] == gt_cls[None, :]
     return np.where(same_class, ious, 0.0).max(0)
+
+
+def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold: float = 0.5) -> int:
+    """How many predicted regions match no true instance of their class: IoU below ``iou_threshold`` with every
+    one of them (a region an annotator would delete)."""
+    gt = _as_masks(gt_masks, "gt_masks")
+    if len(pred_masks) == 0:
+        return 0
+    pred = _as_masks(pred_masks, "pred_masks")
+    gt_cls = _as_vector(gt_classes, "gt_classes", len(gt), np.int64)
+    pred_cls = _as_vector(pred_classes, "pred_classes", len(pred), np.int64)
+    if len(gt) == 0:
+        return len(pred)
+    ious = np.where(pred_cls[:, None] == gt_cls[None, :], mask_iou(pred, gt), 0.0)
+    return int((ious.max(1) < iou_threshold).sum())
+
+
+def covers_another(mask, others, fraction: float = 0.2) -> bool:
+    """Whether a mask covers at least ``fraction`` of the area of any of the masks ``others`` [N, H, W]."""
+    mask = np.asarray(mask, dtype=bool)
+    for other in _as_masks(others, "others") if len(others) else ():
+        area = int(other.sum())
+        if area and int((mask & other).sum()) >= fraction * area:
+            return True
+    return False
 
 
 def _match_image(ious: np.ndarray, iou_threshold: float) -> np.ndarray:

@@ -26,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from scipy import ndimage
+
 from dinov import postprocess
 from dinov.config import DINOvConfig
-from dinov.metrics import point_in_mask
+from dinov.metrics import box_region, point_in_mask
 from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, point_boxes
 from dinov.modeling.prompt_encoder import PromptContent
 from dinov.prompts import points_to_mask
@@ -80,6 +82,7 @@ class Candidate:
     predicted_iou: float
     granularity: int  # 0..5, which of the six granularity tokens produced it
     query_index: int  # which position query (point or box) it came from
+    kept_fraction: float = 1.0  # the share of the model's mask that stayed on the prompted object(s)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class DINOvPredictor:
         resize: ResizeConfig | None = None,
         autocast_dtype: torch.dtype | None = None,
         checkpoint_id: str = "unnamed",
+        model_name: str | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -106,6 +110,8 @@ class DINOvPredictor:
         # Mixed precision only on CUDA; CPU runs in fp32, where bf16 is slower and less exact.
         self.autocast_dtype = autocast_dtype if self.device.type == "cuda" else None
         self.checkpoint_id = checkpoint_id
+        # what predictions say made them (model_version): "demo-1a2b3c4d"; load_model names loaded models
+        self.model_name = model_name or getattr(model, "model_name", None) or f"model-{checkpoint_id[:8]}"
         self._lock = threading.Lock()
 
     # ----------------------------------------------------------------- construction
@@ -124,11 +130,19 @@ class DINOvPredictor:
 
         model, _, checkpoint_id = load_model(checkpoint, config=config, cache_dir=cache_dir)
         return cls(model, device=resolve_device(device), resize=resize, autocast_dtype=autocast_dtype,
-                   checkpoint_id=checkpoint_id)
+                   checkpoint_id=checkpoint_id, model_name=model.model_name)
 
     @property
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
+
+    @property
+    def default_score_threshold(self) -> float:
+        """The checkpoint's score threshold for generic segmentation (its metadata; the official 0.12 for the
+        released checkpoints and models without one): what ``segment_generic`` applies when given none."""
+        from dinov.checkpoint import OFFICIAL_SCORE_THRESHOLD
+
+        return float(getattr(self.model, "default_score_threshold", OFFICIAL_SCORE_THRESHOLD))
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -219,8 +233,11 @@ class DINOvPredictor:
         """Every object that looks like one of the classes. A class is given by its examples
         ([k, D] prompt embeddings; the first `max_examples` are averaged, as in the paper).
 
-        `score_threshold=None` applies the official demo's rule (0.12, lowered until something
-        is found); a number keeps only instances scoring at least that, possibly none.
+        A score is the instance's class probability (sigmoid of its similarity to the best class).
+        `score_threshold=None` applies the official demo's rule with the checkpoint's default
+        threshold (`default_score_threshold`: 0.12 for the released checkpoints, calibrated for
+        the demo), lowered until something is found; a number keeps only instances scoring at
+        least that, possibly none.
         """
         class_embeddings = self._class_bank(classes, max_examples)
         with self._lock, self._autocast():
@@ -230,7 +247,7 @@ class DINOvPredictor:
         logits = outputs["pred_logits"][0].float()
         masks = outputs["pred_masks"][0].float()
         if score_threshold is None:
-            selection = postprocess.filter_generic(logits, masks)
+            selection = postprocess.filter_generic(logits, masks, threshold=self.default_score_threshold)
             keep, scores, labels = selection.index, selection.scores, selection.labels
         else:
             scores, labels = logits.sigmoid().max(-1)
@@ -308,8 +325,13 @@ class DINOvPredictor:
 
         Each positive click and each box becomes a position query at its location (six
         granularity candidates each, with predicted IoUs); a stroke contributes queries at
-        points along it. The chosen candidate covers every positive click, contains no
-        negative click, overlaps the stroke most, and has the highest predicted IoU.
+        points along it.
+
+        The answer stays on the object the user pointed at (:func:`restrict_to_prompts`, applied to
+        every candidate): a box keeps only what lies inside it; of the mask's connected parts, it keeps
+        those a positive click or the stroke touches (with only a box, all parts inside it) and drops
+        those a negative click touches. The chosen candidate then covers every positive click,
+        overlaps the stroke most, and has the highest predicted IoU (see :func:`choose_candidate`).
         """
         height, width = encoded.image_size
         pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
@@ -362,8 +384,10 @@ class DINOvPredictor:
         candidates = []
         for q in range(ious.shape[0]):
             for g in range(ious.shape[1]):
-                mask = self._mask_to_original(mask_logits[q * ious.shape[1] + g], encoded)
-                candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g, query_index=q))
+                raw = self._mask_to_original(mask_logits[q * ious.shape[1] + g], encoded)
+                mask = restrict_to_prompts(raw, positive, negative, bxs, stroke)
+                candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g, query_index=q,
+                                            kept_fraction=float(mask.sum() / max(1, raw.sum()))))
         return InteractiveResult(best=choose_candidate(candidates, positive, negative, stroke), candidates=candidates)
 
     # ----------------------------------------------------------------- helpers
@@ -397,21 +421,63 @@ def stroke_sample_points(stroke: np.ndarray, count: int) -> list[tuple[float, fl
     return [(float(xs[i]), float(ys[i])) for i in picks]
 
 
+def restrict_to_prompts(mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, boxes: np.ndarray,
+                        stroke: np.ndarray | None) -> np.ndarray:
+    """The part of a candidate mask that is the object(s) the user pointed at.
+
+    A box keeps only the pixels inside it (inside any box, when several are drawn). Of the connected parts
+    (8-connected) of what is left, those touched by a positive click or by the stroke are kept; when none is
+    touched, the part nearest to a positive click is kept (a click just beside the mask's edge); with only
+    boxes, every part inside them is kept. Parts a negative click touches are dropped.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if len(boxes):
+        inside = np.zeros_like(mask)
+        for box in boxes:
+            inside |= box_region(box, mask.shape)
+        mask = mask & inside
+    if not mask.any():
+        return mask
+    parts, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return mask
+    keep = np.zeros(count + 1, dtype=bool)
+    anchored = len(positive) > 0 or stroke is not None
+    if not anchored:
+        keep[1:] = True
+    for x, y in positive:
+        if point_in_mask(mask, x, y):
+            keep[parts[min(max(int(round(y)), 0), mask.shape[0] - 1), min(max(int(round(x)), 0), mask.shape[1] - 1)]] = True
+    if stroke is not None:
+        keep[np.unique(parts[stroke & mask])] = True
+    keep[0] = False
+    if anchored and not keep.any() and len(positive):
+        # no part under any click: the part nearest to the clicks (distance from each pixel to the nearest click)
+        ys, xs = np.nonzero(mask)
+        distance = np.min([(xs - x) ** 2 + (ys - y) ** 2 for x, y in positive], axis=0)
+        keep[parts[ys[int(np.argmin(distance))], xs[int(np.argmin(distance))]]] = True
+    for x, y in negative:
+        if point_in_mask(mask, x, y):
+            keep[parts[min(max(int(round(y)), 0), mask.shape[0] - 1), min(max(int(round(x)), 0), mask.shape[1] - 1)]] = False
+    return keep[parts]
+
+
 def choose_candidate(
     candidates: list[Candidate], positive: np.ndarray, negative: np.ndarray, stroke: np.ndarray | None
 ) -> Candidate | None:
     """Pick the candidate a user means: contains no negative click, covers the most positive
-    clicks, overlaps the stroke most, then the highest predicted IoU."""
-
+    clicks, overlaps the stroke most, then the highest predicted IoU, discounted by how much of
+    the model's mask had to be cut off to stay on the object (a candidate that spilled onto
+    other objects is a worse guess of the object's extent than one that did not)."""
     best_key, best = None, None
     for candidate in candidates:
         if not candidate.mask.any():
             continue
-        if any(point_in_mask(candidate.mask, p) for p in negative):
+        if any(point_in_mask(candidate.mask, *p) for p in negative):
             continue
-        covered = sum(point_in_mask(candidate.mask, p) for p in positive)
+        covered = sum(point_in_mask(candidate.mask, *p) for p in positive)
         overlap = float((candidate.mask & stroke).sum() / stroke.sum()) if stroke is not None else 0.0
-        key = (covered, round(overlap, 2), candidate.predicted_iou)
+        key = (covered, round(overlap, 2), candidate.predicted_iou * candidate.kept_fraction)
         if best_key is None or key > best_key:
             best_key, best = key, candidate
     return best

@@ -75,7 +75,7 @@ def select_instances(instances: Iterable[Instance], rules: SelectionRules) -> li
 def similar_to_drawn(found: Iterable[Instance], drawn: Instance, negatives: Sequence) -> list[Instance]:
     """INTERACTIVE_MODE=similar: the found instances that contain no negative click (x, y pixels), plus the
     drawn object itself unless one of them is it."""
-    similar = [f for f in found if not any(point_in_mask(f.mask, point) for point in negatives)]
+    similar = [f for f in found if not any(point_in_mask(f.mask, *point) for point in negatives)]
     if not any(iou(f.mask, drawn.mask) > SAME_OBJECT_IOU for f in similar):
         similar.append(drawn)  # the drawn object itself is always in
     return similar

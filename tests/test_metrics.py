@@ -132,7 +132,7 @@ def test_evaluator_input_checks_and_empty_summary():
 def test_point_in_mask_rounds_to_the_nearest_pixel_and_clamps():
     mask = np.zeros((4, 5), bool)
     mask[1, 2] = True
-    assert point_in_mask(mask, (2, 1)) and point_in_mask(mask, (1.6, 0.6))  # rounds, as the click rules do
-    assert not point_in_mask(mask, (2.6, 1))
+    assert point_in_mask(mask, 2, 1) and point_in_mask(mask, 1.6, 0.6)  # rounds, as the click rules do
+    assert not point_in_mask(mask, 2.6, 1)
     mask[3, 4] = True
-    assert point_in_mask(mask, (40, 30))  # outside: the nearest pixel inside
+    assert point_in_mask(mask, 40, 30)  # outside: the nearest pixel inside

@@ -75,3 +75,89 @@ def test_fine_tuning_from_a_labelstudio_export_runs_end_to_end(tmp_path, caplog)
     for key, value in initial.backbone.state_dict().items():
         assert torch.equal(value, tuned.backbone.state_dict()[key])
     assert not torch.equal(initial.head.query_feat.weight, tuned.head.query_feat.weight)
+
+
+def _encoded_demo(seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_dinov(demo()).eval()
+    images = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        multi_scale, mask_features = model.encode(images)
+    return model, multi_scale, mask_features
+
+
+def test_denoising_queries_are_isolated_from_the_matching_queries():
+    """Object and class queries give exactly the same outputs with or without denoising queries, and a denoising
+    group is not affected by the boxes of another group: they neither see nor are seen."""
+    model, multi_scale, mask_features = _encoded_demo()
+    head = model.head
+    bank = torch.randn(1, 5, head.hidden_dim)
+    dn = torch.rand(2, 2 * 3, 4) * 0.5 + 0.25  # 2 groups of 3 queries
+    with torch.no_grad():
+        plain = head.decode_generic(multi_scale, mask_features, bank, aux_masks=True)
+        with_dn = head.decode_generic(multi_scale, mask_features, bank, aux_masks=True, denoising_boxes=dn,
+                                      denoising_groups=2)
+        moved = dn.clone()
+        moved[:, 3:] = torch.rand(2, 3, 4) * 0.5 + 0.25  # change group 1 only
+        other = head.decode_generic(multi_scale, mask_features, bank, aux_masks=True, denoising_boxes=moved,
+                                    denoising_groups=2)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        assert torch.allclose(plain[key], with_dn[key], atol=1e-5), key
+    assert "denoising" not in plain
+    out = with_dn["denoising"]
+    assert out["pred_masks"].shape == (2, 6, *mask_features.shape[-2:])
+    assert out["pred_boxes"].shape == (2, 6, 4) and out["pred_logits"].shape == (2, 6, 5)
+    assert len(out["aux_outputs"]) == demo().decoder.dec_layers - 1
+    # group 0 did not see group 1 ...
+    assert torch.allclose(out["pred_masks"][:, :3], other["denoising"]["pred_masks"][:, :3], atol=1e-5)
+    # ... and group 1 did change
+    assert not torch.allclose(out["pred_masks"][:, 3:], other["denoising"]["pred_masks"][:, 3:], atol=1e-3)
+
+
+def test_denoising_losses_fall_when_trained_alone():
+    """The denoising loss alone (no matching) drops on a fixed batch: the DN path carries gradients."""
+    torch.manual_seed(0)
+    config = small_config(lr=2e-3, warmup_steps=1, steps=30, dn_queries=20)
+    trainer = Trainer(build_dinov(demo()), demo(), config)
+    batch = next(batches(SceneDataset(range(50)), config, np.random.default_rng(1)))
+    first = trainer.train_step(batch)
+    assert first["denoising"] > 0
+    for _ in range(15):
+        last = trainer.train_step(batch)
+    assert last["denoising"] < 0.7 * first["denoising"], (first["denoising"], last["denoising"])
+
+
+def test_denoising_boxes_are_noised_ground_truth_in_groups():
+    config = small_config(dn_queries=12, dn_noise_scale=0.4)
+    trainer = Trainer(build_dinov(demo()), demo(), config)
+    truth = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.3]])
+    targets = [{"boxes": truth}, {"boxes": truth[:1]}]
+    boxes, groups = trainer._denoising_boxes(targets)
+    assert groups == 6 and boxes.shape == (2, 12, 4)
+    grouped = boxes[0].view(6, 2, 4)
+    # every noised copy stays within the noise bounds of its instance (centre +-0.4 * half size, size +-0.4 * size)
+    bound = torch.cat([truth[:, 2:] / 2, truth[:, 2:]], 1) * 0.4 + 1e-6
+    assert ((grouped - truth).abs() <= bound).all()
+    assert not torch.allclose(grouped[0], grouped[1])  # each group draws its own noise
+    # the second image has one instance: the other slot of each group is padding
+    assert torch.allclose(boxes[1].view(6, 2, 4)[:, 1], torch.full((6, 4), 0.5))
+
+
+def test_class_banks_take_examples_from_other_images():
+    config = small_config(max_examples=16, cross_image_examples=True)
+    trainer = Trainer(build_dinov(demo()), demo(), config)
+    d = demo().decoder.hidden_dim
+    a, b, c = torch.zeros(d), torch.ones(d), torch.full((d,), 2.0)
+    # class 0 on image 0 (a) and image 1 (b); class 1 only on image 1 (c)
+    prompts = [(0, 0, a), (1, 0, b), (1, 1, c)]
+    banks = trainer._class_banks(prompts, num_images=2, num_classes=2)
+    assert banks.shape == (2, 2, d)
+    assert torch.equal(banks[0, 0], b) and torch.equal(banks[1, 0], a)  # the other image's example
+    assert torch.equal(banks[1, 1], c)  # no other image has class 1: its own example
+
+
+def test_batches_with_shared_classes_draw_from_one_subset():
+    config = small_config(batch_size=4, batch_classes=5)
+    batch = next(batches(SceneDataset(range(100)), config, np.random.default_rng(3)))
+    classes = {int(c) for s in batch for c in s.classes}
+    assert len(classes) <= 5

@@ -11,11 +11,11 @@ It turns the pixel decoder's outputs into segmentation proposals in two ways:
 The content queries of visual prompts come from :meth:`DINOvHead.encode_prompts`.
 
 Attribute names equal the official state_dict keys so the released checkpoints load as they are. The forward is
-differentiable (no in-place ops on activations, no ``no_grad``); training-only paths (denoising queries, losses)
-are not implemented.
+differentiable (no in-place ops on activations, no ``no_grad``). The one training-only path is the denoising
+queries of generic decoding (``decode_generic(denoising_boxes=...)``); without them the forward is the inference one.
 """
-
 from __future__ import annotations
+
 from typing import Sequence
 
 import torch
@@ -180,7 +180,8 @@ class DINOvHead(nn.Module):
     # ------------------------------------------------------------------ generic decoding
 
     def decode_generic(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, class_embeddings: Tensor,
-                       with_masks: bool = True, aux_masks: bool = False) -> dict[str, object]:
+                       with_masks: bool = True, aux_masks: bool = False, denoising_boxes: Tensor | None = None,
+                       denoising_groups: int = 1) -> dict[str, object]:
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
@@ -188,6 +189,11 @@ class DINOvHead(nn.Module):
         with_masks: compute ``pred_masks``; ``mask_embed`` [B, Q, mask_dim] is always returned, so the masks of
             the queries kept by the filter can be computed later instead (``postprocess.filter_generic``).
         aux_masks: also predict masks after every earlier layer (for training).
+        denoising_boxes: training only: [B, G * S, 4] noised ground-truth boxes (cxcywh in [0, 1]), ``denoising_groups``
+            (G) groups of S queries. They become extra queries (content ``label_enc[0]``, as the official DN) placed
+            before the object queries; each group attends only within itself and no other query attends to them, so
+            the object and class queries compute exactly what they compute without them. Their predictions come
+            back under "denoising" (pred_boxes, pred_masks, pred_logits and aux_outputs, masks on every layer).
         Returns pred_logits [B, Q, C] (similarity logits; == pred_match_score), pred_masks [B, Q, H/4, W/4]
         (last layer), pred_boxes [B, Q, 4] (cxcywh normalised to the padded size), pred_match_score, mask_embed,
         and aux_outputs: one dict per earlier layer with pred_logits, pred_boxes, pred_match_score (and
@@ -208,27 +214,47 @@ class DINOvHead(nn.Module):
         refs = torch.cat([self.query_embed.weight[None].expand(batch, -1, -1),
                           whole_image_box(num_classes, memory).expand(batch, -1, -1)], dim=1)
         layout = self._generic_layout(num_classes, memory.device)
+        num_dn = 0
+        if denoising_boxes is not None:
+            num_dn = denoising_boxes.shape[1]
+            if denoising_boxes.shape != (batch, num_dn, 4) or num_dn % denoising_groups:
+                raise ValueError(f"denoising_boxes must be [B={batch}, G*S, 4] with G={denoising_groups} groups, "
+                                 f"got {tuple(denoising_boxes.shape)}")
+            dn_content = self.label_enc.weight[0].to(memory)[None, None].expand(batch, num_dn, -1)
+            tgt = torch.cat([dn_content, tgt], dim=1)
+            refs = torch.cat([inverse_sigmoid(denoising_boxes.to(memory)), refs], dim=1)
+            layout = with_denoising_block(layout, denoising_groups, num_dn // denoising_groups)
         hs, references = self.decoder(tgt, refs, memory, spatial_shapes, level_start_index, layout)
 
-        outputs = []
+        outputs, dn_outputs = [], []
         for i, h in enumerate(hs):
             last = i == len(hs) - 1
             normed = self.decoder_norm(h)
             projected = normed @ self.class_embed_openset
+            classes = projected[:, num_dn + num_generic:]
             # similarity of each object query to each class query
-            logits = projected[:, :num_generic] @ projected[:, num_generic:].transpose(1, 2)
-            generic_hs = h[:, :num_generic]
-            boxes = (self.bbox_embed[i](generic_hs) + inverse_sigmoid(references[i][:, :num_generic])).sigmoid()
+            logits = projected[:, num_dn:num_dn + num_generic] @ classes.transpose(1, 2)
+            generic_hs = h[:, num_dn:num_dn + num_generic]
+            boxes = (self.bbox_embed[i](generic_hs)
+                     + inverse_sigmoid(references[i][:, num_dn:num_dn + num_generic])).sigmoid()
             out = {"pred_logits": logits, "pred_boxes": boxes, "pred_match_score": logits}
             if last or aux_masks:
-                mask_embed = self.mask_embed(normed[:, :num_generic])
+                mask_embed = self.mask_embed(normed[:, num_dn:num_dn + num_generic])
                 if last:
                     out["mask_embed"] = mask_embed
                 if with_masks or not last:
                     out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
             outputs.append(out)
+            if num_dn:
+                dn_boxes = (self.bbox_embed[i](h[:, :num_dn]) + inverse_sigmoid(references[i][:, :num_dn])).sigmoid()
+                dn_embed = self.mask_embed(normed[:, :num_dn])
+                dn_outputs.append({"pred_logits": projected[:, :num_dn] @ classes.transpose(1, 2),
+                                   "pred_boxes": dn_boxes,
+                                   "pred_masks": torch.einsum("bqc,bchw->bqhw", dn_embed, mask_features)})
         result: dict[str, object] = dict(outputs[-1])
         result["aux_outputs"] = outputs[:-1]
+        if num_dn:
+            result["denoising"] = dict(dn_outputs[-1], aux_outputs=dn_outputs[:-1])
         return result
 
     def _generic_layout(self, num_classes: int, device: torch.device) -> SelfAttentionLayout:
@@ -305,3 +331,19 @@ class DINOvHead(nn.Module):
         if with_masks:
             out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         return out
+
+
+def with_denoising_block(layout: SelfAttentionLayout, num_groups: int, group_size: int) -> SelfAttentionLayout:
+    """``layout`` with ``num_groups`` denoising groups of ``group_size`` queries put in front: a denoising query
+    sees only its own group and no query of ``layout`` sees it (isolated both ways, so that the noised ground
+    truth cannot leak into the matching part nor the matching part into the denoising)."""
+    if layout.full_mask is None:
+        return SelfAttentionLayout(blocks=(QueryBlock(num_groups, group_size),) + tuple(layout.blocks))
+    num_dn = num_groups * group_size
+    total = num_dn + layout.full_mask.shape[0]
+    mask = torch.ones(total, total, dtype=torch.bool, device=layout.full_mask.device)
+    for g in range(num_groups):
+        start = g * group_size
+        mask[start:start + group_size, start:start + group_size] = False
+    mask[num_dn:, num_dn:] = layout.full_mask
+    return SelfAttentionLayout(blocks=(), full_mask=mask)

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", default=field.default)
+            # --flag / --no-flag, so that options on by default can be turned off (ablations)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default)
     args = parser.parse_args(argv)

@@ -2,16 +2,23 @@
 
 One step on a batch of images trains the two tasks of the paper together:
 
-* generic: for every class present in the batch, 1..N of its instances (from any image of the
-  batch) are encoded as visual prompts and averaged into the class's embedding; every image is
-  decoded against all the batch's classes (the others are its negatives) and its instances are
+* generic: every instance of the batch is encoded as a visual prompt (its full mask, or a scribble
+  inside it); for each image, a class's embedding averages 1..max_examples of its prompts taken from
+  the batch's OTHER images where there are any (as inference prompts with examples from other
+  images), so that matching cannot learn to recognise the instance itself; every image is decoded
+  against all the batch's classes (those absent from it are its negatives) and its instances are
   matched to the object queries (Hungarian: class, mask BCE, dice, box L1, GIoU), with the mask
   losses on sampled points and deep supervision over the decoder layers;
+* denoising (the official DN for generic decoding): each image's ground-truth boxes, noised, are
+  decoded as extra query groups that neither see nor are seen by the other queries; each learns the
+  mask and box of the instance it came from, without matching. This trains the decoder to turn a
+  rough box into the object, which is what speeds up the convergence of the object queries;
 * interactive: points inside instances and the instances' boxes become position queries on the
   same image (six granularity queries each); the granularity that fits the instance best is
-  trained on it (mask and box), the IoU head learns every granularity's true IoU, and the content
-  match scores learn to pick, among the proposals, those of the prompt's class (what cross-image
-  referring selects with).
+  trained on it (mask and box), the IoU head learns every granularity's true IoU, every granularity
+  is pushed off the image's other instances (a click means one object: masks must not spill), and
+  the content match scores learn to pick, among the proposals, those of the prompt's class (what
+  cross-image referring selects with).
 """
 
 from __future__ import annotations
@@ -30,11 +37,11 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou, masks_to_boxes
 
 from dinov.config import DINOvConfig
-from dinov.data.scenes import Scene
+from dinov.data.scenes import NUM_CLASSES, Scene, SceneDataset, generate_scene
 from dinov.modeling.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, point_boxes
 from dinov.modeling.dinov import DINOv
 from dinov.modeling.prompt_encoder import PromptContent
-from dinov.train.losses import SetCriterion, dice_loss, point_sample, sigmoid_ce_loss
+from dinov.train.losses import Denoising, SetCriterion, point_sample
 from dinov.train.matcher import HungarianMatcher
 from dinov.transforms import normalize_and_pad, resize_image, resize_mask
 
@@ -50,7 +57,14 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    max_examples: int = 4  # a class prompt averages 1..max_examples in-batch examples
+    max_examples: int = 16  # a class prompt averages 1..max_examples in-batch examples (the predictor's 16)
+    cross_image_examples: bool = True  # a class's prompt for an image comes from the batch's other images if any
+    scribble_prompts: float = 0.4  # fraction of example prompts that are a scribble instead of the full mask
+    batch_classes: int = 0  # >0: each batch of generated scenes draws its objects from this many classes, so
+    #                         classes recur across the batch's images (examples from other images, hard negatives)
+    dn_queries: int = 100  # denoising queries per image (official DN_NUM); 0 turns denoising off
+    dn_noise_scale: float = 0.4  # official DN_NOISE_SCALE
+    spill_weight: float = 2.0  # interactive: weight of the loss on mask probability over the image's other instances
     interactive_per_image: int = 6  # position queries (points or boxes) per image
     mask_points: int = 1024  # points sampled for the mask losses
     min_size: int = 128  # training images are rescaled so that the shorter side is in [min_size, max_size]
@@ -60,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 250
+    snapshot_every: int = 0  # >0: also keep the weights of every this many steps (OUT/step_NNNNN.safetensors)
 
 
 @dataclass
@@ -179,33 +194,20 @@ class Trainer:
         multi_scale, mask_features = model.encode(images)
         masks = [self._pad(s.masks, padded) for s in batch]
 
-        # ---- class prompts from in-batch examples
+        # ---- class prompts: every instance of the batch encoded once, as inference encodes an example
         present = sorted({int(c) for s in batch for c in s.classes})
         class_index = {c: i for i, c in enumerate(present)}
-        chosen: dict[int, list[tuple[int, Tensor]]] = {i: [] for i in range(len(batch))}  # image -> (class, mask)
-        for c in present:
-            pool = [(i, j) for i, s in enumerate(batch) for j in torch.nonzero(s.classes == c).flatten().tolist()]
-            count = int(self.rng.integers(1, min(self.config.max_examples, len(pool)) + 1))
-            for k in self.rng.choice(len(pool), size=count, replace=False):
-                i, j = pool[int(k)]
-                prompt = masks[i][j]
-                if self.rng.random() < 0.4:
-                    prompt = scribble_inside(prompt, self.rng)
-                chosen[i].append((class_index[c], prompt))
-        sums = [None] * len(present)
-        counts = [0] * len(present)
-        for i, items in chosen.items():
-            if not items:
-                continue
+        prompts: list[tuple[int, int, Tensor]] = []  # (image, class index, content label)
+        for i, s in enumerate(batch):
+            prompt_masks = [scribble_inside(m, self.rng) if self.rng.random() < self.config.scribble_prompts else m
+                            for m in masks[i]]
             level_features = [f[i : i + 1] for f in multi_scale]
-            content = head.encode_prompts(level_features, torch.stack([m for _, m in items]).float())
-            for (c, _), label in zip(items, content.label[0]):
-                sums[c] = label if sums[c] is None else sums[c] + label
-                counts[c] += 1
-        bank = torch.stack([s / n for s, n in zip(sums, counts)])[None]  # [1, C, D]
+            content = head.encode_prompts(level_features, torch.stack(prompt_masks).float())
+            for c, label in zip(s.classes.tolist(), content.label[0]):
+                prompts.append((i, class_index[int(c)], label))
+        bank = self._class_banks(prompts, len(batch), len(present))  # [B, C, D]
 
-        # ---- generic decoding of every image against every class of the batch
-        outputs = head.decode_generic(multi_scale, mask_features, bank, aux_masks=True)
+        # ---- generic decoding of every image against every class of the batch (+ denoising queries)
         targets = []
         for s, m in zip(batch, masks):
             boxes = torch.stack([mask_to_box(x) for x in m]) if len(m) else torch.zeros(0, 4)
@@ -215,15 +217,61 @@ class Trainer:
                 "masks": m.to(self.device),
                 "boxes": (box_xyxy_to_cxcywh(boxes) / scale).to(self.device),
             })
-        generic = self.criterion(outputs, targets)
-        losses = {"generic": self.criterion.total_loss(generic)}
+        dn_boxes, dn_groups = self._denoising_boxes(targets)
+        outputs = head.decode_generic(multi_scale, mask_features, bank, aux_masks=True, denoising_boxes=dn_boxes,
+                                      denoising_groups=dn_groups)
+        denoising = None
+        if dn_boxes is not None:
+            denoising = Denoising(outputs=outputs.pop("denoising"), num_groups=dn_groups,
+                                  group_size=dn_boxes.shape[1] // dn_groups)
+        generic = self.criterion(outputs, targets, denoising=denoising)
+        losses = {"generic": self.criterion.total_loss({k: v for k, v in generic.items() if not k.endswith("_dn")})}
+        if denoising is not None:
+            losses["denoising"] = self.criterion.total_loss({k: v for k, v in generic.items() if k.endswith("_dn")})
 
         # ---- interactive: position queries on the same image
         interactive = [self._interactive_losses(i, multi_scale, mask_features, masks[i], batch[i].classes,
-                                                bank, class_index, padded) for i in range(len(batch))]
+                                                bank[i : i + 1], class_index, padded) for i in range(len(batch))]
         for key in interactive[0]:
             losses[key] = torch.stack([x[key] for x in interactive]).mean()
         return losses
+
+    def _class_banks(self, prompts: list[tuple[int, int, Tensor]], num_images: int, num_classes: int) -> Tensor:
+        """[B, C, D]: for each image, each class's embedding, the mean of 1..max_examples of its prompts, taken
+        from the batch's other images when the class has prompts there (else from the image itself)."""
+        banks = []
+        for target in range(num_images):
+            rows = []
+            for c in range(num_classes):
+                labels = [label for i, k, label in prompts if k == c and i != target]
+                if not labels or not self.config.cross_image_examples:
+                    labels = [label for _, k, label in prompts if k == c]
+                count = int(self.rng.integers(1, min(self.config.max_examples, len(labels)) + 1))
+                picks = self.rng.choice(len(labels), size=count, replace=False)
+                rows.append(torch.stack([labels[int(k)] for k in picks]).mean(0))
+            banks.append(torch.stack(rows))
+        return torch.stack(banks)
+
+    def _denoising_boxes(self, targets: list[dict]) -> tuple[Tensor | None, int]:
+        """Noised ground-truth boxes [B, G * S, 4] for the denoising queries and the number of groups G: S is the
+        most instances of an image, G = dn_queries // S (as the official DN); images with fewer instances pad
+        their groups with unsupervised whole-centre boxes. The noise moves the centre by up to
+        noise_scale * half the size and the size by up to noise_scale * the size."""
+        size = max(len(t["boxes"]) for t in targets)
+        if self.config.dn_queries <= 0 or size == 0 or size > self.config.dn_queries:
+            return None, 0
+        groups = self.config.dn_queries // size
+        out = torch.full((len(targets), groups * size, 4), 0.5, device=self.device)
+        for b, t in enumerate(targets):
+            boxes = t["boxes"].float().repeat(groups, 1)  # group-major: query g * size + i is instance i
+            noise = torch.from_numpy(self.rng.uniform(-1.0, 1.0, boxes.shape)).float().to(self.device)
+            spread = torch.cat([boxes[:, 2:] / 2, boxes[:, 2:]], dim=1)
+            noised = (boxes + noise * spread * self.config.dn_noise_scale).clamp(0.0, 1.0)
+            n = len(t["boxes"])
+            index = (torch.arange(groups, device=self.device)[:, None] * size + torch.arange(n, device=self.device))
+            out[b, index.flatten()] = noised
+        # a box of zero size has no inverse sigmoid; keep every coordinate strictly inside (0, 1)
+        return out.clamp(1e-3, 1 - 1e-3), groups
 
     def _interactive_losses(self, i: int, multi_scale: list[Tensor], mask_features: Tensor, masks: Tensor,
                             classes: Tensor, bank: Tensor, class_index: dict[int, int], padded) -> dict[str, Tensor]:
@@ -268,6 +316,12 @@ class Trainer:
         rows = torch.arange(p, device=self.device)
         mask_loss = 5.0 * per_granularity[rows, best].mean()
 
+        # every granularity stays off the other instances: a click or box means one object, whatever its size
+        others = torch.stack([masks[:j].any(0) | masks[j + 1:].any(0) for j in instance.tolist()]).float()
+        on_others = point_sample(others[:, None].to(self.device), coords)[:, 0]  # [P, M]
+        spill_bce = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+        spill = ((spill_bce * on_others[:, None]).sum(-1) / (on_others.sum(-1)[:, None] + 1.0)).mean()
+
         with torch.no_grad():
             hard = (logits > 0).float()
             inter = (hard * labels[:, None]).sum(-1)
@@ -294,8 +348,11 @@ class Trainer:
             log_probs = F.log_softmax(match[n_idx], dim=-1)
             match_losses.append(-log_probs[positive].mean())
         match_loss = 2.0 * torch.stack(match_losses).mean() if match_losses else match.sum() * 0.0
-        return {"interactive_mask": mask_loss, "interactive_iou": iou_loss, "interactive_box": box_loss,
-                "match": match_loss}
+        out = {"interactive_mask": mask_loss, "interactive_iou": iou_loss, "interactive_box": box_loss,
+               "match": match_loss}
+        if self.config.spill_weight > 0:
+            out["interactive_spill"] = self.config.spill_weight * spill
+        return out
 
     @staticmethod
     def _pad(masks: Tensor, padded) -> Tensor:
@@ -322,11 +379,24 @@ class Trainer:
 
 
 def batches(dataset: Sequence[Scene], config: TrainConfig, rng: np.random.Generator) -> Iterator[list[Sample]]:
-    """Endless random batches of prepared samples."""
+    """Endless random batches of prepared samples.
+
+    With ``config.batch_classes`` and generated scenes, each batch's scenes are drawn (from the dataset's seeds)
+    with objects of one random subset of that many classes, so that every class of the batch tends to recur on
+    several of its images."""
     while True:
+        subset = None
+        if config.batch_classes > 0 and isinstance(dataset, SceneDataset):
+            subset = np.sort(rng.choice(NUM_CLASSES, size=min(config.batch_classes, NUM_CLASSES), replace=False))
         batch = []
         while len(batch) < config.batch_size:
-            sample = prepare_sample(dataset[int(rng.integers(0, len(dataset)))], rng, config.min_size, config.max_size)
+            index = int(rng.integers(0, len(dataset)))
+            if subset is not None:
+                scene = generate_scene(int(dataset.seeds[index]), dataset.size, dataset.num_objects,
+                                       classes=subset.tolist())
+            else:
+                scene = dataset[index]
+            sample = prepare_sample(scene, rng, config.min_size, config.max_size)
             if sample is not None:
                 batch.append(sample)
         yield batch
@@ -356,5 +426,10 @@ def train(trainer: Trainer, dataset: Sequence[Scene], out_dir: Path, progress: b
                         " ".join(f"{k}={v:.3f}" for k, v in mean.items()))
         if trainer.step % config.checkpoint_every == 0 or trainer.step == config.steps:
             trainer.save(out_dir / "last.pt")
+        if config.snapshot_every and trainer.step % config.snapshot_every == 0:
+            # model-only snapshots, so that the best so far can be taken while the run goes on
+            from dinov.checkpoint import save_model
+
+            save_model(trainer.model, trainer.model_config, out_dir / f"step_{trainer.step:05d}.safetensors")
     bar.close()
     return history
