@@ -24,7 +24,7 @@ import torch
 
 from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, write_metadata
 from dinov.data.scenes import generate_scene
-from dinov.metrics import _match_image, mask_iou
+from dinov.metrics import match_greedily, mask_iou
 from dinov.predictor import DINOvPredictor
 
 CALIBRATION_TARGET_SEED = 900_000
@@ -74,7 +74,7 @@ def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, exampl
             rows = rows[np.argsort(-region_scores[rows], kind="mergesort")]
             cols = np.flatnonzero(scene.classes == c)
             scores.extend(region_scores[rows].tolist())
-            matched.extend(_match_image(ious[np.ix_(rows, cols)], 0.5).tolist())
+            matched.extend(match_greedily(ious[np.ix_(rows, cols)], 0.5).tolist())
     return np.asarray(scores, float), np.asarray(matched, bool), truths
 
 

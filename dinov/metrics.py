@@ -134,7 +134,7 @@ def covers_another(mask, others, fraction: float = 0.2) -> bool:
     return False
 
 
-def _match_image(ious: np.ndarray, iou_threshold: float) -> np.ndarray:
+def match_greedily(ious: np.ndarray, iou_threshold: float) -> np.ndarray:
     """COCO's greedy matching for one image and class: detections (rows, already in score order)
     take the unmatched true instance of highest IoU >= the threshold. Returns bool [D] matched."""
     num_dets, num_gts = ious.shape
@@ -214,7 +214,7 @@ class InstanceEvaluator:
             rec.best_ious.extend(class_ious.max(0).tolist() if len(p) else [0.0] * len(g))
             order = np.argsort(-scores[p], kind="mergesort")[: self.max_detections]
             rec.scores.extend(scores[p][order].tolist())
-            rec.matched.extend(_match_image(class_ious[order], self.iou_threshold).tolist())
+            rec.matched.extend(match_greedily(class_ious[order], self.iou_threshold).tolist())
 
     def summary(self) -> dict:
         """{"miou", "found", "ap50", "num_instances", "num_images", "per_class": {class: {...}}};
