@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Run the whole test suite (unit, reference-identity, protocol and end-to-end against a real
-# Label Studio) in the project's virtual environment, installing what it needs first.
+# Label Studio, and the web-UI test in Debian's chromium) in the project's virtual environment,
+# installing what it needs first.
 source "$(dirname "$0")/_venv.sh" requirements-test.txt
+# The browser test drives Debian's chromium (never a downloaded browser); install it when missing.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get install -y -qq chromium >/dev/null 2>&1 \
+    || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq chromium >/dev/null 2>&1; } \
+    || echo "could not install chromium with apt-get; the browser test will fail" >&2
+fi
 set +e
 python -m pytest -q "$@"
 status=$?
