@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 
 from dinov.data.scenes import COLOURS, shape_mask
+from dinov.metrics import iou as mask_iou
 
 from .conftest import PASSWORD, USERNAME
-from .labelstudio import mask_iou, region_label, region_mask, wait_for
+from .labelstudio import region_label, region_mask, wait_for
 
 pytestmark = pytest.mark.e2e
 
