@@ -28,6 +28,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 NUM_CLASSES = len(KINDS) * len(COLOURS)
+# Kinds that the 30 classes (and so the demo model's training) never use: drawn only by generate_extra_scene,
+# for tests of what fine-tuning on a project's own labels adds.
+EXTRA_KINDS: tuple[str, ...] = ("hexagon", "cross")
+EXTRA_COLOUR = (235, 140, 30)  # orange, one colour for every extra kind: only the shape tells them apart
+CROSS_ARM = 1 / 3  # arm width of a cross, as a fraction of its extent
 
 MIN_SIZE, MAX_SIZE = 128, 512
 MIN_EXTENT, MAX_EXTENT = 0.10, 0.35  # diameter or side, as a fraction of the shorter image side
@@ -51,6 +56,9 @@ class Scene:
     masks: np.ndarray
     classes: np.ndarray
     boxes: np.ndarray
+    # bool [N]: whether instance i's mask is its outline (False: only its box is known, as a Label Studio
+    # rectangle, and masks[i] is the filled box); None: every mask is an outline
+    has_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
@@ -151,6 +159,10 @@ def circumradius(kind: str, extent: float) -> float:
         return extent / math.sqrt(2)
     if kind == "triangle":
         return extent / math.sqrt(3)  # equilateral, side = extent
+    if kind == "hexagon":
+        return extent / 2
+    if kind == "cross":
+        return extent / 2 * math.hypot(1, CROSS_ARM)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 
 
@@ -181,6 +193,13 @@ def shape_mask(kind: str, center: tuple[float, float], extent: float, angle: flo
         inside = _polygon_mask(_star_vertices(r, angle), xs, ys)
     elif kind == "square":
         inside = _polygon_mask(_regular_polygon(4, r, angle + math.pi / 4), xs, ys)
+    elif kind == "hexagon":
+        inside = _polygon_mask(_regular_polygon(6, r, angle), xs, ys)
+    elif kind == "cross":
+        u = xs * math.cos(angle) + ys * math.sin(angle)
+        v = -xs * math.sin(angle) + ys * math.cos(angle)
+        half, arm = extent / 2, extent * CROSS_ARM / 2
+        inside = ((np.abs(u) <= half) & (np.abs(v) <= arm)) | ((np.abs(v) <= half) & (np.abs(u) <= arm))
     else:
         inside = _polygon_mask(_regular_polygon(3, r, angle), xs, ys)
     mask[y_lo:y_hi, x_lo:x_hi] = inside
@@ -222,12 +241,14 @@ def _resolve_count(rng: np.random.Generator, num_objects: int | tuple[int, int] 
 
 
 def place_objects(rng: np.random.Generator, size: tuple[int, int], labels: Sequence[int], *,
-                  min_visible: float = 0.5, max_tries: int = 100) -> tuple[list[np.ndarray], list[int]]:
+                  min_visible: float = 0.5, max_tries: int = 100,
+                  kinds: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[int]]:
     """Place one object per label, in order; returns the whole shapes (bool [H, W]) and their labels.
 
     Each object's size, rotation and position are drawn until it lies over earlier objects with at most
     30 % of its own area and leaves every earlier object at least ``min_visible`` of its area visible;
-    an object that fails ``max_tries`` draws is left out.
+    an object that fails ``max_tries`` draws is left out. kinds: the kind of label i is kinds[i] (default: the
+    kind of class id i).
     """
     height, width = size
     shorter = min(height, width)
@@ -236,7 +257,7 @@ def place_objects(rng: np.random.Generator, size: tuple[int, int], labels: Seque
     kept: list[int] = []
     occupied = np.zeros((height, width), dtype=bool)
     for label in labels:
-        kind = KINDS[int(label) // len(COLOURS)]
+        kind = kinds[int(label)] if kinds is not None else KINDS[int(label) // len(COLOURS)]
         for _ in range(max_tries):
             extent = rng.uniform(MIN_EXTENT, MAX_EXTENT) * shorter
             angle = rng.uniform(0, 2 * math.pi)
@@ -298,6 +319,26 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None,
         image[mask] = class_colour(label)
     return Scene(image=image, masks=masks, classes=np.asarray(kept, dtype=np.int64),
                  boxes=masks_to_boxes(masks))
+
+
+def generate_extra_scene(seed: int, size: int | tuple[int, int] | None = None,
+                         num_objects: int | tuple[int, int] | None = (2, 6),
+                         kinds: Sequence[str] = EXTRA_KINDS) -> Scene:
+    """A scene of the extra kinds only (default: orange hexagons and crosses), class i being kinds[i]; the same
+    background and placement rules as generate_scene, never used by it."""
+    unknown = set(kinds) - set(EXTRA_KINDS)
+    if not kinds or unknown:
+        raise ValueError(f"kinds must be some of {EXTRA_KINDS}, got {list(kinds)}")
+    rng = np.random.default_rng(seed)
+    height, width = _resolve_size(rng, size)
+    count = _resolve_count(rng, num_objects)
+    image = _background(rng, height, width)
+    labels = rng.integers(0, len(kinds), size=count)
+    shapes, kept = place_objects(rng, (height, width), labels, kinds=kinds)
+    masks = visible_parts(shapes, (height, width))
+    for mask in masks:
+        image[mask] = EXTRA_COLOUR
+    return Scene(image=image, masks=masks, classes=np.asarray(kept, dtype=np.int64), boxes=masks_to_boxes(masks))
 
 
 class SceneDataset(Sequence[Scene]):
