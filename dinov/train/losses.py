@@ -214,6 +214,10 @@ class SetCriterion(nn.Module):
                    num_masks: float, with_iou: bool | None = None) -> dict[str, Tensor]:
         with_iou = self.iou_loss if with_iou is None else with_iou
         pred_masks = outputs["pred_masks"]
+        # a target may mark instances known by their box only ("has_mask" False): no mask loss for them
+        keep = [t["has_mask"].cpu()[tgt.cpu()] if "has_mask" in t else None for t, (_, tgt) in zip(targets, indices)]
+        indices = [(src, tgt) if k is None else (src[k.to(src.device)], tgt[k.to(tgt.device)])
+                   for k, (src, tgt) in zip(keep, indices)]
         batch_idx, src_idx = _src_permutation(indices, pred_masks.device)
         if len(src_idx) == 0:
             zero = pred_masks.sum() * 0.0
@@ -307,8 +311,8 @@ class SetCriterion(nn.Module):
           cxcywh, optionally "pred_ious" [B, Q] (or [B, clicks, tokens]), "pred_match_score", a list
           "aux_outputs" of the same for the earlier layers, and "interm_outputs".
         targets: per image "labels" [N], "masks" [N, H, W] over the same (padded) extent as pred_masks,
-          "boxes" [N, 4] normalised cxcywh; optionally "allowed" [Q, N] for the matcher and
-          "content_masks" for the match-score loss.
+          "boxes" [N, 4] normalised cxcywh; optionally "allowed" [Q, N] for the matcher,
+          "content_masks" for the match-score loss and "has_mask" [N] bool (False: box only, no mask loss).
         indices: the final layer's matching, when the caller has it already.
         denoising: the denoising queries' outputs, supervised with their known targets.
         """

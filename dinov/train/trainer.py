@@ -84,6 +84,7 @@ class Sample:
     image: Tensor  # uint8 [3, H, W]
     masks: Tensor  # bool [N, H, W]
     classes: Tensor  # int64 [N]
+    has_mask: Tensor | None = None  # bool [N]; False: masks[i] is a filled box, which supervises the box only
 
 
 def prepare_sample(scene: Scene, rng: np.random.Generator, min_size: int, max_size: int) -> Sample | None:
@@ -98,10 +99,12 @@ def prepare_sample(scene: Scene, rng: np.random.Generator, min_size: int, max_si
     keep = masks.reshape(len(masks), -1).sum(1) >= 16
     if not keep.any():
         return None
+    has_mask = None if scene.has_mask is None else torch.as_tensor(np.asarray(scene.has_mask, bool)[keep])
     return Sample(
         image=torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1),
         masks=torch.from_numpy(masks[keep]),
         classes=torch.as_tensor(np.asarray(scene.classes)[keep], dtype=torch.long),
+        has_mask=has_mask,
     )
 
 
@@ -217,6 +220,8 @@ class Trainer:
                 "masks": m.to(self.device),
                 "boxes": (box_xyxy_to_cxcywh(boxes) / scale).to(self.device),
             })
+            if s.has_mask is not None:  # box-only instances: no mask loss (see SetCriterion.loss_masks)
+                targets[-1]["has_mask"] = s.has_mask.to(self.device)
         dn_boxes, dn_groups = self._denoising_boxes(targets)
         outputs = head.decode_generic(multi_scale, mask_features, bank, aux_masks=True, denoising_boxes=dn_boxes,
                                       denoising_groups=dn_groups)
@@ -230,9 +235,14 @@ class Trainer:
             losses["denoising"] = self.criterion.total_loss({k: v for k, v in generic.items() if k.endswith("_dn")})
 
         # ---- interactive: position queries on the same image
-        interactive = [self._interactive_losses(i, multi_scale, mask_features, masks[i], batch[i].classes,
-                                                bank[i : i + 1], class_index, padded) for i in range(len(batch))]
-        for key in interactive[0]:
+        # (only on instances with an outline: a box-only instance has no mask to learn or to stay off)
+        interactive = []
+        for i, s in enumerate(batch):
+            outlined = s.has_mask if s.has_mask is not None else torch.ones(len(s.classes), dtype=torch.bool)
+            if outlined.any():
+                interactive.append(self._interactive_losses(i, multi_scale, mask_features, masks[i][outlined],
+                                                            s.classes[outlined], bank[i : i + 1], class_index, padded))
+        for key in interactive[0] if interactive else ():
             losses[key] = torch.stack([x[key] for x in interactive]).mean()
         return losses
 
