@@ -60,8 +60,8 @@ class DINOvBackend:
                  settings: Settings | None = None, **kwargs: Any):
         if runtime is None:
             raise BackendError("DINOvBackend needs a Runtime (create_app builds one)")
-        self.runtime = runtime
         self.project_id = parse_project_id(project_id) if project_id not in (None, "") else None
+        self.runtime = runtime.for_project(self.project_id)  # the project's fine-tuned model, when it has one
         if label_config is None and self.project_id is not None:
             label_config = runtime.projects.load(self.project_id).get("label_config")
         self.label_config = label_config
@@ -71,7 +71,8 @@ class DINOvBackend:
             runtime.known_projects.add(self.project_id)
 
     def _configure(self, settings: Settings, references: ReferenceSource | None = None) -> None:
-        self.settings = settings
+        record = self.runtime.projects.load(self.project_id) if self.project_id is not None else {}
+        self.settings = self.runtime.model_settings(settings, record)
         self.references = references or StoreReferences(self.runtime, self.project_id, settings)
 
     # --- label-studio-ml interface
@@ -127,6 +128,8 @@ class DINOvBackend:
         if event in ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"):
             pairs = annotation_task_pairs(data)
             runtime.submit(f"{event} in project {pid}", self._upsert_and_warm, pairs)
+            if runtime.training is not None and self.settings.train_every_annotations:
+                runtime.training.count_annotations(pid, len(pairs), self.label_config, self.settings)
             return {"status": "queued", "event": event, "annotations": len(pairs)}
         if event == "ANNOTATIONS_DELETED":
             ids = [int(a["id"] if isinstance(a, dict) else a) for a in data.get("annotations") or []]
@@ -138,9 +141,15 @@ class DINOvBackend:
             return {"status": "queued", "event": event, "tasks": len(ids)}
         if event == "START_TRAINING":
             runtime.ensure_synced(pid, force=True)
-            return {"status": "syncing", "event": event}
+            if runtime.training is None:
+                return {"status": "syncing", "event": event}
+            job = runtime.training.start(pid, self.label_config, self.settings, reason=event)
+            return {"status": "training", "event": event, "job": job}
         if event == "PROJECT_DELETED":
             runtime.submit(f"{event} {pid}", runtime.store.delete_project, pid)
+            if runtime.project_models is not None:  # its fine-tuned checkpoints go with it
+                runtime.training.cancel(pid, "the project was deleted")
+                runtime.project_models.delete_project(pid)
             runtime.forget_project(pid)
             return {"status": "queued", "event": event}
         if event == "PROJECT_UPDATED" and isinstance(data.get("project"), dict):

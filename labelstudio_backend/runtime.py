@@ -121,6 +121,8 @@ class Runtime:
         self.known_projects: set[int] = set()
         self.on_task_failed: Callable[[str], None] = lambda reason: None  # the server counts these
         self.deferral: Deferral | None = None  # None: tasks over the time budget are left for the next call
+        self.training: Any = None        # labelstudio_backend.training.TrainingJobs (the server installs it)
+        self.project_models: Any = None  # labelstudio_backend.project_models.ProjectModels (likewise)
 
     # --- the model
 
@@ -179,13 +181,29 @@ class Runtime:
         """The lock that serialises model work on the predictor's device."""
         return DEVICE_LOCKS[str(getattr(self._predictor, "device", self.settings.device))]
 
+    def for_project(self, project_id: int | None) -> Any:
+        """The runtime as the project sees it: a view with the project's fine-tuned model when it has an active
+        one (labelstudio_backend.project_models), else this runtime (the base model)."""
+        if project_id is None or self.project_models is None:
+            return self
+        return self.project_models.view(project_id) or self
+
+    def model_settings(self, settings: Settings, project_record: dict) -> Settings:
+        """The settings to predict with: the base model's are the settings as they are (a project's view applies
+        its checkpoint's calibrated score threshold)."""
+        return settings
+
     # --- the feature cache
 
     def encode(self, url: str, task_id: int | None) -> Any:
         """The encoded image at `url` (task_id: for presigning cloud URLs), from the per-process feature cache
         when it is there."""
         predictor = self.load_model()  # an unloadable model is the error to report, not the image
-        key = feature_key(url, self.checkpoint_id)
+        return self.encode_with(predictor, self.checkpoint_id, url, task_id)
+
+    def encode_with(self, predictor: Predictor, checkpoint_id: str, url: str, task_id: int | None) -> Any:
+        """encode() with a given model (a project's fine-tuned one), cached under its checkpoint id."""
+        key = feature_key(url, checkpoint_id)
         encoded = self.features.get(key)
         if encoded is None:
             image = self.images.load(url, task_id)
@@ -194,9 +212,9 @@ class Runtime:
             self.features.put(key, encoded)
         return encoded
 
-    def remember_encoded(self, url: str, encoded: Any) -> None:
+    def remember_encoded(self, url: str, encoded: Any, checkpoint_id: str | None = None) -> None:
         """Put an image encoded elsewhere (a bulk batch) into the feature cache, where encode() finds it."""
-        self.features.put(feature_key(url, self.checkpoint_id), encoded)
+        self.features.put(feature_key(url, checkpoint_id or self.checkpoint_id), encoded)
 
     # --- the reference store and its sync
 

@@ -7,7 +7,9 @@
     POST /webhook            Label Studio's webhook events; answers at once, work runs in the background
     POST /train              older Label Studio's "Start training" (treated as START_TRAINING)
     GET  /metrics            Prometheus text: requests, latencies, errors, references per project
-    GET  /references?project=<id>                 examples per label, revision, last sync, leave-one-out estimate
+    GET  /references?project=<id>                 examples per label, revision, last sync, leave-one-out estimate,
+                                                  training state
+    GET/POST /training?project=<id>[&action=start|cancel|rollback]   fine-tuning jobs (training_api)
     POST /references?project=<id>&action=sync|estimate    start a sync or a leave-one-out estimate
 
 Errors are JSON {"error": message, "status": code}: 4xx for bad requests with a message that says
@@ -28,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException
 
-from labelstudio_backend import background
+from labelstudio_backend import background, training_api
 from labelstudio_backend.backend import DINOvBackend
 from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.evaluation import leave_one_out
@@ -50,10 +52,12 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     settings = settings or Settings.from_env()
     runtime = Runtime(settings, model_factory=model_factory, store=store, images=images, syncer=syncer)
     background.install(runtime)  # /predict finishes what does not fit its time budget in the background
+    training_api.install_training(runtime)  # Start Training: per-project fine-tuning and its models
     app = Flask(__name__)
     app.json.sort_keys = False
     app.extensions["dinov"] = runtime
     metrics = _Metrics(runtime)
+    training_api.install(app, runtime, metrics.registry)
     runtime.on_task_failed = lambda reason: metrics.task_failures.labels(reason=reason).inc()
     if load_model:
         runtime.start_loading()
@@ -195,7 +199,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         answer.update({"revision": store.revision(project_id),
                        "last_sync": runtime.last_sync.get(project_id) or stats.get("last_sync"),
                        "examples_per_label": _per_label(stats), "stats": stats,
-                       "leave_one_out": runtime.projects.load_estimate(project_id)})
+                       "leave_one_out": runtime.projects.load_estimate(project_id),
+                       "training": training_api.training_status(runtime, project_id)})
         return jsonify(answer), (202 if request.method == "POST" else 200)
 
     return app

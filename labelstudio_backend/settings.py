@@ -18,6 +18,8 @@ from typing import Any, Mapping
 
 REFERENCE_MODES = ("all", "ground_truth", "annotators")
 INTERACTIVE_MODES = ("object", "similar")
+TRAIN_PARAMETERS = ("decoder", "decoder+pixel_decoder", "all")  # dinov.train.finetune.TRAINABLE
+PROJECT_MODELS = ("active", "base")
 
 
 class SettingsError(ValueError):
@@ -60,6 +62,13 @@ class Settings:
     fetch_timeout: float = 30.0
     verify_ssl: bool = True
     feature_cache_size: int = 8
+    # Fine-tuning per project ("Start Training").
+    train_steps: int = 0        # 0: 300 on CPU, 1000 on a GPU
+    train_minutes: float = 0.0  # 0: 10 on CPU, 15 on a GPU
+    train_parameters: str = "decoder"
+    train_every_annotations: int = 0
+    project_model: str = "active"
+    project_models_in_memory: int = 2
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.score_threshold <= 1.0, "SCORE_THRESHOLD", self.score_threshold, "a number in [0, 1]")
@@ -82,6 +91,16 @@ class Settings:
         _check(self.max_image_bytes > 0 and self.max_image_pixels > 0, "MAX_IMAGE_BYTES/MAX_IMAGE_PIXELS",
                (self.max_image_bytes, self.max_image_pixels), "positive integers")
         _check(self.feature_cache_size >= 1, "FEATURE_CACHE_SIZE", self.feature_cache_size, "an integer >= 1")
+        _check(self.train_steps >= 0 and self.train_minutes >= 0, "TRAIN_STEPS/TRAIN_MINUTES",
+               (self.train_steps, self.train_minutes), "numbers >= 0 (0: the device's default)")
+        _check(self.train_parameters in TRAIN_PARAMETERS, "TRAIN_PARAMETERS", self.train_parameters,
+               f"one of {', '.join(TRAIN_PARAMETERS)}")
+        _check(self.train_every_annotations >= 0, "TRAIN_EVERY_ANNOTATIONS", self.train_every_annotations,
+               "an integer >= 0 (0: only Start Training)")
+        _check(self.project_model in PROJECT_MODELS, "PROJECT_MODEL", self.project_model,
+               f"one of {', '.join(PROJECT_MODELS)}")
+        _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,
+               "an integer >= 1")
         _check(bool(self.basic_auth_user) == bool(self.basic_auth_pass), "BASIC_AUTH_USER/BASIC_AUTH_PASS",
                "one of them", "both set (basic auth on) or both empty (off)")
         if self.label_studio_url:
@@ -210,6 +229,15 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("FETCH_TIMEOUT", "fetch_timeout", "Seconds per image or API request."),
     SettingRow("VERIFY_SSL", "verify_ssl", "Verify TLS certificates when fetching."),
     SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "Encoded images kept per process, so the next click on the same image costs only the decoder."),
+    SettingRow("TRAIN_STEPS", "train_steps", "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU."),
+    SettingRow("TRAIN_MINUTES", "train_minutes", "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU."),
+    SettingRow("TRAIN_PARAMETERS", "train_parameters", "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
+               "decoder frozen) | decoder+pixel_decoder | all."),
+    SettingRow("TRAIN_EVERY_ANNOTATIONS", "train_every_annotations", "Also start a fine-tuning after this many new annotations (counted per worker "
+               "process); 0: only on Start Training.", True),
+    SettingRow("PROJECT_MODEL", "project_model", "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base "
+               "model (a rollback that keeps the checkpoint).", True),
+    SettingRow("PROJECT_MODELS_IN_MEMORY", "project_models_in_memory", "Fine-tuned project models kept loaded per worker (each is a copy of the base model)."),
 )
 
 PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_project)

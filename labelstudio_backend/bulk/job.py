@@ -29,6 +29,7 @@ from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.label_config import parse_label_config
 from labelstudio_backend.labelstudio_client import LabelStudioClient
 from labelstudio_backend.payload import utc_now
+from labelstudio_backend.project_models import serve_project_models
 from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store import ReferenceStore
@@ -84,8 +85,9 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         project_settings = runtime.projects.settings_for(project_id)
         if options.extra_params:
             project_settings = project_settings.with_overrides(options.extra_params)
-        backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings)
         runtime.load_model()  # load the model first: its failure is the error to report
+        serve_project_models(runtime)  # the project's fine-tuned model, when it has an active one
+        backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings)
         job_path = settings.model_dir / "bulk" / f"{job}.json"
         pinned = None if options.refresh_references else PinnedReferences.load(job_path)
         if pinned is not None and pinned.model_version != version_at_revision(backend, pinned.revision):

@@ -1,0 +1,186 @@
+"""Training jobs and each project's active fine-tuned checkpoint, in MODEL_DIR/training.sqlite3.
+
+    store = TrainingStore(settings.model_dir / "training.sqlite3")
+    job_id = store.create_job(project_id, reason="START_TRAINING")
+    store.update_job(job_id, state="running", step=10, steps=300)     # only while the job is queued or running
+    store.set_active(project_id, ActiveModel(...)); store.active(project_id)
+
+Every worker process (and the training child process) reads and writes the same file, so all of them serve
+the same checkpoint and see the same job states. A file of its own (not a table of the reference store), so that
+its schema never has to move in step with the reference store's migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from labelstudio_backend.payload import utc_now
+
+OPEN_STATES = ("queued", "running")
+STATES = ("queued", "running", "done", "rejected", "failed", "cancelled")
+_JOB_FIELDS = ("state", "step", "steps", "message", "figures", "worker_pid", "child_pid")
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """A project's served fine-tuned checkpoint: a delta file against the base checkpoint `base_digest`."""
+
+    project_id: int
+    path: str
+    checkpoint_id: str     # names the weights in cache keys and model_version
+    base_digest: str
+    score_threshold: float
+    job_id: int
+    activated_at: str = ""
+
+
+def training_db(model_dir: Path) -> Path:
+    """The training store's file in MODEL_DIR."""
+    return Path(model_dir) / "training.sqlite3"
+
+
+class TrainingStore:
+    def __init__(self, db_path: Path | str):
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._write() as db:
+            db.execute("""CREATE TABLE IF NOT EXISTS jobs (
+                job_id INTEGER PRIMARY KEY AUTOINCREMENT, project_id INTEGER NOT NULL, reason TEXT NOT NULL,
+                state TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, steps INTEGER NOT NULL DEFAULT 0,
+                message TEXT NOT NULL DEFAULT '', figures TEXT NOT NULL DEFAULT '{}', worker_pid INTEGER,
+                child_pid INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project_id, job_id)")
+            db.execute("""CREATE TABLE IF NOT EXISTS active_models (
+                project_id INTEGER PRIMARY KEY, path TEXT NOT NULL, checkpoint_id TEXT NOT NULL,
+                base_digest TEXT NOT NULL, score_threshold REAL NOT NULL, job_id INTEGER NOT NULL,
+                activated_at TEXT NOT NULL)""")
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():  # never reuse a connection across fork
+            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode = WAL")
+            db.row_factory = sqlite3.Row
+            self._local.db, self._local.pid = db, os.getpid()
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction (the write lock taken up front, as the reference store does)."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # --- jobs
+
+    def create_job(self, project_id: int, reason: str, steps: int = 0) -> int:
+        now = utc_now()
+        with self._write() as db:
+            cursor = db.execute("INSERT INTO jobs (project_id, reason, state, steps, worker_pid, created_at, "
+                                "updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                                (int(project_id), reason, int(steps), os.getpid(), now, now))
+            return int(cursor.lastrowid)
+
+    def update_job(self, job_id: int, only_open: bool = True, **fields: Any) -> bool:
+        """Set fields of a job; with only_open (the default) only while it is queued or running, so that a job
+        cancelled meanwhile stays cancelled. Returns whether the job was updated."""
+        unknown = set(fields) - set(_JOB_FIELDS)
+        if unknown or fields.get("state", "queued") not in STATES:
+            raise ValueError(f"cannot set {sorted(unknown) or fields.get('state')} on a training job")
+        if "figures" in fields:
+            fields["figures"] = json.dumps(fields["figures"])
+        names = ", ".join(f"{k} = ?" for k in fields)
+        condition = " AND state IN ('queued', 'running')" if only_open else ""
+        with self._write() as db:
+            cursor = db.execute(f"UPDATE jobs SET {names}, updated_at = ? WHERE job_id = ?{condition}",
+                                (*fields.values(), utc_now(), int(job_id)))
+            return cursor.rowcount > 0
+
+    def job(self, job_id: int) -> dict | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE job_id = ?", (int(job_id),)).fetchone()
+        return _job(row)
+
+    def latest_job(self, project_id: int) -> dict | None:
+        row = self._db().execute("SELECT * FROM jobs WHERE project_id = ? ORDER BY job_id DESC LIMIT 1",
+                                 (int(project_id),)).fetchone()
+        return _job(row)
+
+    def open_jobs(self, project_id: int | None = None) -> list[dict]:
+        """Queued and running jobs (of one project, or all), oldest first."""
+        query = "SELECT * FROM jobs WHERE state IN ('queued', 'running')"
+        args: tuple = ()
+        if project_id is not None:
+            query, args = query + " AND project_id = ?", (int(project_id),)
+        return [_job(row) for row in self._db().execute(query + " ORDER BY job_id", args)]
+
+    def projects(self) -> list[int]:
+        return [int(r[0]) for r in self._db().execute(
+            "SELECT project_id FROM jobs UNION SELECT project_id FROM active_models ORDER BY 1")]
+
+    def fail_orphans(self) -> list[int]:
+        """Mark failed the open jobs whose worker process is gone (a restart cut them off); returns their ids."""
+        orphans = [job["job_id"] for job in self.open_jobs() if not _alive(job["worker_pid"])]
+        for job_id in orphans:
+            self.update_job(job_id, state="failed", message="cut off by a restart of the backend; the active "
+                                                            "checkpoint is unchanged: start the training again")
+        return orphans
+
+    # --- active checkpoints
+
+    def set_active(self, model: ActiveModel) -> None:
+        values = asdict(model)
+        values["activated_at"] = values["activated_at"] or utc_now()
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO active_models (project_id, path, checkpoint_id, base_digest, "
+                       "score_threshold, job_id, activated_at) VALUES (:project_id, :path, :checkpoint_id, "
+                       ":base_digest, :score_threshold, :job_id, :activated_at)", values)
+
+    def active(self, project_id: int) -> ActiveModel | None:
+        row = self._db().execute("SELECT * FROM active_models WHERE project_id = ?", (int(project_id),)).fetchone()
+        return ActiveModel(**dict(row)) if row is not None else None
+
+    def clear_active(self, project_id: int) -> ActiveModel | None:
+        """Serve the base model to the project again; returns what was active."""
+        previous = self.active(project_id)
+        with self._write() as db:
+            db.execute("DELETE FROM active_models WHERE project_id = ?", (int(project_id),))
+        return previous
+
+    def delete_project(self, project_id: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM active_models WHERE project_id = ?", (int(project_id),))
+            db.execute("DELETE FROM jobs WHERE project_id = ?", (int(project_id),))
+
+
+def _job(row: sqlite3.Row | None) -> dict | None:
+    if row is None:
+        return None
+    job = dict(row)
+    job["figures"] = json.loads(job["figures"] or "{}")
+    return job
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,145 @@
+"""One training job, run in a child process of its own (labelstudio_backend.training starts it).
+
+    run_job(JobSpec(job_id=7, project_id=3, settings=settings, label_config=xml))
+
+Low priority (nice) and one torch thread, so the worker that serves predictions stays responsive; its memory
+and its GIL are its own, and cancelling it is ending the process. Every step of the way is written to the
+training store; the new checkpoint becomes the project's active one only when it measures better.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from labelstudio_backend.settings import Settings
+from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 1.0  # how often the step count is written to the store
+NICENESS = 10
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: int
+    project_id: int
+    settings: Settings
+    label_config: str
+
+
+def checkpoint_dir(settings: Settings):
+    return settings.model_dir / "project_models"
+
+
+def served_measure(settings: Settings, num_labels: int) -> Callable:
+    """measure(predictor, examples, targets): dinov.train.finetune.measure_propagation with what pre-annotation
+    does to the regions (the project's instance count, overlap and minimum-area rules), so that the figures are
+    those of the predictions annotators would get."""
+    from dinov.predictor import Instance as Region
+    from dinov.train.finetune import measure_propagation
+    from labelstudio_backend.instances import Instance, SelectionRules, select_instances
+
+    rules = SelectionRules.from_settings(settings)
+
+    def select(found: list) -> list:
+        kept = select_instances([Instance(str(r.class_index), r.mask, r.score) for r in found], rules)
+        return [Region(mask=k.mask, score=k.score, class_index=int(k.label), box=(0, 0, 0, 0)) for k in kept]
+
+    def measure(predictor: Any, examples: list, targets: list) -> dict:
+        return measure_propagation(predictor, examples, targets, settings.max_examples_per_label,
+                                   max_instances=settings.max_instances_per_label * num_labels, select=select)
+    return measure
+
+
+def run_job(spec: JobSpec) -> None:
+    """The child process's entry point: every error ends as the job's "failed" state with its message."""
+    store = TrainingStore(training_db(spec.settings.model_dir))
+    try:
+        os.nice(NICENESS)
+    except OSError:
+        pass
+    try:
+        train_project(spec, store)
+    except Exception as e:  # reported, not raised: the parent only sees the exit code
+        logger.exception("training job %s of project %s failed", spec.job_id, spec.project_id)
+        store.update_job(spec.job_id, state="failed", message=f"{type(e).__name__}: {e}")
+
+
+def train_project(spec: JobSpec, store: TrainingStore) -> None:
+    import torch
+
+    from dinov.checkpoint import file_digest, load_model
+    from dinov.delta import apply_delta, read_delta, save_delta, trainable_names
+    from dinov.predictor import DINOvPredictor, resolve_device
+    from dinov.train.finetune import finetune, finetune_config, is_better
+    from dinov.train.trainer import Trainer
+    from labelstudio_backend.images import ImageLoader
+    from labelstudio_backend.label_config import parse_label_config
+    from labelstudio_backend.labelstudio_client import LabelStudioClient
+    from labelstudio_backend.training_data import project_tasks, split_tasks, task_scene
+
+    torch.set_num_threads(1)
+    settings, job_id, pid = spec.settings, spec.job_id, spec.project_id
+    started = time.monotonic()
+    store.update_job(job_id, state="running", message="reading the annotated tasks", child_pid=os.getpid())
+    config = parse_label_config(spec.label_config)
+    client = LabelStudioClient.from_settings(settings)
+    client.check_configured()
+    tasks = {int(t["id"]): t for t in project_tasks(client, pid)}
+    train_ids, val_ids = split_tasks(list(tasks), pid)
+    images = ImageLoader(settings)
+    train = [task_scene(tasks[t], config, images) for t in train_ids]
+    val = [task_scene(tasks[t], config, images) for t in val_ids]
+
+    device = str(resolve_device(settings.device))
+    model, model_config, base_digest = load_model(settings.checkpoint, cache_dir=settings.model_dir)
+    active = store.active(pid)
+    earlier: list[str] = []
+    if active is not None and active.base_digest == base_digest and os.path.exists(active.path):
+        apply_delta(model, active.path, base_digest)  # continue from what the project is served with
+        earlier = list(read_delta(active.path)[0])
+    measure = served_measure(settings, len(config.output_labels))
+    store.update_job(job_id, message="measuring the served model")
+    before = measure(DINOvPredictor(model, device=device), train, val)
+
+    on_gpu = device.startswith("cuda")
+    steps = settings.train_steps or (1000 if on_gpu else 300)
+    minutes = settings.train_minutes or (15.0 if on_gpu else 10.0)
+    trainer = Trainer(model, model_config, finetune_config(settings.train_parameters, steps), device=device)
+    names = sorted(set(trainable_names(trainer.model)) | set(earlier))
+    store.update_job(job_id, steps=steps, message="training")
+    last_write = [0.0]
+
+    def progress(step: int, loss: float) -> None:
+        if time.monotonic() - last_write[0] >= PROGRESS_EVERY_S or step == steps:
+            last_write[0] = time.monotonic()
+            store.update_job(job_id, step=step, message=f"training: step {step}/{steps}, loss {loss:.3f}")
+
+    history = finetune(trainer, train, minutes * 60, on_progress=progress)
+    store.update_job(job_id, step=trainer.step, message="measuring the trained model")
+    after = measure(DINOvPredictor(trainer.model.eval(), device=device), train, val)
+    better, why = is_better(before, after)
+    figures = {"before": before, "after": after, "steps": trainer.step, "train_tasks": len(train),
+               "validation_tasks": len(val), "seconds": round(time.monotonic() - started, 1),
+               "final_loss": history[-1]["total"] if history else None}
+    if not better:
+        store.update_job(job_id, state="rejected", message=f"not better, the served model stays: {why}",
+                         figures=figures)
+        logger.info("project %s: job %s rejected: %s", pid, job_id, why)
+        return
+    path = checkpoint_dir(settings) / f"project{pid}-job{job_id}.safetensors"
+    save_delta(trainer.model, names, path, base_digest,
+               metadata={"project": str(pid), "job": str(job_id), "default_score_threshold": str(after["score_threshold"])})
+    checkpoint_id = f"{base_digest}+p{pid}-{file_digest(path)[:8]}"
+    if not store.update_job(job_id, state="running", message="activating"):  # cancelled at the last moment
+        path.unlink(missing_ok=True)
+        return
+    store.set_active(ActiveModel(project_id=pid, path=str(path), checkpoint_id=checkpoint_id,
+                                 base_digest=base_digest, score_threshold=after["score_threshold"], job_id=job_id))
+    store.update_job(job_id, state="done", message=f"better, now served: {why}", figures=figures)
+    logger.info("project %s: job %s done, serving %s: %s", pid, job_id, checkpoint_id, why)

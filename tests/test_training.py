@@ -1,0 +1,264 @@
+"""Fine-tuning per project: delta checkpoints, the split, box-only supervision, the better-or-not rule, jobs
+(cancel, restart), and serving a project's active checkpoint."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dinov.delta import BaseMismatch, apply_delta, read_delta, save_delta, trainable_names
+from dinov.train.finetune import is_better, measure_propagation, region_ious
+from dinov.data.scenes import EXTRA_KINDS, Scene, generate_extra_scene, generate_scene, masks_to_boxes
+from dinov.train.losses import SetCriterion
+from dinov.train.matcher import HungarianMatcher
+from labelstudio_backend.label_config import parse_label_config
+from labelstudio_backend.settings import Settings
+from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
+from labelstudio_backend.training import TrainingJobs
+from labelstudio_backend.training_data import NotEnoughData, split_tasks, task_scene
+import training_doubles
+
+
+# --- delta checkpoints
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    model[0].requires_grad_(False)  # "the backbone": frozen, never in the delta
+    return model
+
+
+def test_delta_round_trip_keeps_only_the_trained_parameters(tmp_path):
+    tuned = tiny_model()
+    with torch.no_grad():
+        tuned[2].weight.add_(1.0)
+    names = trainable_names(tuned)
+    assert names == ["2.weight", "2.bias"]
+    path = tmp_path / "p3.safetensors"
+    save_delta(tuned, names, path, base_digest="abc123", metadata={"default_score_threshold": "0.3"})
+    tensors, metadata = read_delta(path)
+    assert sorted(tensors) == sorted(names) and metadata["default_score_threshold"] == "0.3"
+    assert not list(tmp_path.glob("*.tmp"))  # written atomically
+
+    base = tiny_model()
+    apply_delta(base, path, base_digest="abc123")
+    for (name, a), (_, b) in zip(tuned.state_dict().items(), base.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_delta_on_another_base_is_refused(tmp_path):
+    path = tmp_path / "p3.safetensors"
+    save_delta(tiny_model(), ["2.weight"], path, base_digest="abc123")
+    base = tiny_model()
+    before = base[2].weight.clone()
+    with pytest.raises(BaseMismatch, match="train the project again"):
+        apply_delta(base, path, base_digest="def456")
+    assert torch.equal(base[2].weight, before)
+
+
+# --- the split
+
+def test_split_is_deterministic_by_task_and_keeps_three_for_validation():
+    ids = list(range(100, 112))
+    train, val = split_tasks(ids, project_id=5)
+    assert (train, val) == split_tasks(list(reversed(ids)), project_id=5)
+    assert len(val) == 3 and sorted(train + val) == ids and not set(train) & set(val)
+    # a task keeps its side when others are added (a hash of the task, not its position)
+    more_train, more_val = split_tasks(ids + list(range(200, 240)), project_id=5)
+    assert len(more_val) == 13
+    assert split_tasks(list(range(40)), 5) != split_tasks(list(range(40)), 6)
+
+
+def test_too_few_annotated_tasks_give_a_reason():
+    with pytest.raises(NotEnoughData, match="has 5 annotated tasks; training needs at least 6"):
+        split_tasks([1, 2, 3, 4, 5], project_id=9)
+
+
+# --- box-only supervision
+
+CONFIG = """<View><Image name="image" value="$image"/>
+  <BrushLabels name="brush" toName="image"><Label value="A"/><Label value="B"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="A"/><Label value="B"/></RectangleLabels>
+  <KeyPointLabels name="kp" toName="image"><Label value="A"/><Label value="B"/></KeyPointLabels>
+  <PolygonLabels name="poly" toName="image"><Label value="A"/><Label value="B"/></PolygonLabels>
+</View>"""
+
+
+def test_rectangles_supervise_boxes_only_and_keypoints_are_skipped():
+    image = np.zeros((50, 100, 3), np.uint8)
+    region = {"to_name": "image", "original_width": 100, "original_height": 50}
+    task = {"id": 4, "data": {"image": "http://x/a.png"}, "annotations": [{"id": 1, "result": [
+        {**region, "type": "rectanglelabels", "from_name": "box",
+         "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rectanglelabels": ["B"]}},
+        {**region, "type": "polygonlabels", "from_name": "poly",
+         "value": {"points": [[50, 10], [90, 10], [90, 90]], "polygonlabels": ["A"]}},
+        {**region, "type": "keypointlabels", "from_name": "kp", "value": {"x": 5, "y": 5, "keypointlabels": ["A"]}},
+    ]}]}
+    images = SimpleNamespace(load=lambda url, task_id: image)
+    scene = task_scene(task, parse_label_config(CONFIG), images)
+    assert scene.classes.tolist() == [1, 0]
+    assert scene.has_mask.tolist() == [False, True]
+    assert scene.boxes[0].tolist() == [10, 10, 40, 30]  # the filled box: x 10..40, y 10..30 px
+
+
+def test_box_only_instances_get_no_mask_loss():
+    criterion = SetCriterion(HungarianMatcher(num_points=64), losses=("masks",), num_points=64)
+    torch.manual_seed(0)
+    outputs = {"pred_logits": torch.randn(1, 3, 2), "pred_masks": torch.randn(1, 3, 16, 16),
+               "pred_boxes": torch.rand(1, 3, 4), "pred_ious": torch.rand(1, 3)}
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 2:8, 2:8] = True
+    masks[1, 8:14, 8:14] = True
+    target = {"labels": torch.tensor([0, 1]), "masks": masks, "boxes": torch.rand(2, 4),
+              "has_mask": torch.tensor([True, False])}
+    indices = [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+
+    def loss(target):
+        torch.manual_seed(1)  # the same sampled points every time
+        return criterion.loss_masks(outputs, [target], indices, num_masks=2.0)["loss_mask_bce"]
+
+    changed = dict(target, masks=masks.clone())
+    changed["masks"][1] = ~changed["masks"][1]  # whatever a box-only "mask" holds does not matter
+    assert torch.equal(loss(target), loss(changed))
+    assert not torch.equal(loss(dict(target, has_mask=torch.tensor([True, True]))), loss(target))
+
+
+def test_a_box_only_truth_is_measured_by_its_box():
+    mask = np.zeros((20, 20), bool)
+    mask[5:15, 5:15] = True
+    ring = mask.copy()
+    ring[8:12, 8:12] = False  # the object inside its box
+    scene = Scene(image=np.zeros((20, 20, 3), np.uint8), masks=mask[None], classes=np.array([0]),
+                  boxes=masks_to_boxes(mask[None]), has_mask=np.array([False]))
+    assert region_ious(ring[None], scene)[0, 0] == pytest.approx(1.0)
+
+
+# --- better or not
+
+def figures(miou, wrong, tasks=4):
+    return {"miou": miou, "wrong_per_image": wrong, "tasks": tasks}
+
+
+@pytest.mark.parametrize("before, after, better, reason", [
+    (figures(0.4, 1.0), figures(0.5, 1.0), True, "mIoU 0.400 -> 0.500"),
+    (figures(0.4, 1.0), figures(0.5, 0.5), True, "wrong regions per image 1.00 -> 0.50"),
+    (figures(0.4, 1.0), figures(0.4, 0.5), False, "mIoU is not higher"),      # a tie is rejected
+    (figures(0.4, 1.0), figures(0.3, 0.0), False, "mIoU is not higher"),
+    (figures(0.4, 1.0), figures(0.6, 1.5), False, "more wrong regions"),
+    (figures(0.4, 1.0, 2), figures(0.9, 0.0, 2), False, "only 2 validation tasks"),
+])
+def test_better_means_more_miou_and_no_more_wrong_regions(before, after, better, reason):
+    verdict, why = is_better(before, after)
+    assert verdict is better and reason in why
+
+
+def test_new_shape_kinds_never_appear_in_the_default_scenes():
+    assert EXTRA_KINDS == ("hexagon", "cross")
+    scene = generate_extra_scene(3, size=(96, 128), num_objects=4)
+    assert set(scene.classes.tolist()) <= {0, 1} and len(scene.masks) >= 1
+    assert np.array_equal(generate_scene(3).image, generate_scene(3).image)
+
+
+def test_measure_propagation_counts_wrong_regions():
+    scene = Scene(image=np.zeros((20, 20, 3), np.uint8), masks=np.zeros((1, 20, 20), bool), classes=np.array([0]),
+                  boxes=np.zeros((1, 4), np.float32))
+    scene.masks[0, 2:10, 2:10] = True
+    elsewhere = np.zeros((20, 20), bool)
+    elsewhere[12:18, 12:18] = True
+
+    class Predictor:
+        def encode_image(self, image):
+            return image
+
+        def encode_prompts(self, encoded, masks):
+            return np.ones((len(masks), 2), np.float32)
+
+        def segment_generic(self, encoded, bank, score_threshold, max_instances, max_examples):
+            return [SimpleNamespace(mask=scene.masks[0], score=0.9, class_index=0),
+                    SimpleNamespace(mask=elsewhere, score=0.5, class_index=0)]
+
+    at_low = measure_propagation(Predictor(), [scene], [scene, scene], score_threshold=0.3)
+    assert at_low["miou"] == 1.0 and at_low["wrong_per_image"] == 1.0
+    calibrated = measure_propagation(Predictor(), [scene], [scene])
+    assert calibrated["wrong_per_image"] == 0.0 and calibrated["score_threshold"] > 0.5
+
+
+# --- jobs
+
+def settings(tmp_path) -> Settings:
+    return Settings(model_dir=tmp_path / "model_dir")
+
+
+def wait_for(check, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_a_newer_start_cancels_the_running_job(tmp_path):
+    s = settings(tmp_path)
+    jobs = TrainingJobs(s, target=training_doubles.sleeping_job)
+    try:
+        first = jobs.start(3, CONFIG, s, reason="START_TRAINING")
+        running = wait_for(lambda: (j := jobs.store.job(first["job_id"]))["state"] == "running" and j["child_pid"] and j)
+        second = jobs.start(3, CONFIG, s, reason="START_TRAINING")
+        assert jobs.store.job(first["job_id"])["state"] == "cancelled"
+        wait_for(lambda: jobs.store.job(second["job_id"])["state"] == "running")
+        child = running["child_pid"]
+        with pytest.raises(ProcessLookupError):  # the cancelled job's child is gone
+            wait_for(lambda: __import__("os").kill(child, 0) and False, timeout=15)
+    finally:
+        jobs.cancel(3, "end of test")
+        jobs.shutdown()
+
+
+def test_jobs_of_different_projects_queue_and_a_crash_is_reported(tmp_path):
+    s = settings(tmp_path)
+    jobs = TrainingJobs(s, target=training_doubles.crashing_job)
+    try:
+        a = jobs.start(3, CONFIG, s, reason="START_TRAINING")
+        b = jobs.start(4, CONFIG, s, reason="START_TRAINING")
+        assert jobs.store.job(b["job_id"])["state"] == "queued"
+        done = wait_for(lambda: (j := jobs.store.job(b["job_id"]))["state"] == "failed" and j)
+        assert "exit code 3" in done["message"] and jobs.store.job(a["job_id"])["state"] == "failed"
+    finally:
+        jobs.shutdown()
+
+
+def test_a_job_cut_off_by_a_restart_is_failed_and_the_active_checkpoint_stays(tmp_path):
+    s = settings(tmp_path)
+    store = TrainingStore(training_db(s.model_dir))
+    active = ActiveModel(project_id=3, path="p.safetensors", checkpoint_id="base+p3-1", base_digest="base",
+                         score_threshold=0.3, job_id=1)
+    store.set_active(active)
+    gone = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    gone.start()
+    gone.join()
+    job_id = store.create_job(3, "START_TRAINING")
+    store.update_job(job_id, state="running", worker_pid=gone.pid)
+    alive = store.create_job(4, "START_TRAINING")  # this process's: not cut off
+    jobs = TrainingJobs(s, target=training_doubles.rejected_job)
+    try:
+        failed = jobs.store.job(job_id)
+        assert failed["state"] == "failed" and "restart" in failed["message"]
+        assert jobs.store.job(alive)["state"] == "queued"
+        assert jobs.store.active(3).checkpoint_id == active.checkpoint_id
+    finally:
+        jobs.shutdown()
+
+
+def test_no_labeling_config_no_job(tmp_path):
+    jobs = TrainingJobs(settings(tmp_path), target=training_doubles.rejected_job)
+    with pytest.raises(ValueError, match="no labeling config"):
+        jobs.start(3, None, settings(tmp_path), reason="START_TRAINING")
+    jobs.shutdown()
