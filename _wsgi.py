@@ -9,6 +9,12 @@ Development server, and the leave-one-out quality estimate of a project as a com
     python _wsgi.py --port 9090
     python _wsgi.py leave-one-out --project 3 [--max-tasks 50] [--label-config config.xml]
 
+Fine-tune a project's model as Start Training does, and wait for the verdict (exit code 0: better, now served);
+or serve the base model to the project again:
+
+    python _wsgi.py train --project 3 [--label-config config.xml]
+    python _wsgi.py train --project 3 --rollback
+
 Every setting comes from the environment (labelstudio_backend/settings.py has the table).
 """
 
@@ -62,8 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     loo.add_argument("--project", type=int, required=True)
     loo.add_argument("--max-tasks", type=int, default=50)
     loo.add_argument("--label-config", help="labeling config XML file (default: the one /setup stored)")
+    train = commands.add_parser("train", help="fine-tune the project's model now, as Start Training does")
+    train.add_argument("--project", type=int, required=True)
+    train.add_argument("--label-config", help="labeling config XML file (default: the one /setup stored)")
+    train.add_argument("--rollback", action="store_true", help="serve the base model to the project again")
     args = parser.parse_args(argv)
     runtime = app.extensions["dinov"]
+
+    if args.command == "train":
+        if args.rollback:
+            previous = runtime.training.store.clear_active(args.project)
+            print(f"project {args.project}: the base model is served again"
+                  + (f" (was {previous.checkpoint_id})" if previous else ""))
+            return 0
+        config = open(args.label_config).read() if args.label_config else \
+            runtime.projects.load(args.project).get("label_config")
+        job = runtime.training.start(args.project, config, runtime.projects.settings_for(args.project), "shell")
+        print(f"project {args.project}: training job {job['job_id']} queued", flush=True)
+        job = runtime.training.wait(args.project, timeout=24 * 3600)
+        print(json.dumps(job, indent=2))
+        return 0 if job and job["state"] == "done" else 1
 
     if args.command == "leave-one-out":
         from labelstudio_backend.backend import DINOvBackend

@@ -97,6 +97,7 @@ class DINOvBackend:
             self.parsed_label_config  # a config this backend cannot use is refused here, where LS shows it
         if self.project_id is not None:
             self.runtime.projects.save(self.project_id, extra_params, self.label_config)
+            self.runtime = self.runtime.for_project(self.project_id)  # PROJECT_MODEL may have changed
             settings = self.runtime.projects.settings_for(self.project_id)
             self._configure(settings, None if self._default_references else self.references)
             self.runtime.ensure_synced(self.project_id)
@@ -144,7 +145,8 @@ class DINOvBackend:
             if runtime.training is None:
                 return {"status": "syncing", "event": event}
             job = runtime.training.start(pid, self.label_config, self.settings, reason=event)
-            return {"status": "training", "event": event, "job": job}
+            # Label Studio keeps "job" as its train job's id (a string)
+            return {"status": "training", "event": event, "job": str(job["job_id"]), "state": job["state"]}
         if event == "PROJECT_DELETED":
             runtime.submit(f"{event} {pid}", runtime.store.delete_project, pid)
             if runtime.project_models is not None:  # its fine-tuned checkpoints go with it

@@ -262,3 +262,95 @@ def test_no_labeling_config_no_job(tmp_path):
     with pytest.raises(ValueError, match="no labeling config"):
         jobs.start(3, None, settings(tmp_path), reason="START_TRAINING")
     jobs.shutdown()
+
+
+# --- serving a project's active checkpoint
+
+def serving_app(tmp_path):
+    from doubles import CONFIG as COLOUR_CONFIG, ColourPredictor
+    from labelstudio_backend.server import create_app
+
+    class ProjectPredictor(ColourPredictor):
+        def __init__(self, checkpoint_id):
+            super().__init__()
+            self.checkpoint_id = checkpoint_id
+
+    app = create_app(lambda s: ColourPredictor(), settings(tmp_path), load_model=False)
+    runtime = app.extensions["dinov"]
+    runtime.load_model()
+    built = []
+    runtime.project_models.build = lambda base, active: built.append(active) or ProjectPredictor(active.checkpoint_id)
+    client = app.test_client()
+    assert client.post("/setup", json={"project": "3.1", "schema": COLOUR_CONFIG}).status_code == 200
+    return app, runtime, client, built
+
+
+def activate(runtime, tmp_path, base="fake-ckpt", name="fake-ckpt+p3-0a1b2c3d"):
+    path = tmp_path / "model_dir" / "project_models" / "project3-job1.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"a delta")
+    runtime.training.store.set_active(ActiveModel(project_id=3, path=str(path), checkpoint_id=name,
+                                                  base_digest=base, score_threshold=0.42, job_id=1))
+    return path
+
+
+def model_version(client) -> str:
+    return client.post("/setup", json={"project": "3.1"}).get_json()["model_version"]
+
+
+def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_base(tmp_path):
+    from labelstudio_backend.backend import DINOvBackend
+
+    app, runtime, client, built = serving_app(tmp_path)
+    base_version = model_version(client)
+    assert base_version.startswith("dinov-fake-ckpt-refs")
+    activate(runtime, tmp_path)
+    version = model_version(client)
+    assert version.startswith("dinov-fake-ckpt+p3-0a1b2c3d-refs") and version != base_version
+    backend = DINOvBackend(3, None, runtime=runtime)
+    assert backend.runtime.load_model().checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
+    assert backend.settings.score_threshold == 0.42  # the checkpoint's calibrated threshold
+    assert DINOvBackend(4, None, runtime=runtime).runtime is runtime  # other projects: the base model
+    model_version(client)
+    assert len(built) == 1  # loaded once, then kept
+
+    status = client.get("/references?project=3").get_json()["training"]
+    assert status["served"] == status["active_checkpoint"] == "fake-ckpt+p3-0a1b2c3d"
+    answer = client.post("/training?project=3&action=rollback")
+    assert answer.status_code == 202 and answer.get_json()["served"] == "fake-ckpt"
+    assert model_version(client) == base_version
+
+
+def test_a_checkpoint_of_another_base_is_not_served_and_asks_for_training(tmp_path):
+    app, runtime, client, built = serving_app(tmp_path)
+    activate(runtime, tmp_path, base="an-older-base")
+    assert model_version(client).startswith("dinov-fake-ckpt-refs")
+    status = client.get("/training?project=3").get_json()
+    assert status["served"] == "fake-ckpt" and "trained again" in status["needs_training"]
+    assert not built
+
+
+def test_project_model_base_setting_rolls_back_per_project(tmp_path):
+    app, runtime, client, built = serving_app(tmp_path)
+    activate(runtime, tmp_path)
+    answer = client.post("/setup", json={"project": "3.1", "extra_params": {"project_model": "base"}})
+    assert answer.get_json()["model_version"].startswith("dinov-fake-ckpt-refs")
+
+
+def test_a_deleted_project_takes_its_checkpoints_with_it(tmp_path):
+    app, runtime, client, built = serving_app(tmp_path)
+    path = activate(runtime, tmp_path)
+    answer = client.post("/webhook", json={"action": "PROJECT_DELETED", "project": {"id": 3}})
+    assert answer.status_code == 200
+    assert not path.exists() and runtime.training.store.active(3) is None
+
+
+def test_training_metrics_and_start_without_config(tmp_path):
+    app, runtime, client, built = serving_app(tmp_path)
+    job_id = runtime.training.store.create_job(3, "START_TRAINING")
+    runtime.training.store.update_job(job_id, state="rejected", message="not better",
+                                      figures={"before": {"miou": 0.2}, "after": {"miou": 0.1}})
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'dinov_training_state{project="3",state="rejected"} 1.0' in text
+    assert 'dinov_training_miou{model="after",project="3"} 0.1' in text
+    assert client.post("/training?project=8&action=start").status_code == 400  # never set up: no config

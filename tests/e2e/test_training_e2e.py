@@ -1,0 +1,110 @@
+"""End to end: Start Training in a real Label Studio fine-tunes a project model that the backend then serves.
+
+Two classes of shapes the demo model never saw (orange hexagons and orange crosses: only the shape tells them
+apart), a dozen annotated images, the Train button (POST /api/ml/<id>/train). When the job ends the project's
+model_version changes, and the predictions of held-out tasks are better than before: mIoU up, no more wrong
+regions. Small step counts (TRAIN_STEPS) keep it within a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+
+from dinov.data.scenes import EXTRA_KINDS, generate_extra_scene
+from dinov.metrics import mask_iou
+
+from .labelstudio import brush_region, region_label, region_mask, wait_for
+from .test_labelstudio_e2e import _require_demo_model, wait_for_examples
+
+pytestmark = pytest.mark.e2e
+
+LABELS = list(EXTRA_KINDS)
+CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image">{labels}</BrushLabels>
+</View>""".format(labels="".join(f'<Label value="{label}"/>' for label in LABELS))
+SIZE = (160, 200)
+ANNOTATED, HELD_OUT = 12, 4
+
+
+def truth(scene) -> list[tuple[str, np.ndarray]]:
+    return [(LABELS[int(c)], m) for c, m in zip(scene.classes, scene.masks)]
+
+
+def held_out_quality(ls, tasks: dict, scenes: dict, names: list[str], version: str) -> dict:
+    """mIoU (per true instance, the best IoU among predicted regions of its label) and wrong regions per image
+    (IoU < 0.5 with every true instance of their label) of the predictions of `version`."""
+    best, wrong = [], 0
+    for name in names:
+        predictions = [p for p in ls.predictions(tasks[name]["id"]) if p["model_version"] == version]
+        assert len(predictions) == 1, predictions
+        predicted = [(region_label(r), region_mask(r, SIZE)) for r in predictions[0]["result"]]
+        truths = truth(scenes[name])
+        for label, mask in truths:
+            best.append(max([float(mask_iou(m, mask)[0, 0]) for l, m in predicted if l == label], default=0.0))
+        for label, mask in predicted:
+            ious = [float(mask_iou(mask, t)[0, 0]) for l, t in truths if l == label]
+            wrong += max(ious, default=0.0) < 0.5
+    return {"miou": float(np.mean(best)), "wrong_per_image": wrong / len(names)}
+
+
+def predict(ls, pid: int, tasks: dict, names: list[str], other_than: str | None) -> str:
+    """Retrieve predictions of `names` and wait for them; returns their model_version (not `other_than`)."""
+    ls.retrieve_predictions(pid, [tasks[n]["id"] for n in names])
+
+    def versions():
+        found = [{p["model_version"] for p in ls.predictions(tasks[n]["id"])} - {other_than} for n in names]
+        return found if all(found) else None
+    found = wait_for(versions, timeout=180, what="a prediction of every held-out task")
+    assert len(set.union(*found)) == 1, found
+    return next(iter(found[0]))
+
+
+@pytest.fixture(scope="module")
+def training_backend(backend_factory):
+    return backend_factory(TRAIN_STEPS="40", TRAIN_MINUTES="4")
+
+
+def test_start_training_serves_a_better_project_model(ls, training_backend):
+    _require_demo_model()
+    backend = training_backend
+    pid = ls.create_project(CONFIG)["id"]
+    scenes = {f"shapes{seed}.png": generate_extra_scene(seed, size=SIZE, num_objects=(3, 5))
+              for seed in range(300, 300 + ANNOTATED + HELD_OUT)}
+    tasks = ls.upload_images(pid, {name: scene.image for name, scene in scenes.items()})
+    ml = ls.connect_ml_backend(pid, backend.url)
+    names = list(scenes)
+    annotated, held_out = names[:ANNOTATED], names[ANNOTATED:]
+    counts: dict[str, int] = {}
+    for name in annotated:
+        ls.create_annotation(tasks[name]["id"], [brush_region(m, label) for label, m in truth(scenes[name])])
+        for label, _ in truth(scenes[name]):
+            counts[label] = counts.get(label, 0) + 1
+    wait_for_examples(backend, pid, counts, timeout=120)
+
+    before_version = predict(ls, pid, tasks, held_out, None)
+    before = held_out_quality(ls, tasks, scenes, held_out, before_version)
+
+    ls.start_training(ml["id"])  # START_TRAINING to the backend's /webhook
+
+    def finished():
+        job = requests.get(f"{backend.url}/training", params={"project": pid}, timeout=10).json()["job"]
+        return job if job and job["state"] not in ("queued", "running") else None
+    job = wait_for(finished, timeout=300, interval=2, what="the training job to end")
+    assert job["state"] == "done", f"{job['state']}: {job['message']}\n{backend.log_tail()}"
+    figures = job["figures"]
+    assert figures["after"]["miou"] > figures["before"]["miou"] and figures["validation_tasks"] >= 3
+
+    status = requests.get(f"{backend.url}/references", params={"project": pid}, timeout=10).json()["training"]
+    assert status["served"] == status["active_checkpoint"] and f"+p{pid}-" in status["served"]
+    metrics = requests.get(f"{backend.url}/metrics", timeout=10).text
+    assert f'dinov_training_state{{project="{pid}",state="done"}} 1.0' in metrics
+
+    after_version = predict(ls, pid, tasks, held_out, before_version)
+    assert status["served"] in after_version and status["served"] not in before_version
+    after = held_out_quality(ls, tasks, scenes, held_out, after_version)
+    print(f"\nheld-out tasks: before {before}, after {after}; validation {figures}")
+    assert after["miou"] > before["miou"], (before, after)
+    assert after["wrong_per_image"] <= before["wrong_per_image"], (before, after)
