@@ -50,14 +50,16 @@ def served_measure(settings: Settings, num_labels: int) -> Callable:
         kept = select_instances([Instance(str(r.class_index), r.mask, r.score) for r in found], rules)
         return [Region(mask=k.mask, score=k.score, class_index=int(k.label), box=(0, 0, 0, 0)) for k in kept]
 
-    def measure(predictor: Any, examples: list, targets: list) -> dict:
-        return measure_propagation(predictor, examples, targets, settings.max_examples_per_label,
+    def measure(predictor: Any, examples: list, targets: list, score_threshold: float | None = None) -> dict:
+        return measure_propagation(predictor, examples, targets, settings.max_examples_per_label, score_threshold,
                                    max_instances=settings.max_instances_per_label * num_labels, select=select)
     return measure
 
 
 def run_job(spec: JobSpec) -> None:
     """The child process's entry point: every error ends as the job's "failed" state with its message."""
+    logging.basicConfig(level=getattr(logging, spec.settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     store = TrainingStore(training_db(spec.settings.model_dir))
     try:
         os.nice(NICENESS)
@@ -113,6 +115,9 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     trainer = Trainer(model, model_config, finetune_config(settings.train_parameters, steps), device=device)
     names = sorted(set(trainable_names(trainer.model)) | set(earlier))
     store.update_job(job_id, steps=steps, message="training")
+    logger.info("project %s: job %s trains %s on %d tasks (%d for validation), at most %d steps or %.0f min on %s; "
+                "before: %s", pid, job_id, settings.train_parameters, len(train), len(val), steps, minutes, device,
+                before)
     last_write = [0.0]
 
     def progress(step: int, loss: float) -> None:
