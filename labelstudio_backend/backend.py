@@ -89,7 +89,7 @@ class DINOvBackend:
         settings make Label Studio ask for new predictions."""
         tuned = {name: getattr(self.settings, name) for name in sorted(PER_PROJECT_FIELDS)}
         digest = hashlib.sha1(json.dumps(tuned, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        return f"dinov-{self.runtime.checkpoint_id}-refs{self.references.revision()}-{digest}"
+        return f"dinov-{self.runtime.model_name}-refs{self.references.revision()}-{digest}"
 
     def setup(self, extra_params: Any = None) -> str:
         """Remember the project's config and extra_params, start its reference sync, return model_version."""

@@ -173,6 +173,11 @@ class Runtime:
         return str(getattr(self._predictor, "checkpoint_id", None) or self.settings.checkpoint)
 
     @property
+    def model_name(self) -> str:
+        """The loaded checkpoint's readable name, e.g. "demo-1a2b3c4d" (name and the start of its digest)."""
+        return str(getattr(self._predictor, "model_name", None) or self.settings.checkpoint)
+
+    @property
     def on_gpu(self) -> bool:
         return "cuda" in str(getattr(self.load_model(), "device", "cpu"))
 

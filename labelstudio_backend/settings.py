@@ -42,7 +42,8 @@ class Settings:
     checkpoint: str = "demo"
     device: str = "auto"
     # Pre-annotation (per project).
-    score_threshold: float = 0.12  # the official demo keeps proposals scoring above 0.12
+    # None: the checkpoint's own calibrated threshold (0.12, the official demo's, for the released ones).
+    score_threshold: float | None = None
     max_instances_per_label: int = 20
     min_area: int = 16
     allow_overlap: bool = False
@@ -71,7 +72,8 @@ class Settings:
     project_models_in_memory: int = 2
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.score_threshold <= 1.0, "SCORE_THRESHOLD", self.score_threshold, "a number in [0, 1]")
+        _check(self.score_threshold is None or 0.0 <= self.score_threshold <= 1.0, "SCORE_THRESHOLD",
+               self.score_threshold, "a number in [0, 1], or unset for the checkpoint's default")
         _check(self.max_instances_per_label >= 1, "MAX_INSTANCES_PER_LABEL", self.max_instances_per_label, "an integer >= 1")
         _check(self.min_area >= 0, "MIN_AREA", self.min_area, "an integer >= 0 (pixels)")
         _check(self.polygon_tolerance >= 0, "POLYGON_TOLERANCE", self.polygon_tolerance, "a number >= 0 (pixels)")
@@ -206,7 +208,7 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
     SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
     SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
-    SettingRow("SCORE_THRESHOLD", "score_threshold", "Minimum instance score kept by pre-annotation (0.12 is the official demo's threshold).", True),
+    SettingRow("SCORE_THRESHOLD", "score_threshold", "Minimum instance score kept by pre-annotation. Unset: the checkpoint's own default (stored in its metadata, calibrated for the demo model; 0.12, the official demo's, for swinT/swinL).", True),
     SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "At most this many regions per label and image.", True),
     SettingRow("MIN_AREA", "min_area", "Drop predicted regions smaller than this many pixels.", True),
     SettingRow("ALLOW_OVERLAP", "allow_overlap", "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps "
@@ -263,9 +265,11 @@ def _parse(name: str, raw: Any, source: str) -> Any:
             if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
                 raise ValueError("expected an integer")
             return int(raw)
-        if kind == "float":
+        if kind in ("float", "float | None"):
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
+            if kind == "float | None" and (raw is None or str(raw).strip() == ""):
+                return None
             return float(raw)
         if kind == "Path":
             return Path(str(raw)).expanduser()

@@ -42,8 +42,10 @@ CONFIG = """<View>
 
 class ColourPredictor:
     checkpoint_id = "fake-ckpt"
+    model_name = "fake-ckpt"
     device = "cpu"
     TOLERANCE = 0.15
+    default_score_threshold = 0.0  # what the predictor applies when the backend passes no threshold
 
     def __init__(self, encode_delay: float = 0.0, on_encode=None):
         self.encode_delay = encode_delay
@@ -92,7 +94,8 @@ class ColourPredictor:
                 ys, xs = np.nonzero(mask)
                 instances.append(SimpleNamespace(mask=mask, score=0.9 - 0.01 * index, class_index=index,
                                                  box=(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)))
-        return [i for i in instances if i.score >= (score_threshold or 0)][:max_instances]
+        threshold = self.default_score_threshold if score_threshold is None else score_threshold
+        return [i for i in instances if i.score >= threshold][:max_instances]
 
     def segment_interactive(self, encoded, points=None, point_labels=None, boxes=None, stroke=None):
         points = [] if points is None else list(np.asarray(points).reshape(-1, 2))

@@ -242,6 +242,16 @@ def test_polygon_output(backend):
     assert same_masks(found["Red"], SCENES["b"]["red"]) and same_masks(found["Blue"], SCENES["b"]["blue"])
 
 
+def test_unset_score_threshold_applies_the_checkpoints_default(backend):
+    """SCORE_THRESHOLD unset: the predictor's own (calibrated) default decides; a per-project value overrides it."""
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    backend.runtime.load_model().default_score_threshold = 0.95  # above every score the double gives
+    assert backend.predict([task(2, "b")]).json["results"][0]["result"] == []
+    backend.setup(extra_params={"score_threshold": 0.5})
+    assert set(regions_by_label(backend.predict([task(2, "b")]).json["results"][0])) == {"Red", "Blue"}
+
+
 def test_a_label_without_examples_gives_nothing(backend):
     backend.setup()
     mask = square_mask(SCENES["a"]["red"][0])
@@ -522,7 +532,7 @@ def test_the_real_predictor_fits_the_backend(tmp_path, reference_dir):
     model, _, digest = load_model(reference_dir / "miniT_ckpt.pth")
     predictor = DINOvPredictor(model, resize=ResizeConfig(shortest_edge=128, max_size=256), checkpoint_id="miniT")
     backend = Backend(tmp_path, predictor=predictor, score_threshold=0.0, min_area=1, max_instances_per_label=3)
-    assert "dinov-miniT-refs0" in backend.setup()
+    assert f"dinov-miniT_ckpt-{digest[:8]}-refs0-" in backend.setup()  # model_version names the checkpoint
     scribble_and_box_on_a(backend)
     backend.drain()
     results = backend.predict([task(2, "b"), task(3, "missing")]).json["results"]

@@ -46,3 +46,12 @@ def test_the_table_covers_every_field_and_takes_its_defaults_from_the_dataclass(
         assert row.default == describe_default(fields[row.field])
     assert (describe_default(80.0), describe_default(0.12), describe_default(False), describe_default(())) == \
         ("80", "0.12", "false", "(empty)")
+
+
+def test_score_threshold_unset_means_the_checkpoints_own_default():
+    assert Settings.from_env({}).score_threshold is None
+    assert Settings.from_env({"SCORE_THRESHOLD": ""}).score_threshold is None
+    assert Settings.from_env({"SCORE_THRESHOLD": "0.3"}).score_threshold == 0.3
+    assert Settings.from_env({}).with_overrides({"score_threshold": 0.5}).score_threshold == 0.5
+    with pytest.raises(SettingsError, match="SCORE_THRESHOLD"):
+        Settings.from_env({"SCORE_THRESHOLD": "1.5"})
