@@ -71,8 +71,7 @@ class DINOvBackend:
             runtime.known_projects.add(self.project_id)
 
     def _configure(self, settings: Settings, references: ReferenceSource | None = None) -> None:
-        record = self.runtime.projects.load(self.project_id) if self.project_id is not None else {}
-        self.settings = self.runtime.model_settings(settings, record)
+        self.settings = settings
         self.references = references or StoreReferences(self.runtime, self.project_id, settings)
 
     # --- label-studio-ml interface

@@ -15,14 +15,12 @@ base model are never reused for it.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import threading
 from typing import Any, Callable
 
 from labelstudio_backend.runtime import LRUCache, Predictor, Runtime
-from labelstudio_backend.settings import Settings, parse_extra_params
 from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
 
 logger = logging.getLogger(__name__)
@@ -30,12 +28,15 @@ logger = logging.getLogger(__name__)
 
 def build_project_predictor(base: Any, active: ActiveModel) -> Predictor:
     """A DINOvPredictor of the base predictor's model with the project's delta applied (the base stays as it is)."""
+    from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY
     from dinov.delta import apply_delta
     from dinov.predictor import DINOvPredictor
 
     model = copy.deepcopy(base.model)
-    apply_delta(model, active.path, active.base_digest)
-    name = f"{getattr(base, 'model_name', 'model')}+p{active.project_id}-{active.checkpoint_id.rsplit('-', 1)[-1]}"
+    metadata = apply_delta(model, active.path, active.base_digest)
+    # the threshold calibrated on the project's validation tasks (SCORE_THRESHOLD, when set, still wins)
+    model.default_score_threshold = float(metadata.get(SCORE_THRESHOLD_METADATA_KEY, active.score_threshold))
+    name = f"{base.model_name}+p{active.project_id}-{active.checkpoint_id.rsplit('-', 1)[-1]}"
     return DINOvPredictor(model, device=base.device, resize=base.resize, autocast_dtype=base.autocast_dtype,
                           checkpoint_id=active.checkpoint_id, model_name=name)
 
@@ -128,15 +129,13 @@ class ProjectView:
     def checkpoint_id(self) -> str:
         return self.active.checkpoint_id
 
+    @property
+    def model_name(self) -> str:
+        """What model_version names: the base's name, the project and its checkpoint ("demo-1a2b3c4d+p3-5e6f7a8b")."""
+        return str(getattr(self.load_model(), "model_name", None) or self.checkpoint_id)
+
     def encode(self, url: str, task_id: int | None) -> Any:
         return self._runtime.encode_with(self.load_model(), self.checkpoint_id, url, task_id)
 
     def remember_encoded(self, url: str, encoded: Any) -> None:
         self._runtime.remember_encoded(url, encoded, self.checkpoint_id)
-
-    def model_settings(self, settings: Settings, project_record: dict) -> Settings:
-        """The checkpoint's calibrated score threshold, unless the project sets SCORE_THRESHOLD itself."""
-        params = {str(k).lower() for k in parse_extra_params(project_record.get("extra_params"))}
-        if params & {"score_threshold"}:
-            return settings
-        return dataclasses.replace(settings, score_threshold=self.active.score_threshold)

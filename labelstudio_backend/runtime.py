@@ -193,11 +193,6 @@ class Runtime:
             return self
         return self.project_models.view(project_id) or self
 
-    def model_settings(self, settings: Settings, project_record: dict) -> Settings:
-        """The settings to predict with: the base model's are the settings as they are (a project's view applies
-        its checkpoint's calibrated score threshold)."""
-        return settings
-
     # --- the feature cache
 
     def encode(self, url: str, task_id: int | None) -> Any:

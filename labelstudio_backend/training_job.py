@@ -75,7 +75,7 @@ def run_job(spec: JobSpec) -> None:
 def train_project(spec: JobSpec, store: TrainingStore) -> None:
     import torch
 
-    from dinov.checkpoint import file_digest, load_model
+    from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, file_digest, load_model
     from dinov.delta import apply_delta, read_delta, save_delta, trainable_names
     from dinov.predictor import DINOvPredictor, resolve_device
     from dinov.train.finetune import finetune, finetune_config, is_better
@@ -139,7 +139,8 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
         return
     path = checkpoint_dir(settings) / f"project{pid}-job{job_id}.safetensors"
     save_delta(trainer.model, names, path, base_digest,
-               metadata={"project": str(pid), "job": str(job_id), "default_score_threshold": str(after["score_threshold"])})
+               metadata={"project": str(pid), "job": str(job_id),
+                         SCORE_THRESHOLD_METADATA_KEY: str(after["score_threshold"])})
     checkpoint_id = f"{base_digest}+p{pid}-{file_digest(path)[:8]}"
     if not store.update_job(job_id, state="running", message="activating"):  # cancelled at the last moment
         path.unlink(missing_ok=True)

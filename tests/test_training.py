@@ -273,7 +273,7 @@ def serving_app(tmp_path):
     class ProjectPredictor(ColourPredictor):
         def __init__(self, checkpoint_id):
             super().__init__()
-            self.checkpoint_id = checkpoint_id
+            self.checkpoint_id = self.model_name = checkpoint_id
 
     app = create_app(lambda s: ColourPredictor(), settings(tmp_path), load_model=False)
     runtime = app.extensions["dinov"]
@@ -309,7 +309,6 @@ def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_b
     assert version.startswith("dinov-fake-ckpt+p3-0a1b2c3d-refs") and version != base_version
     backend = DINOvBackend(3, None, runtime=runtime)
     assert backend.runtime.load_model().checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
-    assert backend.settings.score_threshold == 0.42  # the checkpoint's calibrated threshold
     assert DINOvBackend(4, None, runtime=runtime).runtime is runtime  # other projects: the base model
     model_version(client)
     assert len(built) == 1  # loaded once, then kept
@@ -354,3 +353,23 @@ def test_training_metrics_and_start_without_config(tmp_path):
     assert 'dinov_training_state{project="3",state="rejected"} 1.0' in text
     assert 'dinov_training_miou{model="after",project="3"} 0.1' in text
     assert client.post("/training?project=8&action=start").status_code == 400  # never set up: no config
+
+
+def test_a_project_predictor_is_the_base_with_the_delta_and_its_calibrated_threshold(tmp_path):
+    from dinov.predictor import DINOvPredictor
+    from labelstudio_backend.project_models import build_project_predictor
+
+    base = DINOvPredictor.from_checkpoint("demo", device="cpu")
+    tuned = __import__("copy").deepcopy(base.model)
+    name = trainable_names(tuned)[-1]
+    with torch.no_grad():
+        dict(tuned.named_parameters())[name].add_(0.5)
+    path = tmp_path / "project3-job1.safetensors"
+    save_delta(tuned, [name], path, base.checkpoint_id, metadata={"default_score_threshold": "0.42"})
+    active = ActiveModel(project_id=3, path=str(path), checkpoint_id=f"{base.checkpoint_id}+p3-0a1b2c3d",
+                         base_digest=base.checkpoint_id, score_threshold=0.42, job_id=1)
+    project = build_project_predictor(base, active)
+    assert project.default_score_threshold == 0.42 and base.default_score_threshold != 0.42
+    assert project.checkpoint_id == active.checkpoint_id and project.model_name == f"{base.model_name}+p3-0a1b2c3d"
+    assert torch.equal(dict(project.model.named_parameters())[name], dict(tuned.named_parameters())[name])
+    assert not torch.equal(dict(base.model.named_parameters())[name], dict(tuned.named_parameters())[name])
