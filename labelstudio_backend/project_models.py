@@ -104,7 +104,7 @@ class ProjectModels:
         for path in folder.glob(f"project{int(project_id)}-*.safetensors") if folder.exists() else ():
             path.unlink(missing_ok=True)
         if active is not None:
-            self.loaded.put(active.checkpoint_id, None)
+            self.loaded.put(active.checkpoint_id, None)  # frees the model (the LRU cache has no delete)
         self.stale.pop(project_id, None)
 
 

@@ -244,8 +244,10 @@ class Runtime:
             return future
 
     def _sync(self, project_id: int) -> None:
-        self.syncer(project_id)
+        report = self.syncer(project_id)
         self.last_sync[project_id] = utc_now()
+        if getattr(report, "project_deleted", False) and self.project_models is not None:
+            self.project_models.delete_project(project_id)  # confirmed gone from Label Studio: its checkpoints too
 
     def forget_project(self, project_id: int) -> None:
         """PROJECT_DELETED: drop the project's records and sync state (the store is cleared separately)."""

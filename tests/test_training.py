@@ -373,3 +373,25 @@ def test_a_project_predictor_is_the_base_with_the_delta_and_its_calibrated_thres
     assert project.checkpoint_id == active.checkpoint_id and project.model_name == f"{base.model_name}+p3-0a1b2c3d"
     assert torch.equal(dict(project.model.named_parameters())[name], dict(tuned.named_parameters())[name])
     assert not torch.equal(dict(base.model.named_parameters())[name], dict(tuned.named_parameters())[name])
+
+
+def test_every_n_new_annotations_starts_a_job(tmp_path):
+    s = Settings(model_dir=tmp_path / "model_dir", train_every_annotations=3)
+    jobs = TrainingJobs(s, target=training_doubles.rejected_job)
+    try:
+        jobs.count_annotations(3, 2, CONFIG, s)
+        assert jobs.store.latest_job(3) is None
+        jobs.count_annotations(3, 1, CONFIG, s)
+        job = jobs.store.latest_job(3)
+        assert job["reason"] == "3 new annotations"
+        assert wait_for(lambda: jobs.store.job(job["job_id"])["state"] == "rejected")
+    finally:
+        jobs.shutdown()
+
+
+def test_a_sync_that_finds_the_project_gone_deletes_its_checkpoints(tmp_path):
+    app, runtime, client, built = serving_app(tmp_path)
+    path = activate(runtime, tmp_path)
+    runtime.syncer = lambda project_id: SimpleNamespace(project_deleted=True)
+    runtime.ensure_synced(3, force=True).result(timeout=30)
+    assert not path.exists() and runtime.training.store.active(3) is None
