@@ -1,5 +1,5 @@
 """Before/after figures of a Start Training fine-tuning, without Label Studio: a "project" of generated scenes of
-the two shape kinds the demo model never saw (orange hexagons and crosses, dinov.data.scenes.EXTRA_KINDS), split
+the two shape kinds the demo model never saw (orange hexagons, white crosses: dinov.data.scenes.EXTRA_KINDS), split
 as the backend splits a project, trained and measured as the training job does (the job's own functions).
 
     python benchmarks/finetune_project.py --checkpoint demo --steps 300            # CPU, a few minutes

@@ -31,7 +31,8 @@ NUM_CLASSES = len(KINDS) * len(COLOURS)
 # Kinds that the 30 classes (and so the demo model's training) never use: drawn only by generate_extra_scene,
 # for tests of what fine-tuning on a project's own labels adds.
 EXTRA_KINDS: tuple[str, ...] = ("hexagon", "cross")
-EXTRA_COLOUR = (235, 140, 30)  # orange, one colour for every extra kind: only the shape tells them apart
+# and colours the 30 classes never use either: an orange hexagon, a white cross
+EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"hexagon": (235, 140, 30), "cross": (240, 240, 240)}
 CROSS_ARM = 1 / 3  # arm width of a cross, as a fraction of its extent
 
 MIN_SIZE, MAX_SIZE = 128, 512
@@ -324,8 +325,8 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None,
 def generate_extra_scene(seed: int, size: int | tuple[int, int] | None = None,
                          num_objects: int | tuple[int, int] | None = (2, 6),
                          kinds: Sequence[str] = EXTRA_KINDS) -> Scene:
-    """A scene of the extra kinds only (default: orange hexagons and crosses), class i being kinds[i]; the same
-    background and placement rules as generate_scene, never used by it."""
+    """A scene of the extra kinds only (default: orange hexagons and white crosses), class i being kinds[i]; the
+    same background and placement rules as generate_scene, never used by it."""
     unknown = set(kinds) - set(EXTRA_KINDS)
     if not kinds or unknown:
         raise ValueError(f"kinds must be some of {EXTRA_KINDS}, got {list(kinds)}")
@@ -336,8 +337,8 @@ def generate_extra_scene(seed: int, size: int | tuple[int, int] | None = None,
     labels = rng.integers(0, len(kinds), size=count)
     shapes, kept = place_objects(rng, (height, width), labels, kinds=kinds)
     masks = visible_parts(shapes, (height, width))
-    for mask in masks:
-        image[mask] = EXTRA_COLOUR
+    for mask, label in zip(masks, kept):
+        image[mask] = EXTRA_COLOURS[kinds[label]]
     return Scene(image=image, masks=masks, classes=np.asarray(kept, dtype=np.int64), boxes=masks_to_boxes(masks))
 
 

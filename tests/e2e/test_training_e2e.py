@@ -1,7 +1,7 @@
 """End to end: Start Training in a real Label Studio fine-tunes a project model that the backend then serves.
 
-Two classes of shapes the demo model never saw (orange hexagons and orange crosses: only the shape tells them
-apart), a dozen annotated images, the Train button (POST /api/ml/<id>/train). When the job ends the project's
+Two classes of shapes the demo model never saw (orange hexagons and white crosses, in colours it never saw
+either), a dozen annotated images, the Train button (POST /api/ml/<id>/train). When the job ends the project's
 model_version changes, and the predictions of held-out tasks are better than before: mIoU up, no more wrong
 regions. Small step counts (TRAIN_STEPS) keep it within a few minutes on two CPU cores.
 """
