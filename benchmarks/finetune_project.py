@@ -62,7 +62,7 @@ def main() -> None:
     history = finetune(trainer, train, args.minutes * 60)
     seconds = time.perf_counter() - started
     predictor = DINOvPredictor(trainer.model.eval(), device=args.device)
-    after = measure(predictor, train, val)
+    after = measure(predictor, train, val, max_wrong_per_image=before["wrong_per_image"])
     after_held = measure(predictor, train, held_out, after["score_threshold"])
     better, why = is_better(before, after)
     print(f"{args.checkpoint} on {args.device}: {trainer.step} steps in {seconds:.0f} s "

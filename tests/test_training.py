@@ -187,6 +187,11 @@ def test_measure_propagation_counts_wrong_regions():
     assert at_low["miou"] == 1.0 and at_low["wrong_per_image"] == 1.0
     calibrated = measure_propagation(Predictor(), [scene], [scene])
     assert calibrated["wrong_per_image"] == 0.0 and calibrated["score_threshold"] > 0.5
+    # a new model's threshold: the best mIoU that makes no more wrong regions than allowed
+    allowed = measure_propagation(Predictor(), [scene], [scene], max_wrong_per_image=1.0)
+    assert allowed["miou"] == 1.0 and allowed["wrong_per_image"] == 1.0 and allowed["score_threshold"] <= 0.5
+    strict = measure_propagation(Predictor(), [scene], [scene], max_wrong_per_image=0.0)
+    assert strict["wrong_per_image"] == 0.0 and strict["miou"] == 1.0
 
 
 # --- jobs

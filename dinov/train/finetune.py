@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from dinov.calibrate import best_f1_threshold
+from dinov.calibrate import THRESHOLDS, best_f1_threshold
 from dinov.data.scenes import Scene
 from dinov.metrics import mask_iou, match_greedily
 from dinov.train.trainer import TrainConfig, Trainer, batches
@@ -34,7 +34,7 @@ IOU_FOUND = 0.5
 LOWEST_THRESHOLD = 0.05  # regions are collected from this score up; thresholds are applied afterwards
 
 
-def finetune_config(trainable: str, steps: int, batch_size: int = 2, lr: float = 1e-4, seed: int = 0) -> TrainConfig:
+def finetune_config(trainable: str, steps: int, batch_size: int = 2, lr: float = 3e-4, seed: int = 0) -> TrainConfig:
     """The TrainConfig of a fine-tuning: the frozen parts of `trainable`, a short warm-up, no periodic files."""
     if trainable not in TRAINABLE:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
@@ -87,15 +87,17 @@ def region_ious(pred_masks: np.ndarray, scene: Scene) -> np.ndarray:
 
 def measure_propagation(predictor, examples: Sequence[Scene], targets: Sequence[Scene], max_examples: int = 16,
                         score_threshold: float | None = None, max_instances: int = 100,
-                        select: Callable[[list], list] | None = None) -> dict:
+                        select: Callable[[list], list] | None = None, max_wrong_per_image: float | None = None) -> dict:
     """Generic propagation as the backend does it: every target segmented against the classes of `examples`
     (each by up to max_examples of its instances), its regions passed through `select` (the backend's
     selection of what it returns: a function of the predictor's Instances, best first, that keeps some of them,
     possibly with smaller masks; a region's fate depends only on better ones, so selecting once and applying a
     threshold afterwards is selecting at that threshold). Returns mIoU (per true instance the best IoU among regions
     of its class), found (IoU >= 0.5), wrong regions per image (IoU < 0.5 with every true instance of their
-    class), at `score_threshold` (None: the one that maximises instance F1 on these targets, reported as
-    "score_threshold")."""
+    class), at `score_threshold`. None: the threshold is calibrated on these targets: with `max_wrong_per_image`,
+    the one with the best mIoU among those that make at most that many wrong regions per image (a new model is
+    served where it errs no more than the old one); otherwise, or when none does, the one that maximises
+    instance F1. Reported as "score_threshold"."""
     pool: dict[int, list[np.ndarray]] = defaultdict(list)
     for scene in examples:
         if len(scene.masks) == 0:
@@ -115,8 +117,18 @@ def measure_propagation(predictor, examples: Sequence[Scene], targets: Sequence[
         masks = np.stack([x.mask for x in found]) if found else np.zeros((0, *scene.image.shape[:2]), bool)
         per_target.append((np.array([x.score for x in found]), np.array([classes[x.class_index] for x in found]),
                            region_ious(masks, scene), np.asarray(scene.classes)))
+    if score_threshold is None and max_wrong_per_image is not None:
+        figures = [_figures(per_target, t) for t in THRESHOLDS]
+        allowed = [f for f in figures if f["wrong_per_image"] <= max_wrong_per_image]
+        if allowed:
+            return max(allowed, key=lambda f: (f["miou"], -f["score_threshold"]))
     if score_threshold is None:
         score_threshold = _calibrated_threshold(per_target)
+    return _figures(per_target, score_threshold)
+
+
+def _figures(per_target: list, score_threshold: float) -> dict:
+    """mIoU, found and wrong regions per image of collected regions at one score threshold."""
     best, wrong = [], 0
     for scores, labels, ious, truth in per_target:
         kept = scores >= score_threshold
@@ -127,8 +139,8 @@ def measure_propagation(predictor, examples: Sequence[Scene], targets: Sequence[
     best_arr = np.asarray(best, float)
     return {"miou": float(best_arr.mean()) if len(best_arr) else 0.0,
             "found": float((best_arr >= IOU_FOUND).mean()) if len(best_arr) else 0.0,
-            "wrong_per_image": wrong / max(1, len(targets)), "tasks": len(targets), "instances": len(best_arr),
-            "score_threshold": float(score_threshold)}
+            "wrong_per_image": wrong / max(1, len(per_target)), "tasks": len(per_target),
+            "instances": len(best_arr), "score_threshold": float(score_threshold)}
 
 
 def _calibrated_threshold(per_target: list) -> float:
