@@ -99,8 +99,8 @@ def exposed_addresses(listen: Iterable[str | tuple]) -> list[str]:
     for address in listen:
         if isinstance(address, tuple):
             host, port = str(address[0]), address[1]
-        elif isinstance(address, str) and address.startswith(("unix:", "/")):
-            continue
+        elif isinstance(address, (str, bytes)) and (not address or str(address).startswith(("unix:", "/", "\0", "b'"))):
+            continue  # a unix socket (a path, or an abstract name)
         else:
             host, _, port = str(address).rpartition(":")
             host = host or "0.0.0.0"
@@ -116,9 +116,11 @@ def exposed_addresses(listen: Iterable[str | tuple]) -> list[str]:
     return exposed
 
 
-def exposure_warning(listen: Iterable[str | tuple], auth: BasicAuth | None) -> str | None:
-    """The start-up warning when the backend listens beyond loopback without credentials (None otherwise)."""
-    if auth is not None:
+def exposure_warning(listen: Iterable[str | tuple], protected: bool) -> str | None:
+    """The start-up warning when the backend listens beyond loopback without credentials (None otherwise).
+
+    protected: basic auth is on (BASIC_AUTH_USER and BASIC_AUTH_PASS are set)."""
+    if protected:
         return None
     exposed = exposed_addresses(listen)
     if not exposed:

@@ -66,6 +66,10 @@ class URLRefused(ValueError):
 class FetchError(ValueError):
     """A fetch failed (unreachable, HTTP error, too slow); the message says what happened."""
 
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status  # the HTTP status, when the server answered with an error
+
 
 class TooLarge(FetchError):
     """The body is larger than the byte cap."""
@@ -249,22 +253,38 @@ class HostPolicy:
         return cls(origin, frozenset(names), tuple(suffixes), any_public, tuple(networks),
                    resolver or system_resolver)
 
+    @property
+    def label_studio_origin(self) -> str:
+        if self.label_studio is None:
+            return "unset"
+        scheme, host, port = self.label_studio
+        return CheckedURL(scheme, host, port, "/").url.rstrip("/")
+
+    def precheck(self, url: CheckedURL, *, public_ok: bool = False) -> str:
+        """The rule that may allow `url`, without asking DNS: "label_studio", "named" or "addresses" (to be
+        judged by its addresses); URLRefused when no rule can."""
+        if url.origin == self.label_studio:
+            return "label_studio"
+        if url.host in self.names:
+            return "named"
+        if public_ok or self.networks or self._wildcard(url):
+            return "addresses"
+        raise URLRefused(
+            f"{_shown(url.url)}: host {url.host!r} is not Label Studio ({self.label_studio_origin}, from "
+            "LABEL_STUDIO_URL) and not in ALLOWED_HOSTS; add it to ALLOWED_HOSTS if images may come from it")
+
     def decide(self, url: CheckedURL, *, public_ok: bool = False) -> Destination:
         """Resolve `url`'s host once and return where to connect, or raise URLRefused saying why not.
 
         public_ok: any host with only public addresses is fine too (the target of Label Studio's
         redirect: a presigned storage URL).
         """
-        if url.origin == self.label_studio:
+        rule = self.precheck(url, public_ok=public_ok)
+        if rule == "label_studio":
             return Destination(url, self._resolve(url), True, "Label Studio")
-        if url.host in self.names:
+        if rule == "named":
             return Destination(url, self._resolve(url), False, "named in ALLOWED_HOSTS")
-        wildcard = self.any_public or any(url.host.endswith(s) or url.host == s[1:] for s in self.suffixes)
-        if not (wildcard or public_ok or self.networks):
-            raise URLRefused(
-                f"{_shown(url.url)}: host {url.host!r} is not Label Studio (LABEL_STUDIO_URL "
-                f"{'origin ' + '://'.join(self.label_studio[:2]) + ':' + str(self.label_studio[2]) if self.label_studio else 'unset'}) "
-                "and not in ALLOWED_HOSTS; add it to ALLOWED_HOSTS if images may come from it")
+        wildcard = self._wildcard(url)
         addresses = self._resolve(url)
         parsed = [ipaddress.ip_address(a.split("%", 1)[0]) for a in addresses]
         if self.networks and all(self._in_networks(a) for a in parsed):
@@ -276,6 +296,9 @@ class HostPolicy:
             f"{_shown(url.url)}: host {url.host!r} reaches {internal}, which is not a public address and not in an "
             "ALLOWED_HOSTS network; task images may not point to internal services. If this host is trusted, "
             "add its name or network to ALLOWED_HOSTS")
+
+    def _wildcard(self, url: CheckedURL) -> bool:
+        return self.any_public or any(url.host.endswith(s) or url.host == s[1:] for s in self.suffixes)
 
     def _in_networks(self, address: IPAddress) -> bool:
         candidates = [address] + ([inner] if (inner := embedded_ipv4(address)) is not None else [])
@@ -421,7 +444,7 @@ def read_body(response: requests.Response, *, deadline: float, max_bytes: int, w
     """The body of `response` (HTTP 200 only), at most `max_bytes`, finished before `deadline`."""
     with response:
         if response.status_code != 200:
-            raise FetchError(f"{what}: HTTP {response.status_code}")
+            raise FetchError(f"{what}: HTTP {response.status_code}", response.status_code)
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > max_bytes:
             raise TooLarge(f"{what}: {int(length)} bytes, above the limit of {max_bytes} bytes")

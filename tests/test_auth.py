@@ -73,7 +73,7 @@ def test_user_and_password_are_compared_together_in_one_constant_time_comparison
 
 
 @pytest.mark.parametrize("listen, exposed", [
-    (["127.0.0.1:9090"], []), (["localhost:9090"], []), (["[::1]:9090"], []), (["unix:/run/dinov.sock"], []),
+    (["127.0.0.1:9090"], []), (["localhost:9090"], []), (["[::1]:9090"], []), (["unix:/run/dinov.sock"], []), (["/run/dinov.sock"], []), (["\0abstract"], []),
     ([("127.0.0.1", 9090)], []),
     (["0.0.0.0:9090"], ["0.0.0.0:9090"]), (["[::]:9090"], ["[::]:9090"]), ([("10.0.0.5", 9090)], ["10.0.0.5:9090"]),
     ([":9090"], ["0.0.0.0:9090"]), (["backend.internal:9090"], ["backend.internal:9090"]),
@@ -83,6 +83,35 @@ def test_exposed_addresses(listen, exposed):
 
 
 def test_exposure_warning_only_without_credentials():
-    assert "BASIC_AUTH_USER" in exposure_warning(["0.0.0.0:9090"], None)
-    assert exposure_warning(["0.0.0.0:9090"], BasicAuth("u", "p")) is None
-    assert exposure_warning(["127.0.0.1:9090"], None) is None
+    assert "BASIC_AUTH_USER" in exposure_warning(["0.0.0.0:9090"], protected=False)
+    assert exposure_warning(["0.0.0.0:9090"], protected=True) is None
+    assert exposure_warning(["127.0.0.1:9090"], protected=False) is None
+
+
+def test_gunicorn_warns_at_start_when_listening_beyond_loopback_without_credentials(monkeypatch):
+    import importlib.util
+    import socket
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("gunicorn_conf", Path(__file__).parents[1] / "gunicorn.conf.py")
+    conf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conf)
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        monkeypatch.delenv(name, raising=False)
+
+    def warnings_for(host: str) -> list[str]:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            logged: list[str] = []
+            server = SimpleNamespace(LISTENERS=[SimpleNamespace(sock=sock)],
+                                     log=SimpleNamespace(warning=logged.append))
+            conf.when_ready(server)
+            return logged
+
+    assert warnings_for("127.0.0.1") == []
+    [warning] = warnings_for("0.0.0.0")
+    assert "without credentials" in warning and "BASIC_AUTH_USER" in warning
+    monkeypatch.setenv("BASIC_AUTH_USER", "ls")
+    monkeypatch.setenv("BASIC_AUTH_PASS", "pw")
+    assert warnings_for("0.0.0.0") == []
