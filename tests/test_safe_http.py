@@ -1,4 +1,4 @@
-"""safe_http: hostile URLs reach nothing, the token stays with Label Studio, downloads are bounded.
+"""url_policy and safe_http: hostile URLs reach nothing, the token stays with Label Studio, downloads are bounded.
 
 Every network rule is checked against real sockets on loopback addresses: an "internal service" is a
 RecordingListener on 127.0.0.1 that records every connection it accepts, so "it received nothing" can fail.
@@ -12,9 +12,8 @@ import time
 import pytest
 import requests
 
-from labelstudio_backend.safe_http import (
-    FetchError, HostPolicy, TooLarge, URLRefused, check_url, fetch, is_public, safe_session,
-)
+from labelstudio_backend.safe_http import FetchError, TooLarge, fetch, safe_session
+from labelstudio_backend.url_policy import HostPolicy, URLRefused, check_url, is_public
 from listeners import RecordingListener, drip, http_reply, routes, tls_server_context
 
 TOKEN = "Token secret-label-studio-token"
