@@ -109,36 +109,41 @@ def safe_session(policy: HostPolicy) -> requests.Session:
 # --- fetching with redirects, one deadline and a byte cap --------------------------------------------
 
 
-def fetch(session: requests.Session, url: str | CheckedURL, *, timeout: float, max_bytes: int,
+def fetch(session: requests.Session, url: str | CheckedURL, *, policy: HostPolicy, timeout: float, max_bytes: int,
           label_studio_headers: Callable[[], dict[str, str]] | None = None, verify: bool | str = True,
           max_redirects: int = MAX_REDIRECTS, public_ok: bool = False) -> bytes:
-    """GET the body of `url` through `session` (see ``safe_session``) within `timeout` seconds in all.
+    """GET the body of `url` through `session` (a ``safe_session(policy)``) within `timeout` seconds in all.
 
-    Redirects are followed by hand, each hop checked by the adapter; after a redirect from Label Studio
-    any public host is accepted (its presigned storage URLs), after other redirects only what the policy
-    allows anyway. label_studio_headers() gives the Authorization header, sent only to Label Studio's
-    origin. Raises URLRefused, TooLarge or FetchError.
+    Redirects are followed by hand and every hop is decided again; after a redirect from Label Studio any
+    host with only public addresses is accepted too (its presigned storage URLs), other redirects widen
+    nothing. label_studio_headers() gives the Authorization header, added only on Label Studio's origin.
+    Raises URLRefused, TooLarge or FetchError.
     """
     deadline = time.monotonic() + timeout
-    policy = _policy_of(session)
     checked = url if isinstance(url, CheckedURL) else check_url(url)
-    original = checked.url
-    for _ in range(max_redirects + 1):
-        on_label_studio = policy is not None and checked.origin == policy.label_studio
+    original = shown_url(checked.url)
+    for hop in range(max_redirects + 1):
+        try:
+            policy.precheck(checked, public_ok=public_ok)  # a clear refusal before any DNS question
+        except URLRefused as e:
+            raise URLRefused(f"{original} redirected to a refused URL: {e}" if hop else str(e)) from None
+        on_label_studio = checked.origin == policy.label_studio
         headers = {"Accept-Encoding": "identity"}
         if on_label_studio and label_studio_headers is not None:
             headers.update(label_studio_headers())
         request = requests.Request("GET", checked.url, headers=headers).prepare()
-        request.allow_public = public_ok
+        request.allow_public = public_ok  # read by PinnedAdapter, which makes the decision that connects
         remaining = _remaining(deadline, original, timeout)
         try:
             response = session.send(request, stream=True, timeout=(remaining, remaining), verify=verify,
                                     allow_redirects=False)
+        except URLRefused as e:
+            raise URLRefused(f"{original} redirected to a refused URL: {e}" if hop else str(e)) from None
         except requests.exceptions.SSLError as e:
-            raise FetchError(f"{shown_url(checked.url)}: TLS error ({e}); fix the certificate or set VERIFY_SSL=false") \
-                from None
+            raise FetchError(f"{shown_url(checked.url)}: TLS error ({e}); fix the certificate or set "
+                             "VERIFY_SSL=false") from None
         except requests.Timeout:
-            raise FetchError(f"{shown_url(original)}: no answer within FETCH_TIMEOUT={timeout:g} s") from None
+            raise FetchError(f"{original}: no answer within FETCH_TIMEOUT={timeout:g} s") from None
         except requests.RequestException as e:
             raise FetchError(f"{shown_url(checked.url)}: cannot fetch ({e.__class__.__name__}: {e})") from None
         if response.status_code in REDIRECT_STATUSES:
@@ -149,12 +154,12 @@ def fetch(session: requests.Session, url: str | CheckedURL, *, timeout: float, m
             try:
                 checked = check_url(urljoin(checked.url, location))
             except URLRefused as e:
-                raise URLRefused(f"{shown_url(original)} redirected to a refused URL: {e}") from None
+                raise URLRefused(f"{original} redirected to a refused URL: {e}") from None
             # Label Studio hands out presigned storage URLs; nobody else widens what may be reached.
             public_ok = public_ok or on_label_studio
             continue
-        return read_body(response, deadline=deadline, max_bytes=max_bytes, what=shown_url(original), timeout=timeout)
-    raise FetchError(f"{shown_url(original)}: more than {max_redirects} redirects")
+        return read_body(response, deadline=deadline, max_bytes=max_bytes, what=original, timeout=timeout)
+    raise FetchError(f"{original}: more than {max_redirects} redirects")
 
 
 def read_body(response: requests.Response, *, deadline: float, max_bytes: int, what: str,
@@ -200,7 +205,3 @@ def _set_read_timeout(response: requests.Response, seconds: float) -> None:
     if sock is not None:
         sock.settimeout(seconds)
 
-
-def _policy_of(session: requests.Session) -> HostPolicy | None:
-    adapter = session.get_adapter("http://")
-    return adapter.policy if isinstance(adapter, PinnedAdapter) else None

@@ -131,7 +131,7 @@ def test_internal_addresses_reach_nothing_and_never_get_the_token(internal, labe
     session = safe_session(policy)
     url = f"http://{spelling}:{internal.port}/data/upload/x.png"
     with pytest.raises(URLRefused, match="not a public address|not a valid host"):
-        fetch(session, url, timeout=5, max_bytes=1 << 20, label_studio_headers=ls_headers, public_ok=True)
+        fetch(session, url, policy=policy, timeout=5, max_bytes=1 << 20, label_studio_headers=ls_headers, public_ok=True)
     with pytest.raises(URLRefused):
         session.get(url, headers={"Authorization": TOKEN}, timeout=5)
     time.sleep(0.1)
@@ -156,7 +156,10 @@ def test_hostile_forms_reach_nothing(internal, label_studio, template):
     session = safe_session(policy)
     url = template.format(port=internal.port, ls=label_studio.port)
     with pytest.raises((URLRefused, FetchError)):
-        fetch(session, url, timeout=5, max_bytes=1 << 20, label_studio_headers=ls_headers)
+        fetch(session, url, policy=policy, timeout=5, max_bytes=1 << 20, label_studio_headers=ls_headers)
+    # The adapter alone (plain requests use, requests' own URL preparation) refuses as well.
+    with pytest.raises((URLRefused, requests.exceptions.InvalidURL)):
+        session.get(url, headers={"Authorization": TOKEN}, timeout=5)
     time.sleep(0.1)
     assert internal.connections == []
     assert all("authorization" not in r.headers for r in label_studio.connections)
@@ -164,7 +167,7 @@ def test_hostile_forms_reach_nothing(internal, label_studio, template):
 
 def test_label_studio_gets_the_token_on_its_exact_origin(label_studio):
     policy, resolver = policy_for(label_studio)
-    body = fetch(safe_session(policy), f"http://LS.test:{label_studio.port}/data/upload/ok.png", timeout=5,
+    body = fetch(safe_session(policy), f"http://LS.test:{label_studio.port}/data/upload/ok.png", policy=policy, timeout=5,
                  max_bytes=100, label_studio_headers=ls_headers)
     assert body == b"image"
     [received] = label_studio.connections
@@ -199,7 +202,7 @@ def test_redirects_to_internal_addresses_reach_nothing(internal, target):
         policy = HostPolicy.from_settings(f"http://127.0.0.1:{ls.port}", [])
         session = safe_session(policy)
         with pytest.raises(URLRefused):
-            fetch(session, f"http://127.0.0.1:{ls.port}/data/upload/x.png", timeout=5, max_bytes=1 << 20,
+            fetch(session, f"http://127.0.0.1:{ls.port}/data/upload/x.png", policy=policy, timeout=5, max_bytes=1 << 20,
                   label_studio_headers=ls_headers)
         with pytest.raises((URLRefused, requests.exceptions.InvalidSchema)):  # requests' own redirects
             session.get(f"http://127.0.0.1:{ls.port}/data/upload/x.png", timeout=5)
@@ -225,7 +228,7 @@ def test_the_token_does_not_follow_a_redirect(label_studio):
         with RecordingListener("127.0.0.1", reply=lambda r: http_reply(302, b"", {"Location": location})) as ls:
             policy = HostPolicy.from_settings(f"http://ls.test:{ls.port}", ["cdn.test"],
                                               resolver=Resolver({"ls.test": ["127.0.0.1"], "cdn.test": ["127.0.0.2"]}))
-            assert fetch(safe_session(policy), f"http://ls.test:{ls.port}/data/upload/a.png", timeout=5,
+            assert fetch(safe_session(policy), f"http://ls.test:{ls.port}/data/upload/a.png", policy=policy, timeout=5,
                          max_bytes=100, label_studio_headers=ls_headers) == b"cdn"
             assert ls.connections[0].headers["authorization"] == TOKEN
     [received] = cdn.connections
@@ -243,11 +246,11 @@ def test_a_dns_answer_that_changes_between_check_and_connect_is_never_used(inter
         resolver = Resolver({"rebind.test": [["127.0.0.2"], ["127.0.0.1"]]})
         policy = HostPolicy.from_settings("", ["127.0.0.2/32"], resolver=resolver)
         session = safe_session(policy)
-        assert fetch(session, f"http://rebind.test:{internal.port}/a.png", timeout=5, max_bytes=100) == b"ok"
+        assert fetch(session, f"http://rebind.test:{internal.port}/a.png", policy=policy, timeout=5, max_bytes=100) == b"ok"
         assert resolver.asked == ["rebind.test"]  # resolved once, connected to that answer
         assert good.connections[0].headers["host"] == f"rebind.test:{internal.port}"
         with pytest.raises(URLRefused, match="127.0.0.1"):  # the next request sees the new answer, and refuses it
-            fetch(session, f"http://rebind.test:{internal.port}/a.png", timeout=5, max_bytes=100)
+            fetch(session, f"http://rebind.test:{internal.port}/a.png", policy=policy, timeout=5, max_bytes=100)
     time.sleep(0.1)
     assert internal.connections == []
 
@@ -256,7 +259,7 @@ def test_the_next_address_is_tried_when_one_refuses_the_connection():
     with RecordingListener("127.0.0.3", reply=routes({"/a.png": http_reply(body=b"ok")})) as server:
         resolver = Resolver({"two.test": ["127.0.0.4", "127.0.0.3"]})  # nothing listens on 127.0.0.4
         policy = HostPolicy.from_settings("", ["127.0.0.0/29"], resolver=resolver)
-        assert fetch(safe_session(policy), f"http://two.test:{server.port}/a.png", timeout=5, max_bytes=10) == b"ok"
+        assert fetch(safe_session(policy), f"http://two.test:{server.port}/a.png", policy=policy, timeout=5, max_bytes=10) == b"ok"
 
 
 def test_tls_keeps_the_server_name_and_checks_the_certificate_for_it(tmp_path):
@@ -265,12 +268,12 @@ def test_tls_keeps_the_server_name_and_checks_the_certificate_for_it(tmp_path):
         resolver = Resolver({"images.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]})
         policy = HostPolicy.from_settings("", ["images.test", "other.test"], resolver=resolver)
         session = safe_session(policy)
-        assert fetch(session, f"https://images.test:{server.port}/a.png", timeout=5, max_bytes=10,
+        assert fetch(session, f"https://images.test:{server.port}/a.png", policy=policy, timeout=5, max_bytes=10,
                      verify=ca_file) == b"tls"
         assert server.connections[0].server_name == "images.test"
         assert server.connections[0].headers["host"] == f"images.test:{server.port}"
         with pytest.raises(FetchError, match="TLS"):  # the certificate is for images.test, not other.test
-            fetch(session, f"https://other.test:{server.port}/a.png", timeout=5, max_bytes=10, verify=ca_file)
+            fetch(session, f"https://other.test:{server.port}/a.png", policy=policy, timeout=5, max_bytes=10, verify=ca_file)
 
 
 # --- bounds ------------------------------------------------------------------------------------------------
@@ -282,7 +285,7 @@ def test_one_deadline_for_the_whole_download():
         policy = HostPolicy.from_settings(f"http://127.0.0.1:{slow.port}", [])
         started = time.monotonic()
         with pytest.raises(FetchError, match="FETCH_TIMEOUT=1"):
-            fetch(safe_session(policy), f"http://127.0.0.1:{slow.port}/a.png", timeout=1, max_bytes=1000)
+            fetch(safe_session(policy), f"http://127.0.0.1:{slow.port}/a.png", policy=policy, timeout=1, max_bytes=1000)
         assert time.monotonic() - started < 1.6  # each read was quick; the whole was not
 
 
@@ -295,14 +298,14 @@ def test_the_byte_cap_holds_with_and_without_content_length():
         session = safe_session(policy)
         for path in ("declared", "undeclared"):
             with pytest.raises(TooLarge, match="4096 bytes"):
-                fetch(session, f"http://127.0.0.1:{server.port}/{path}.png", timeout=5, max_bytes=4096)
-        assert fetch(session, f"http://127.0.0.1:{server.port}/declared.png", timeout=5, max_bytes=5000) == big
+                fetch(session, f"http://127.0.0.1:{server.port}/{path}.png", policy=policy, timeout=5, max_bytes=4096)
+        assert fetch(session, f"http://127.0.0.1:{server.port}/declared.png", policy=policy, timeout=5, max_bytes=5000) == big
 
 
 def test_http_errors_say_what_happened(label_studio):
     policy, _ = policy_for(label_studio)
     with pytest.raises(FetchError, match="HTTP 404"):
-        fetch(safe_session(policy), f"http://ls.test:{label_studio.port}/missing.png", timeout=5, max_bytes=10)
+        fetch(safe_session(policy), f"http://ls.test:{label_studio.port}/missing.png", policy=policy, timeout=5, max_bytes=10)
 
 
 def test_allowed_hosts_entries_are_validated():
