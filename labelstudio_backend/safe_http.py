@@ -33,9 +33,10 @@ MAX_REDIRECTS = 5
 class FetchError(ValueError):
     """A fetch failed (unreachable, HTTP error, too slow); the message says what happened."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, url: str | None = None):
         super().__init__(message)
-        self.status = status  # the HTTP status, when the server answered with an error
+        self.status = status  # the HTTP status, when a server answered with an error
+        self.url = url  # the URL (the redirect hop) that answered it
 
 
 class TooLarge(FetchError):
@@ -167,7 +168,9 @@ def read_body(response: requests.Response, *, deadline: float, max_bytes: int, w
     """The body of `response` (HTTP 200 only), at most `max_bytes`, finished before `deadline`."""
     with response:
         if response.status_code != 200:
-            raise FetchError(f"{what}: HTTP {response.status_code}", response.status_code)
+            hop = shown_url(response.url)
+            raise FetchError(f"{what}: HTTP {response.status_code}" + ("" if hop == what else f" from {hop}"),
+                             response.status_code, response.url)
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > max_bytes:
             raise TooLarge(f"{what}: {int(length)} bytes, above the limit of {max_bytes} bytes")
