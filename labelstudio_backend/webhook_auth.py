@@ -42,11 +42,11 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 RECHECK_SECONDS = 600.0
 # After a failed attempt (Label Studio unreachable, token without permission), wait before trying again.
 RETRY_SECONDS = 60.0
+# The calls run inside /setup, which Label Studio waits for only ML_TIMEOUT_SETUP (3 s by default).
+API_TIMEOUT_SECONDS = 1.5
 
 
 class LabelStudioAPI(Protocol):
-    def get_json(self, path: str, params: Any = None) -> Any: ...
-
     def request(self, method: str, path: str, **kwargs: Any) -> Any: ...
 
 
@@ -114,7 +114,12 @@ class WebhookGuard:
             self._checked.pop(project_id, None)
 
     def _ensure(self, project_id: int, host_header: str, webhook_path: str) -> tuple[list[int], bool]:
-        hooks = self.client.get_json("/api/webhooks/", params={"project": project_id}) or []
+        response = self.client.request("GET", "/api/webhooks/", params={"project": project_id},
+                                       timeout=API_TIMEOUT_SECONDS)
+        if response.status_code != 200:
+            raise RuntimeError(f"GET /api/webhooks/?project={project_id} answered {response.status_code}: "
+                               f"{response.text[:300]}")
+        hooks = response.json() or []
         header = self.auth.authorization_header()
         changed, found = [], False
         for hook in hooks:
@@ -129,11 +134,11 @@ class WebhookGuard:
             headers["Authorization"] = header
             # A PATCH without "actions" would clear the webhook's action list: send it back unchanged.
             body = {"headers": headers, "actions": list(hook.get("actions") or [])}
-            response = self.client.request("PATCH", f"/api/webhooks/{int(hook['id'])}/", json=body)
-            status = getattr(response, "status_code", 200)
-            if status != 200:
-                text = getattr(response, "text", "")[:300]
-                raise RuntimeError(f"PATCH /api/webhooks/{hook['id']}/ answered {status}: {text}")
+            response = self.client.request("PATCH", f"/api/webhooks/{int(hook['id'])}/", json=body,
+                                           timeout=API_TIMEOUT_SECONDS)
+            if response.status_code != 200:
+                raise RuntimeError(f"PATCH /api/webhooks/{hook['id']}/ answered {response.status_code}: "
+                                   f"{response.text[:300]}")
             logger.info("project %s: Label Studio webhook %s (%s) now sends the backend's basic auth",
                         project_id, hook["id"], hook.get("url"))
             changed.append(int(hook["id"]))

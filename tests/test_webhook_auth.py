@@ -39,11 +39,12 @@ class FakeLabelStudio:
         self.patch_status = patch_status
         self.calls: list[tuple] = []
 
-    def get_json(self, path, params=None):
-        self.calls.append(("GET", path, params))
-        return [h for h in self.hooks if h["project"] == params["project"]]
-
-    def request(self, method, path, json=None, **kwargs):
+    def request(self, method, path, params=None, json=None, timeout=None):
+        assert timeout and timeout < 3  # Label Studio waits 3 s for /setup
+        if method == "GET":
+            self.calls.append(("GET", path, params))
+            found = [h for h in self.hooks if h["project"] == params["project"]]
+            return SimpleNamespace(status_code=200, json=lambda: found, text="")
         self.calls.append((method, path, json))
         if self.patch_status == 200:
             hook = next(h for h in self.hooks if path == f"/api/webhooks/{h['id']}/")
