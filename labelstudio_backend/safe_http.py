@@ -169,8 +169,9 @@ def read_body(response: requests.Response, *, deadline: float, max_bytes: int, w
     with response:
         if response.status_code != 200:
             hop = shown_url(response.url)
-            raise FetchError(f"{what}: HTTP {response.status_code}" + ("" if hop == what else f" from {hop}"),
-                             response.status_code, response.url)
+            status = "not found (HTTP 404)" if response.status_code == 404 else f"HTTP {response.status_code}"
+            raise FetchError(f"{what}: {status}" + ("" if hop == what else f" from {hop}"), response.status_code,
+                             response.url)
         length = response.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > max_bytes:
             raise TooLarge(f"{what}: {int(length)} bytes, above the limit of {max_bytes} bytes")
