@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import subprocess
@@ -16,6 +17,7 @@ from labelstudio_backend.image_limits import ImageRejected, ImageTooLarge, open_
 LIMITS = dict(max_pixels=64_000_000, max_bytes=64 << 20)
 
 
+@functools.lru_cache(maxsize=4)
 def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
     """A 1-bit greyscale PNG of width x height zeros: a few hundred kB that decode to width*height pixels."""
     def chunk(kind: bytes, data: bytes) -> bytes:
