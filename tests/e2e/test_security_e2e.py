@@ -43,6 +43,15 @@ def examples(backend, project_id: int) -> dict:
     return response.json()["examples_per_label"]
 
 
+def metric(backend, name: str) -> float:
+    """A sample of the backend's /metrics (0 when absent)."""
+    text = requests.get(f"{backend.url}/metrics", auth=AUTH, timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_every_endpoint_but_health_needs_the_credentials(secured):
     assert requests.get(f"{secured.url}/health", timeout=10).status_code == 200
     wrong = "Basic " + base64.b64encode(f"{USER}:nope".encode()).decode()
@@ -87,9 +96,13 @@ def test_every_flow_works_with_basic_auth(ls, secured):
     assert hook["url"] == f"{secured.url}/webhook"
     assert hook["headers"] == {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
 
-    # An annotation reaches the store through that webhook.
+    # An annotation reaches the store through that webhook (its event passed basic auth: no sync brought it).
+    events = 'dinov_webhooks_total{event="ANNOTATION_CREATED"}'
+    refused = 'dinov_requests_total{endpoint="/webhook",method="POST",status="401"}'
+    before = metric(secured, events), metric(secured, refused)
     ls.create_annotation(tasks["a.png"]["id"], [brush_region(mask_a, "Cat")])
     wait_for(lambda: examples(secured, pid) == {"Cat": 1}, timeout=60, what="the annotation through the webhook")
+    assert (metric(secured, events), metric(secured, refused)) == (before[0] + 1, before[1])
 
     # Retrieve predictions: /predict with basic auth, one stored prediction per task.
     _require_demo_model()
