@@ -12,7 +12,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from labelstudio_backend.image_limits import ImageRejected, ImageTooLarge, open_bounded
+from labelstudio_backend.images import ImageError, ImageTooLargeError, open_bounded
 
 LIMITS = dict(max_pixels=64_000_000, max_bytes=64 << 20)
 
@@ -42,13 +42,13 @@ def test_a_normal_image_opens():
 
 
 def test_the_pixel_limit_is_ours_not_pillows():
-    with pytest.raises(ImageTooLarge, match="8x6 = 48 pixels, above MAX_IMAGE_PIXELS=47"):
+    with pytest.raises(ImageTooLargeError, match="8x6 = 48 pixels, above MAX_IMAGE_PIXELS=47"):
         open_bounded(png(8, 6), what="a.png", max_pixels=47, max_bytes=1 << 20)
 
 
 def test_the_byte_limit():
     data = png(8, 6)
-    with pytest.raises(ImageTooLarge, match="MAX_IMAGE_BYTES"):
+    with pytest.raises(ImageTooLargeError, match="MAX_IMAGE_BYTES"):
         open_bounded(data, what="a.png", max_pixels=1000, max_bytes=len(data) - 1)
 
 
@@ -58,16 +58,16 @@ def test_the_byte_limit():
     (png(8, 6)[:40], "cannot be read|not an image"),
 ])
 def test_what_is_not_an_image_says_so(data, message):
-    with pytest.raises(ImageRejected, match=message):
+    with pytest.raises(ImageError, match=message):
         open_bounded(data, what="x", **LIMITS)
 
 
 def test_a_decompression_bomb_is_refused_from_its_header():
     data = bomb_png()
     assert len(data) < 1 << 20
-    with pytest.raises(ImageTooLarge, match="30000x30000|decompression|pixels"):
+    with pytest.raises(ImageTooLargeError, match="30000x30000|decompression|pixels"):
         open_bounded(data, what="bomb.png", **LIMITS)
-    with pytest.raises(ImageTooLarge, match="10000x10000"):  # below Pillow's own bomb limit, above ours
+    with pytest.raises(ImageTooLargeError, match="10000x10000"):  # below Pillow's own bomb limit, above ours
         open_bounded(bomb_png(10000, 10000), what="bomb.png", **LIMITS)
 
 
@@ -77,12 +77,12 @@ def test_no_memory_spike_on_a_bomb(tmp_path):
     path.write_bytes(bomb_png())
     script = (
         "import resource, sys\n"
-        "from labelstudio_backend.image_limits import open_bounded, ImageTooLarge\n"
+        "from labelstudio_backend.images import open_bounded, ImageTooLargeError\n"
         f"data = open({str(path)!r}, 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
         "    open_bounded(data, max_pixels=64_000_000, max_bytes=64 << 20, what='bomb')\n"
-        "except ImageTooLarge:\n"
+        "except ImageTooLargeError:\n"
         "    pass\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
