@@ -66,17 +66,17 @@ class PinnedAdapter(HTTPAdapter):
                              "Studio's origin (LABEL_STUDIO_URL)")
         request.url = url.url
         request.headers["Host"] = url.netloc
-        last_error: Exception | None = None
-        for address in destination.addresses:
+        *others, last = destination.addresses
+        for address in others:
             request.pinned = (destination, address)  # read by get_connection_with_tls_context
             try:
                 return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=None)
             except requests.ConnectionError as e:
                 if not _connect_failed(e):
                     raise
-                last_error = e  # nothing was sent to this address: try the next one
-        assert last_error is not None
-        raise last_error
+                # nothing was sent to this address: try the next one
+        request.pinned = (destination, last)
+        return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=None)
 
     def get_connection_with_tls_context(self, request: requests.PreparedRequest, verify: bool | str,
                                         proxies: Any = None, cert: Any = None):

@@ -262,6 +262,18 @@ def test_the_next_address_is_tried_when_one_refuses_the_connection():
         assert fetch(safe_session(policy), f"http://two.test:{server.port}/a.png", policy=policy, timeout=5, max_bytes=10) == b"ok"
 
 
+def test_ipv6_literals_connect_when_their_network_is_allowed(internal):
+    with RecordingListener("::1", reply=routes({"/a.png": http_reply(body=b"v6")})) as server:
+        session_policy = HostPolicy.from_settings("", ["::1/128"])
+        assert fetch(safe_session(session_policy), f"http://[::1]:{server.port}/a.png", policy=session_policy,
+                     timeout=5, max_bytes=10) == b"v6"
+        assert server.connections[0].headers["host"] == f"[::1]:{server.port}"
+        with pytest.raises(URLRefused):  # the IPv4-mapped spelling of 127.0.0.1 is not in ::1/128
+            fetch(safe_session(session_policy), f"http://[::ffff:127.0.0.1]:{internal.port}/a.png",
+                  policy=session_policy, timeout=5, max_bytes=10)
+    assert internal.connections == []
+
+
 def test_tls_keeps_the_server_name_and_checks_the_certificate_for_it(tmp_path):
     context, ca_file = tls_server_context("images.test", tmp_path)
     with RecordingListener("127.0.0.1", tls=context, reply=routes({"/a.png": http_reply(body=b"tls")})) as server:
