@@ -15,7 +15,8 @@ or serve the base model to the project again:
     python _wsgi.py train --project 3 [--label-config config.xml]
     python _wsgi.py train --project 3 --rollback
 
-Every setting comes from the environment (labelstudio_backend/settings.py has the table).
+Every setting comes from the environment (labelstudio_backend/settings.py has the table). Listening
+beyond 127.0.0.1 without BASIC_AUTH_USER/BASIC_AUTH_PASS logs a warning at start-up (gunicorn.conf.py).
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     port = args.port or runtime.settings.port
+    from labelstudio_backend.auth import exposure_warning
+
+    warning = exposure_warning([(args.host, port)], runtime.settings.basic_auth is not None)
+    if warning:  # under gunicorn, gunicorn.conf.py says the same
+        logging.getLogger("dinov").warning(warning)
     app.run(host=args.host, port=port, debug=args.debug, threaded=True, use_reloader=False)
     return 0
 

@@ -9,14 +9,16 @@ URL forms (task["data"][<Image value>]):
 - ``s3://``, ``gs://``, ``azure-blob://``: Label Studio presigns them at
   ``/tasks/<task id>/presign/?fileuri=<base64>`` and either redirects to the storage's presigned URL
   or proxies the file;
-- ``http(s)://...``: Label Studio's own host, or a host of ALLOWED_HOSTS.
+- ``http(s)://...``: Label Studio's own origin, or a host of ALLOWED_HOSTS.
 
-So that a crafted task cannot make the backend reach internal services, every other host is refused,
-and hosts matched by a wildcard of ALLOWED_HOSTS must resolve to public addresses. Redirects are
-followed by hand: Label Studio may redirect anywhere (it hands out presigned storage URLs), other
-hosts only to allowed hosts; the API key never leaves Label Studio's origin.
+So that a crafted task cannot make the backend reach internal services, which URLs may be fetched is
+url_policy's decision and every download is safe_http.fetch through the Label Studio client's session:
+parsed once, hosts judged by the addresses they reach, connected to the checked address, redirects
+decided hop by hop (after Label Studio's redirect, public storage hosts too), one FETCH_TIMEOUT deadline
+and MAX_IMAGE_BYTES for the whole download, the token only to Label Studio's origin. Decoding starts
+only after the header's size passed MAX_IMAGE_PIXELS (``open_bounded``).
 
-Authentication and the "is this Label Studio" decision are labelstudio_client.LabelStudioClient's.
+Authentication is labelstudio_client.LabelStudioClient's.
 """
 
 from __future__ import annotations
@@ -24,17 +26,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import ipaddress
 import logging
 import os
 import posixpath
-import socket
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-from urllib.parse import parse_qs, urljoin, urlparse
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import requests
@@ -42,12 +42,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.labelstudio_client import LabelStudioClient
+from labelstudio_backend.safe_http import FetchError, TooLarge, fetch
 from labelstudio_backend.settings import Settings
+from labelstudio_backend.url_policy import CheckedURL, Resolver, URLRefused, check_url
 
 logger = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
-MAX_REDIRECTS = 5
 
 
 class ImageError(ValueError):
@@ -79,16 +80,15 @@ class Source:
 class ImageLoader:
     """Resolve, fetch (with a bounded on-disk cache) and decode task images.
 
-    session: the requests.Session for every download (tests mount fakes on it); client: the Label Studio
-    client (default: one over the same session, from the settings); resolve_host(name) -> addresses.
+    client: the Label Studio client (default: one from the settings); every download goes through its
+    session and policy. session, resolver: for the default client (tests mount fakes on a session, or
+    inject a resolver: (host, port) -> addresses).
     """
 
     def __init__(self, settings: Settings, session: requests.Session | None = None,
-                 resolve_host: Callable[[str], list[str]] | None = None, client: LabelStudioClient | None = None):
+                 client: LabelStudioClient | None = None, resolver: Resolver | None = None):
         self.settings = settings
-        self.session = session or (client.session if client is not None else requests.Session())
-        self.client = client or LabelStudioClient.from_settings(settings, session=self.session)
-        self.resolve_host = resolve_host or _resolve_host
+        self.client = client or LabelStudioClient.from_settings(settings, session=session, resolver=resolver)
         self.ls_url = self.client.base_url
         self.cache_dir = Path(settings.model_dir) / "image_cache"
         self._cache_lock = threading.Lock()
@@ -123,10 +123,14 @@ class ImageLoader:
             return Source("presign", self._ls_absolute(f"/tasks/{int(task_id)}/presign/?fileuri={fileuri}", url),
                           cache_key=f"cloud:{url}")
         if scheme in ("http", "https"):
-            kind = "label_studio" if self._is_label_studio(url) else "external"
+            checked = self._checked(url)
+            kind = "label_studio" if checked.origin == self.client.policy.label_studio else "external"
             if kind == "external":
-                self._check_host(url)
-            return Source(kind, url, cache_key=url)
+                try:
+                    self.client.policy.precheck(checked)  # the name rules now; the addresses when fetching
+                except URLRefused as e:
+                    raise ImageHostError(str(e)) from None
+            return Source(kind, checked.url, cache_key=checked.url)
         if scheme:
             raise ImageError(f"{url}: unsupported URL scheme {scheme!r}; use http(s), s3, gs, azure-blob or a "
                              "Label Studio path such as /data/upload/...")
@@ -143,15 +147,8 @@ class ImageLoader:
 
     def decode(self, data: bytes, url: str = "") -> np.ndarray:
         """Image bytes -> RGB uint8 [H, W, 3], upright (EXIF orientation applied), within MAX_IMAGE_PIXELS."""
-        try:
-            image = Image.open(io.BytesIO(data))
-        except UnidentifiedImageError:
-            raise ImageError(f"{url}: the file is not an image PIL can read ({len(data)} bytes)") from None
-        width, height = image.size
-        if width * height > self.settings.max_image_pixels:
-            raise ImageTooLargeError(
-                f"{url}: the image is {width}x{height} = {width * height} pixels, above MAX_IMAGE_PIXELS="
-                f"{self.settings.max_image_pixels}; downscale it or raise MAX_IMAGE_PIXELS")
+        image = open_bounded(data, max_pixels=self.settings.max_image_pixels,
+                             max_bytes=self.settings.max_image_bytes, what=url)
         try:
             image = ImageOps.exif_transpose(image)  # browsers show images upright, so do regions
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
@@ -164,10 +161,14 @@ class ImageLoader:
         if not self.ls_url:
             raise ImageError(f"{original}: LABEL_STUDIO_URL is not set, so Label Studio paths and cloud storage "
                              "URIs cannot be fetched; set it to Label Studio's URL as this backend reaches it")
-        return self.ls_url + path
+        return self._checked(self.ls_url + path).url
 
-    def _is_label_studio(self, url: str) -> bool:
-        return self.client.is_label_studio_url(url)
+    @staticmethod
+    def _checked(url: str) -> CheckedURL:
+        try:
+            return check_url(url)
+        except URLRefused as e:
+            raise ImageHostError(str(e)) from None
 
     def _local_files_path(self, url: str) -> Path | None:
         root = self.settings.local_files_root
@@ -185,125 +186,49 @@ class ImageLoader:
         return path
 
     def _read_local(self, path: str, url: str) -> bytes:
+        limit = self.settings.max_image_bytes
         try:
-            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)  # never more than the limit, even if the file grows meanwhile
         except OSError:
             raise ImageError(f"{url}: no such file {path} under LOCAL_FILES_DOCUMENT_ROOT") from None
-        self._check_size(size, url)
-        with open(path, "rb") as f:
-            return f.read()
-
-    def _check_host(self, url: str) -> None:
-        """Refuse hosts that are neither Label Studio nor allowed (wildcards: public addresses only)."""
-        host = (urlparse(url).hostname or "").lower()
-        if not host:
-            raise ImageHostError(f"{url}: the URL has no host")
-        named, wildcard, networks = False, False, []
-        for entry in self.settings.allowed_hosts:
-            entry = entry.lower()
-            try:
-                networks.append(ipaddress.ip_network(entry, strict=False))
-                continue
-            except ValueError:
-                pass
-            if entry == host:
-                named = True
-            elif entry == "*" or entry.startswith("*.") and (host.endswith(entry[1:]) or host == entry[2:]):
-                wildcard = True
-        if named:
-            return
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-        if literal is not None and any(literal in net for net in networks):
-            return
-        if not wildcard and not networks:
-            raise ImageHostError(
-                f"{url}: host {host!r} is not Label Studio (LABEL_STUDIO_URL={self.ls_url or 'unset'}) and not in "
-                "ALLOWED_HOSTS; add it to ALLOWED_HOSTS if images may come from it")
-        try:
-            addresses = [literal] if literal else [ipaddress.ip_address(a) for a in self.resolve_host(host)]
-        except (OSError, ValueError) as e:
-            raise ImageError(f"{url}: cannot resolve host {host!r} ({e})") from None
-        if networks and addresses and all(any(a in net for net in networks) for a in addresses):
-            return
-        if not wildcard:
-            raise ImageHostError(f"{url}: host {host!r} is not in ALLOWED_HOSTS; add it if images may come from it")
-        private = [str(a) for a in addresses if not a.is_global]
-        if private or not addresses:
-            raise ImageHostError(
-                f"{url}: host {host!r} resolves to the internal address {', '.join(private) or 'none'}; task images "
-                "may not point to internal services. If this host is trusted, add its name or network to ALLOWED_HOSTS")
+        check_bytes(len(data), limit, url)
+        return data
 
     # downloading
 
     def _download(self, source: Source, original: str) -> bytes:
-        url = source.location
-        for _ in range(MAX_REDIRECTS + 1):
-            on_label_studio = self._is_label_studio(url)
-            response = self._get(url, with_auth=on_label_studio)
-            if response.is_redirect or response.status_code in (301, 302, 303, 307, 308):
-                target = response.headers.get("Location")
-                response.close()
-                if not target:
-                    raise ImageError(f"{original}: {url} answered a redirect without Location")
-                target = urljoin(url, target)
-                if urlparse(target).scheme not in ("http", "https"):
-                    raise ImageHostError(f"{original}: redirect to a non-HTTP URL {target!r}")
-                # Label Studio is trusted to redirect to storage (presigned URLs); nobody else is.
-                if not on_label_studio and not self._is_label_studio(target):
-                    self._check_host(target)
-                url = target
-                continue
-            return self._read_body(response, url, original, on_label_studio)
-        raise ImageError(f"{original}: more than {MAX_REDIRECTS} redirects")
-
-    def _get(self, url: str, with_auth: bool) -> requests.Response:
-        """GET without following redirects; with_auth: through the Label Studio client (its token)."""
-        options = dict(stream=True, timeout=self.settings.fetch_timeout, verify=self.settings.verify_ssl,
-                       allow_redirects=False)
+        """The body at source.location, through safe_http.fetch (see the module docstring)."""
         try:
-            if with_auth:
-                return self.client.send("GET", url, **options)
-            return self.session.get(url, **options)
+            try:
+                return self._fetch(source.location)
+            except FetchError as e:
+                if not (e.status == 401 and self.client.uses_personal_access_token
+                        and self.client.is_label_studio_url(e.url or "")):
+                    raise
+                self.client.invalidate()  # the access token expired or was revoked early: renew once
+                return self._fetch(source.location)
+        except URLRefused as e:
+            raise ImageHostError(str(e)) from None
+        except TooLarge as e:
+            raise ImageTooLargeError(f"{e} (MAX_IMAGE_BYTES={self.settings.max_image_bytes}); downscale the image "
+                                     "or raise MAX_IMAGE_BYTES") from None
         except LabelStudioError as e:  # the token is missing or refused, or Label Studio is unreachable
             if e.status in (401, 403) or not self.client.api_key:
                 raise ImageAuthError(str(e)) from None
             raise ImageError(str(e)) from None
-        except requests.exceptions.SSLError as e:
-            raise ImageError(f"TLS error fetching {url} ({e}); fix the certificate or set VERIFY_SSL=false") from None
-        except requests.RequestException as e:
-            raise ImageError(f"cannot fetch {url} ({e.__class__.__name__}: {e})") from None
-
-    def _read_body(self, response: requests.Response, url: str, original: str, from_label_studio: bool) -> bytes:
-        with response:
-            status = response.status_code
-            if status == 401 and from_label_studio:
+        except FetchError as e:
+            if e.status in (401, 403) and self.client.is_label_studio_url(e.url or ""):
                 raise ImageAuthError(
-                    f"{original}: Label Studio answered 401 Unauthorized; the token in LABEL_STUDIO_API_KEY is "
-                    "wrong, revoked or from another instance (legacy tokens must be enabled in the organization)")
-            if status == 403 and from_label_studio:
-                raise ImageAuthError(f"{original}: Label Studio answered 403 Forbidden; the user of "
-                                     "LABEL_STUDIO_API_KEY has no access to this project")
-            if status == 404:
-                raise ImageError(f"{original}: not found (HTTP 404 from {_origin(url)})")
-            if status != 200:
-                raise ImageError(f"{original}: HTTP {status} from {_origin(url)}")
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit():
-                self._check_size(int(length), original)
-            chunks, total = [], 0
-            for chunk in response.iter_content(1 << 16):
-                total += len(chunk)
-                self._check_size(total, original)
-                chunks.append(chunk)
-            return b"".join(chunks)
+                    f"{original}: Label Studio answered {e.status}; the token in LABEL_STUDIO_API_KEY is wrong, revoked "
+                    "or from another instance (legacy tokens must be enabled in the organization), or its user has "
+                    "no access to this project") from None
+            raise ImageError(str(e)) from None
 
-    def _check_size(self, size: int, url: str) -> None:
-        if size > self.settings.max_image_bytes:
-            raise ImageTooLargeError(f"{url}: the file is larger than MAX_IMAGE_BYTES={self.settings.max_image_bytes} "
-                                     "bytes; downscale it or raise MAX_IMAGE_BYTES")
+    def _fetch(self, url: str) -> bytes:
+        return fetch(self.client.session, url, policy=self.client.policy, timeout=self.settings.fetch_timeout,
+                     max_bytes=self.settings.max_image_bytes, label_studio_headers=self.client.auth_headers,
+                     verify=self.settings.verify_ssl)
 
     # the on-disk cache (bounded by IMAGE_CACHE_MB, least recently used files go first)
 
@@ -351,10 +276,36 @@ class ImageLoader:
                 pass
 
 
-def _resolve_host(host: str) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})
+# --- size limits before decoding -------------------------------------------------------------------------
 
 
-def _origin(url: str) -> str:
-    parsed = urlparse(url)
-    return f"{parsed.scheme}://{parsed.netloc}"
+def check_bytes(size: int, max_bytes: int, what: str) -> None:
+    if size > max_bytes:
+        raise ImageTooLargeError(f"{what}: {size} bytes, above MAX_IMAGE_BYTES={max_bytes}; downscale the image "
+                                 "or raise MAX_IMAGE_BYTES")
+
+
+def open_bounded(data: bytes, *, max_pixels: int, max_bytes: int, what: str) -> Image.Image:
+    """The image in `data`, opened lazily (its header only), within both limits; ImageError otherwise.
+
+    A PNG of a few hundred kB can declare 30000 x 30000 pixels; decoding it takes gigabytes. Nothing is
+    decoded here, and Pillow's own decompression-bomb refusal becomes an ImageTooLargeError.
+    """
+    check_bytes(len(data), max_bytes, what)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice its limit; ours is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{what}: refused before decoding, {e}; downscale the image") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{what}: the file is not an image Pillow can read ({len(data)} bytes)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or inconsistent headers
+        raise ImageError(f"{what}: the image header cannot be read ({e})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{what}: {width}x{height} = {width * height} pixels, above MAX_IMAGE_PIXELS="
+                                 f"{max_pixels}; refused before decoding. Downscale the image or raise "
+                                 "MAX_IMAGE_PIXELS")
+    return image

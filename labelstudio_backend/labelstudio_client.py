@@ -9,21 +9,25 @@ Authentication (one rule for every caller):
   short-lived access token, sent as ``Authorization: Bearer <access>``, renewed shortly before it expires
   and once more when Label Studio answers 401.
 
-The token is only ever sent to Label Studio's own origin (`LabelStudioClient.is_label_studio_url` is the one
-place that decides what that origin is).
+Every request goes through a ``safe_http.safe_session``: the URL is parsed and decided by url_policy (Label
+Studio's exact origin, ALLOWED_HOSTS, public addresses after Label Studio's redirects), the connection goes to
+the checked address, and a request carrying the token is refused anywhere but Label Studio's origin.
+`LabelStudioClient.is_label_studio_url` asks the same policy.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
-from urllib.parse import urlparse
 
 import jwt
 import requests
 
 from labelstudio_backend.errors import LabelStudioError
+from labelstudio_backend.safe_http import safe_session
+from labelstudio_backend.url_policy import HostPolicy, Resolver, URLRefused, check_url
 
 TOKEN_REFRESH_PATH = "/api/token/refresh/"
 ACCESS_RENEW_MARGIN_S = 30.0     # renew an access token this long before it expires
@@ -43,13 +47,6 @@ def is_personal_access_token(api_key: str) -> bool:
         return False
 
 
-def origin_of(url: str) -> tuple[str, str | None, int | None]:
-    """(scheme, host, port with the scheme's default filled in) of an absolute URL."""
-    parsed = urlparse(url)
-    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
-    return parsed.scheme, parsed.hostname, port
-
-
 class LabelStudioClient:
     """Label Studio's API at `base_url`, authenticated with `api_key` (legacy token or personal access token).
 
@@ -58,26 +55,34 @@ class LabelStudioClient:
             ("" when not configured: then only `is_label_studio_url` is usable, and it says False).
         api_key: LABEL_STUDIO_API_KEY.
         timeout: seconds per request.
-        session: a requests.Session to share (tests mount fakes on it).
+        session: a requests.Session to share (tests mount fakes on it); default: a safe_session of the policy.
         verify: verify TLS certificates (VERIFY_SSL).
+        allowed_hosts: ALLOWED_HOSTS, the other hosts images may come from.
+        resolver: (host, port) -> addresses (default: the system's; tests inject one).
     """
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, session: requests.Session | None = None,
-                 verify: bool = True):
+                 verify: bool = True, allowed_hosts: Iterable[str] = (), resolver: Resolver | None = None):
         self.base_url = (base_url or "").rstrip("/")
         self.api_key = (api_key or "").strip()
         self.timeout = timeout
         self.verify = verify
-        self.session = session or requests.Session()
+        try:
+            self.policy = HostPolicy.from_settings(self.base_url, allowed_hosts, resolver=resolver)
+        except URLRefused as e:
+            raise LabelStudioError(str(e)) from None
+        self.session = session or safe_session(self.policy)
         self._access: str | None = None
         self._access_expires = 0.0
         self._lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Any, session: requests.Session | None = None) -> LabelStudioClient:
-        """The client of LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY / FETCH_TIMEOUT / VERIFY_SSL."""
+    def from_settings(cls, settings: Any, session: requests.Session | None = None,
+                      resolver: Resolver | None = None) -> LabelStudioClient:
+        """The client of LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY / FETCH_TIMEOUT / VERIFY_SSL / ALLOWED_HOSTS."""
         return cls(settings.label_studio_url, settings.label_studio_api_key, timeout=settings.fetch_timeout,
-                   session=session, verify=settings.verify_ssl)
+                   session=session, verify=settings.verify_ssl, allowed_hosts=settings.allowed_hosts,
+                   resolver=resolver)
 
     def check_configured(self) -> None:
         """Raise LabelStudioError unless both the URL and the token are set (API calls need both)."""
@@ -95,9 +100,12 @@ class LabelStudioClient:
     def is_label_studio_url(self, url: str) -> bool:
         """Whether the absolute `url` is on Label Studio's origin (same scheme, host and port): the only
         place the API key is ever sent."""
-        if not self.base_url:
+        if self.policy.label_studio is None:
             return False
-        return origin_of(url) == origin_of(self.base_url)
+        try:
+            return check_url(url).origin == self.policy.label_studio
+        except URLRefused:
+            return False
 
     # --- authentication
 

@@ -13,13 +13,16 @@
     POST /references?project=<id>&action=sync|estimate    start a sync or a leave-one-out estimate
 
 Errors are JSON {"error": message, "status": code}: 4xx for bad requests with a message that says
-what is wrong, 503 while the model cannot be loaded, 500 (no trace, only an id to find in the log)
-for anything unexpected.
+what is wrong (401 without the basic auth credentials, 413 for a body over MAX_REQUEST_BYTES), 503 while
+the model cannot be loaded, 500 (no trace, only an id to find in the log) for anything unexpected.
+
+With BASIC_AUTH_USER/BASIC_AUTH_PASS set, every endpoint but /health requires them (labelstudio_backend.auth);
+/setup then also gives the project's Label Studio webhook to this backend the same credentials
+(labelstudio_backend.webhook_auth), so that /webhook can require them too.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 import uuid
@@ -28,9 +31,10 @@ from typing import Any, Callable
 from flask import Flask, Response, g, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from labelstudio_backend import background, training_api
+from labelstudio_backend.auth import REALM, AuthFailed, BasicAuth
 from labelstudio_backend.backend import DINOvBackend
 from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.evaluation import leave_one_out
@@ -38,6 +42,7 @@ from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.payload import parse_project_id
 from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings, SettingsError
+from labelstudio_backend.webhook_auth import WebhookGuard
 
 logger = logging.getLogger(__name__)
 
@@ -55,26 +60,32 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     training_api.install_training(runtime)  # Start Training: per-project fine-tuning and its models
     app = Flask(__name__)
     app.json.sort_keys = False
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes  # larger bodies: 413 before they are read
     app.extensions["dinov"] = runtime
     metrics = _Metrics(runtime)
     training_api.install(app, runtime, metrics.registry)
     runtime.on_task_failed = lambda reason: metrics.task_failures.labels(reason=reason).inc()
     if load_model:
         runtime.start_loading()
+    auth = BasicAuth(*settings.basic_auth) if settings.basic_auth else None
+    client = getattr(runtime.images, "client", None)
+    webhooks = WebhookGuard(client, auth) if auth and client is not None and client.api_key else None
+    if auth is not None and webhooks is None:
+        logger.warning("basic auth is on but LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY are not both set: the backend "
+                       "cannot give its Label Studio webhook the credentials, so webhook events will be refused "
+                       "(401) until you set the header 'Authorization: Basic ...' on the webhook yourself")
 
     # --- request plumbing
 
     @app.before_request
     def _start():
         g.started = time.perf_counter()
-        expected = settings.basic_auth
-        if expected is not None:
-            auth = request.authorization
-            if auth is None or not (hmac.compare_digest(auth.username or "", expected[0])
-                                    and hmac.compare_digest(auth.password or "", expected[1])):
-                return Response('{"error": "basic auth required: set the user and password of BASIC_AUTH_USER/'
-                                'BASIC_AUTH_PASS in the model connection", "status": 401}', 401,
-                                {"WWW-Authenticate": 'Basic realm="dinov"', "Content-Type": "application/json"})
+        if auth is None or request.path == "/health":
+            return None
+        try:
+            auth.check(request.headers.get("Authorization"))
+        except AuthFailed as e:
+            return jsonify({"error": str(e), "status": 401}), 401, {"WWW-Authenticate": f'Basic realm="{REALM}"'}
         return None
 
     @app.after_request
@@ -88,7 +99,10 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.errorhandler(Exception)
     def _error(error: Exception):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
-        if isinstance(error, HTTPException):
+        if isinstance(error, RequestEntityTooLarge):
+            status, message = 413, (f"the request body is larger than MAX_REQUEST_BYTES={settings.max_request_bytes} "
+                                    "bytes; send fewer tasks per request or raise MAX_REQUEST_BYTES")
+        elif isinstance(error, HTTPException):
             status, message = error.code or 500, error.description
         elif isinstance(error, ModelUnavailable):
             status, message = 503, str(error)
@@ -128,7 +142,10 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         if "project" not in data:
             raise BackendError("/setup needs 'project' ('<id>.<created>')")
         model = DINOvBackend(data["project"], data.get("schema") or data.get("label_config"), runtime=runtime)
-        return jsonify({"model_version": model.setup(data.get("extra_params"))})
+        version = model.setup(data.get("extra_params"))
+        if webhooks is not None:  # the webhook Label Studio made for this backend gets the credentials
+            webhooks.ensure(model.project_id, request.host, request.script_root + "/webhook")
+        return jsonify({"model_version": version})
 
     @app.post("/predict")
     def predict():

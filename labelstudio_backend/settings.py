@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from labelstudio_backend.auth import validate_credentials
+from labelstudio_backend.url_policy import HostPolicy, URLRefused
+
 REFERENCE_MODES = ("all", "ground_truth", "annotators")
 INTERACTIVE_MODES = ("object", "similar")
 TRAIN_PARAMETERS = ("decoder", "decoder+pixel_decoder", "all")  # dinov.train.finetune.TRAINABLE
@@ -37,6 +40,7 @@ class Settings:
     threads: int = 8
     basic_auth_user: str = ""
     basic_auth_pass: str = field(default="", repr=False)
+    max_request_bytes: int = 32 * 1024 * 1024
     log_level: str = "INFO"
     # The model.
     checkpoint: str = "demo"
@@ -103,11 +107,21 @@ class Settings:
                f"one of {', '.join(PROJECT_MODELS)}")
         _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,
                "an integer >= 1")
+        _check(self.max_request_bytes > 0, "MAX_REQUEST_BYTES", self.max_request_bytes, "a positive integer")
         _check(bool(self.basic_auth_user) == bool(self.basic_auth_pass), "BASIC_AUTH_USER/BASIC_AUTH_PASS",
                "one of them", "both set (basic auth on) or both empty (off)")
+        if self.basic_auth_user:
+            try:
+                validate_credentials(self.basic_auth_user, self.basic_auth_pass)
+            except ValueError as e:
+                raise SettingsError(str(e)) from None
         if self.label_studio_url:
             _check(self.label_studio_url.startswith(("http://", "https://")), "LABEL_STUDIO_URL",
                    self.label_studio_url, "a full URL such as http://label-studio:8080")
+        try:  # the same parser and rules as every fetch (no DNS question here)
+            HostPolicy.from_settings(self.label_studio_url, self.allowed_hosts)
+        except URLRefused as e:
+            raise SettingsError(str(e)) from None
 
     @property
     def basic_auth(self) -> tuple[str, str] | None:
@@ -203,8 +217,10 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("PORT", "port", "Port of `python _wsgi.py` and scripts/start.sh."),
     SettingRow("WORKERS", "workers", "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU."),
     SettingRow("THREADS", "threads", "Threads per worker; model work is serialised per device."),
-    SettingRow("BASIC_AUTH_USER", "basic_auth_user", "With BASIC_AUTH_PASS: require HTTP basic auth."),
-    SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "Password for basic auth."),
+    SettingRow("BASIC_AUTH_USER", "basic_auth_user", "With BASIC_AUTH_PASS: every endpoint but /health requires HTTP basic "
+               "auth; give Label Studio the same in the model connection (README: Deploy safely). Printable ASCII, no ':'."),
+    SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "Password for basic auth (printable ASCII)."),
+    SettingRow("MAX_REQUEST_BYTES", "max_request_bytes", "Largest request body; larger ones are answered 413."),
     SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
     SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
     SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
@@ -221,14 +237,16 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
                "over are answered [] (Label Studio stores nothing for them) and finished in the background, which posts their predictions through the API.", True),
     SettingRow("INTERACTIVE_MODE", "interactive_mode", "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.",
                True),
-    SettingRow("ALLOWED_HOSTS", "allowed_hosts", "Comma-separated extra hosts task images may come from (name, *.domain, IP or CIDR). "
-               "Label Studio's host and the presigned URLs it returns are always allowed."),
+    SettingRow("ALLOWED_HOSTS", "allowed_hosts", "Comma-separated extra hosts task images may come from: a name (any address), "
+               "*.domain or * (public addresses only), an IP or CIDR (addresses inside it). Label Studio's origin and the "
+               "presigned URLs it redirects to (public addresses) are always allowed."),
     SettingRow("LOCAL_FILES_DOCUMENT_ROOT", "local_files_root", "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it "
                "from Label Studio."),
-    SettingRow("MAX_IMAGE_BYTES", "max_image_bytes", "Largest image download, in bytes."),
-    SettingRow("MAX_IMAGE_PIXELS", "max_image_pixels", "Largest image, width x height."),
+    SettingRow("MAX_IMAGE_BYTES", "max_image_bytes", "Largest image download or local file, in bytes."),
+    SettingRow("MAX_IMAGE_PIXELS", "max_image_pixels", "Largest image, width x height, checked from its header before decoding."),
     SettingRow("IMAGE_CACHE_MB", "image_cache_mb", "Size bound of the downloaded-image cache in MODEL_DIR."),
-    SettingRow("FETCH_TIMEOUT", "fetch_timeout", "Seconds per image or API request."),
+    SettingRow("FETCH_TIMEOUT", "fetch_timeout", "Seconds for a whole image download (redirects and every read) or one API "
+               "request."),
     SettingRow("VERIFY_SSL", "verify_ssl", "Verify TLS certificates when fetching."),
     SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "Encoded images kept per process, so the next click on the same image costs only the decoder."),
     SettingRow("TRAIN_STEPS", "train_steps", "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU."),

@@ -10,6 +10,7 @@ was first turned into the object's mask.
 
 from __future__ import annotations
 
+import base64
 import io
 import threading
 import time
@@ -472,12 +473,45 @@ def test_model_that_cannot_load_answers_503(tmp_path):
     app.extensions["dinov"].shutdown()
 
 
-def test_basic_auth(tmp_path):
+def test_basic_auth_on_every_endpoint_but_health(tmp_path):
     backend = Backend(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
-    assert backend.client.get("/health").status_code == 401
-    wrong = backend.client.get("/health", auth=("ls", "nope"))
-    assert wrong.status_code == 401 and "BASIC_AUTH_USER" in wrong.json["error"]
-    assert backend.client.get("/health", auth=("ls", "s3cret")).status_code == 200
+    assert backend.client.get("/health").status_code == 200  # Label Studio's and Docker's health checks
+    wrong = "Basic " + base64.b64encode(b"ls:nope").decode()
+    for method, path in [("GET", "/"), ("POST", "/setup"), ("POST", "/predict"), ("POST", "/webhook"),
+                         ("POST", "/train"), ("GET", "/metrics"), ("GET", "/references?project=7")]:
+        for headers in ({}, {"Authorization": wrong}, {"Authorization": "Basic \u00e4\u00e4"},
+                        {"Authorization": "Basic " + base64.b64encode("l\u00e4:p\u00e4".encode()).decode()},
+                        {"Authorization": "Token abc"}):
+            response = backend.client.open(path, method=method, json={}, headers=headers)
+            assert response.status_code == 401, (method, path, headers, response.json)
+            assert response.json["status"] == 401 and response.json["error"]
+            assert response.headers["WWW-Authenticate"].startswith("Basic")
+    assert "BASIC_AUTH_USER" in backend.client.get("/metrics").json["error"]
+    assert backend.client.get("/metrics", auth=("ls", "s3cret")).status_code == 200
+    backend.runtime.shutdown()
+
+
+def test_setup_gives_the_backends_own_webhook_its_credentials(tmp_path):
+    backend = Backend(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
+    hooks = [{"id": 1, "project": 7, "url": "http://localhost/webhook", "headers": {}, "actions": []},
+             {"id": 2, "project": 7, "url": "http://elsewhere:9090/webhook", "headers": {}, "actions": []}]
+    backend.http.register_uri("GET", f"{LS}/api/webhooks/?project=7", json=hooks)
+    patch = backend.http.register_uri("PATCH", f"{LS}/api/webhooks/1/", json={})
+    other = backend.http.register_uri("PATCH", f"{LS}/api/webhooks/2/", json={})
+    response = backend.post("/setup", {"project": PROJECT, "schema": CONFIG}, auth=("ls", "s3cret"))
+    assert response.status_code == 200, response.json
+    assert patch.call_count == 1 and other.call_count == 0  # the test client's Host is "localhost"
+    assert patch.last_request.json() == {"headers": {"Authorization": "Basic " + base64.b64encode(b"ls:s3cret").decode()},
+                                         "actions": []}
+    assert patch.last_request.headers["Authorization"] == "Token token-1"
+    backend.runtime.shutdown()
+
+
+def test_a_body_over_the_limit_is_a_413(tmp_path):
+    backend = Backend(tmp_path, max_request_bytes=1000)
+    response = backend.client.post("/predict", data=b"x" * 2000, content_type="application/json")
+    assert response.status_code == 413
+    assert "MAX_REQUEST_BYTES=1000" in response.json["error"]
     backend.runtime.shutdown()
 
 

@@ -55,3 +55,18 @@ def test_score_threshold_unset_means_the_checkpoints_own_default():
     assert Settings.from_env({}).with_overrides({"score_threshold": 0.5}).score_threshold == 0.5
     with pytest.raises(SettingsError, match="SCORE_THRESHOLD"):
         Settings.from_env({"SCORE_THRESHOLD": "1.5"})
+
+
+def test_security_settings_are_checked_at_start():
+    assert Settings.from_env({}).max_request_bytes == 32 * 1024 * 1024
+    assert Settings.from_env({"MAX_REQUEST_BYTES": "1048576"}).max_request_bytes == 1 << 20
+    for env, message in (({"MAX_REQUEST_BYTES": "0"}, "MAX_REQUEST_BYTES"),
+                         ({"BASIC_AUTH_USER": "a:b", "BASIC_AUTH_PASS": "p"}, "must not contain ':'"),
+                         ({"BASIC_AUTH_USER": "u", "BASIC_AUTH_PASS": "p\u00e4ss"}, "printable ASCII"),
+                         ({"ALLOWED_HOSTS": "cdn.example.com/images"}, "ALLOWED_HOSTS entry"),
+                         ({"LABEL_STUDIO_URL": "http://user@ls:8080"}, "LABEL_STUDIO_URL"),
+                         ({"LABEL_STUDIO_URL": "http://ls\\@evil:8080"}, "LABEL_STUDIO_URL")):
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env(env)
+    allowed = Settings.from_env({"ALLOWED_HOSTS": "cdn.example.com, *.example.org, *, 10.0.0.0/8, [fd00::1]"})
+    assert allowed.allowed_hosts == ("cdn.example.com", "*.example.org", "*", "10.0.0.0/8", "[fd00::1]")

@@ -1,0 +1,20 @@
+"""gunicorn reads ./gunicorn.conf.py by default: the backend's start-up check of where it listens.
+
+Command-line options (scripts/start.sh, the Docker image, the tests) still set bind, workers and threads.
+"""
+
+from __future__ import annotations
+
+
+def when_ready(server) -> None:
+    """Warn when the backend listens beyond loopback without basic auth (README: Deploy safely)."""
+    from labelstudio_backend.auth import exposure_warning
+    from labelstudio_backend.settings import Settings, SettingsError
+
+    try:
+        protected = Settings.from_env().basic_auth is not None
+    except SettingsError:
+        return  # the worker reports the invalid setting and stops
+    warning = exposure_warning([listener.sock.getsockname() for listener in server.LISTENERS], protected)
+    if warning:
+        server.log.warning(warning)
