@@ -400,3 +400,22 @@ def test_a_sync_that_finds_the_project_gone_deletes_its_checkpoints(tmp_path):
     runtime.syncer = lambda project_id: SimpleNamespace(project_deleted=True)
     runtime.ensure_synced(3, force=True).result(timeout=30)
     assert not path.exists() and runtime.training.store.active(3) is None
+
+
+def test_shell_rollback_serves_the_base_model_again(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    s = settings(tmp_path)
+    store = TrainingStore(training_db(s.model_dir))
+    store.set_active(ActiveModel(project_id=3, path="p.safetensors", checkpoint_id="base+p3-1", base_digest="base",
+                                 score_threshold=0.3, job_id=1))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "_wsgi.py", "train", "--project", "3", "--rollback"], cwd=root,
+                          env={**os.environ, "MODEL_DIR": str(s.model_dir), "DINOV_CHECKPOINT": "missing.pth"},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "the base model is served again (was base+p3-1)" in done.stdout
+    assert store.active(3) is None
