@@ -76,6 +76,26 @@ def test_batched_encoding_equals_single_on_cuda(predictors, io):
         assert torch.allclose(batched.mask_features, single.mask_features, atol=TOL)
 
 
+def test_request_batching_on_cuda_equals_single(predictors, io):
+    import threading
+
+    from dinov.batching import EncodeBatcher
+
+    _, gpu = predictors
+    images = [rgb(io["tgt_image"]), rgb(io["tgt_image"])[::-1].copy(), rgb(io["tgt_image"])[:, ::-1].copy()]
+    batcher = EncodeBatcher(gpu, window_ms=200, max_batch=8)
+    results = [None] * len(images)
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, batcher.encode(images[i])))
+               for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert batcher.batches[0] > 1
+    for image, got in zip(images, results):
+        assert torch.allclose(got.mask_features, gpu.encode_image(image).mask_features, atol=TOL)
+
+
 def test_bf16_autocast_on_cuda_agrees_with_float32():
     from dinov.precision import bf16_agreement
 

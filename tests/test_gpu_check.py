@@ -34,7 +34,7 @@ def test_dry_run_runs_every_step(dry_run):
 
 def test_dry_run_report_has_the_figures(dry_run):
     tests = dry_run["cuda_tests"]
-    assert tests["tests"] >= 4 and tests["failures"] == 0 and tests["errors"] == 0
+    assert tests["tests"] >= 5 and tests["failures"] == 0 and tests["errors"] == 0
     if not torch.cuda.is_available():
         assert tests["skipped"] == tests["tests"]  # without CUDA every cuda test is skipped, none fails
     for kind in ("click", "generic", "referring"):
