@@ -33,23 +33,30 @@ from dinov.transforms import ResizeConfig, padded_size
 
 
 def _timed_rounds(stages: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Median seconds of each stage over `repeats` rounds, stages interleaved within each round."""
-    def once(fn: Callable[[], object]) -> float:
+    """Median seconds of each stage over `repeats` rounds, stages interleaved within each round: wall-clock
+    (`<stage>`) and, on the CPU, the process's CPU time (`<stage>` with `_s` -> `_cpu_s`), which other work on a
+    shared machine inflates much less than the wall clock (with one thread it is what an idle machine's wall
+    clock would show, less the memory bandwidth other processes take)."""
+    def once(fn: Callable[[], object]) -> tuple[float, float]:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     for fn in stages.values():
         fn()  # warm-up: allocator, kernels, lazy initialisation
-    times: dict[str, list[float]] = {name: [] for name in stages}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in stages}
     for _ in range(repeats):
         for name, fn in stages.items():
             times[name].append(once(fn))
-    return {name: statistics.median(values) for name, values in times.items()}
+    results = {name: statistics.median(t[0] for t in values) for name, values in times.items()}
+    if device.type == "cpu":
+        for name, values in times.items():
+            results[name.removesuffix("_s") + "_cpu_s"] = statistics.median(t[1] for t in values)
+    return results
 
 
 def referring(model, multi_scale, mask_features, content, grid):
