@@ -94,7 +94,7 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
         # the target image as the predictor holds it (its original size = the model input here)
         encoded = EncodedImage((height, width), (height, width), (ph, pw), multi_scale, mask_features)
         class_list = [bank[0, i : i + 1].float().cpu().numpy() for i in range(classes)]
-        decoded = head.decode_generic(multi_scale, mask_features, bank, with_masks=False)
+        decoded = head.decode_generic(multi_scale, mask_features, bank, with_masks=False, aux=False)
         logits, mask_embed = decoded["pred_logits"][0].float(), decoded["mask_embed"][0].float()
         pick = postprocess.select_generic(logits, None, max_instances)
         mask_logits = postprocess.mask_logits_of(mask_embed, mask_features[0], pick.index)
@@ -106,7 +106,8 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
             "encode_prompt_s": lambda: head.encode_prompts(multi_scale, prompt),
             # the generic stage as a pre-annotation runs it: decoding and every post-processing step
             "generic_s": lambda: predictor.segment_generic(encoded, class_list, max_instances=max_instances),
-            "generic_decode_s": lambda: head.decode_generic(multi_scale, mask_features, bank, with_masks=False),
+            "generic_decode_s": lambda: head.decode_generic(multi_scale, mask_features, bank, with_masks=False,
+                                                            aux=False),
             "generic_select_s": lambda: postprocess.select_generic(logits, None, max_instances),
             "generic_mask_logits_s": lambda: postprocess.mask_logits_of(mask_embed, mask_features[0], pick.index),
             "generic_upsample_s": lambda: resizer.resize_all(mask_logits),

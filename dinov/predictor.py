@@ -225,7 +225,8 @@ class DINOvPredictor:
         with self._lock, self._autocast():
             # Masks only for the instances that can be returned (below), not for every object query.
             outputs = self.model.head.decode_generic(
-                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None], with_masks=False
+                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None], with_masks=False,
+                aux=False,
             )
         return self._generic_instances(outputs["pred_logits"][0].float(), outputs["mask_embed"][0].float(),
                                        encoded, score_threshold, max_instances)

@@ -178,7 +178,7 @@ class DINOvHead(nn.Module):
     # ------------------------------------------------------------------ generic decoding
 
     def decode_generic(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, class_embeddings: Tensor,
-                       with_masks: bool = True, aux_masks: bool = False) -> Dict[str, object]:
+                       with_masks: bool = True, aux_masks: bool = False, aux: bool = True) -> Dict[str, object]:
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
@@ -186,6 +186,8 @@ class DINOvHead(nn.Module):
         with_masks: compute ``pred_masks``; ``mask_embed`` [B, Q, mask_dim] is always returned, so the masks of
             the queries kept by the filter can be computed later instead (``postprocess.filter_generic``).
         aux_masks: also predict masks after every earlier layer (for training).
+        aux: compute the earlier layers' predictions at all (``aux_outputs`` is empty without; inference needs
+            only the last layer's).
         Returns pred_logits [B, Q, C] (similarity logits; == pred_match_score), pred_masks [B, Q, H/4, W/4]
         (last layer), pred_boxes [B, Q, 4] (cxcywh normalised to the padded size), pred_match_score, mask_embed,
         and aux_outputs: one dict per earlier layer with pred_logits, pred_boxes, pred_match_score (and
@@ -211,6 +213,8 @@ class DINOvHead(nn.Module):
         outputs = []
         for i, h in enumerate(hs):
             last = i == len(hs) - 1
+            if not (last or aux):
+                continue
             normed = self.decoder_norm(h)
             projected = normed @ self.class_embed_openset
             # similarity of each object query to each class query
