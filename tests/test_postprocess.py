@@ -192,7 +192,7 @@ def test_mask_resizer_equals_the_official_upsampling(full_fraction):
         if trial % 5 == 0:
             logits = torch.randn(h, w, generator=gen)  # scattered, as with random weights
         resizer = MaskResizer(padded, input_size, image_size)
-        resizer.FULL_FRACTION = full_fraction
+        resizer.FULL_FRACTION = resizer.FULL_FRACTION_RESIZED = full_fraction
         got = resizer(logits)
         want = _official_masks(logits, padded, input_size, image_size)
         if not want.any():
