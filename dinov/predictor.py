@@ -287,12 +287,11 @@ class DINOvPredictor:
         )
         if selection.index.numel() == 0:  # no proposal survived the filter: nothing matches
             return [None] * len(embeddings)
+        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         results: list[Instance | None] = []
-        for prompt_index in range(len(embeddings)):
-            mask = self._mask_to_original(selection.mask_logits[prompt_index], encoded)
-            box = mask_box(mask)
+        for prompt_index, resized in enumerate(resizer.resize_all(selection.mask_logits.float())):
             score = float(selection.scores[prompt_index])
-            results.append(None if box is None else Instance(mask, score, prompt_index, box))
+            results.append(None if resized is None else Instance(resized.mask, score, prompt_index, resized.box))
         return results
 
     # ----------------------------------------------------------------- interactive
