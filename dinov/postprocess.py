@@ -267,6 +267,10 @@ class MaskResizer:
         maps together, thresholded there, so that only bool masks cross to the host, once per chunk."""
         if mask_logits.device.type == "cpu":
             return [self(m) for m in mask_logits]
+        return self.resize_together(mask_logits)
+
+    def resize_together(self, mask_logits: Tensor) -> list[ResizedMask | None]:
+        """The GPU path of :meth:`resize_all` (whole maps, chunk by chunk), on any device."""
         results: list[ResizedMask | None] = []
         per_mask = self.image_size[0] * self.image_size[1] + self.padded_size[0] * self.padded_size[1]
         chunk = max(1, self.DEVICE_CHUNK_PIXELS // per_mask)

@@ -224,3 +224,20 @@ def test_select_generic_keeps_the_official_threshold_and_order():
     low = torch.logit(torch.tensor([[0.05], [0.07]]))  # nothing above 0.12: lowered to 0.04
     assert select_generic(low, None, max_instances=10).index.tolist() == [1, 0]
     assert official_threshold(low.sigmoid()[:, 0]) == pytest.approx(0.04)
+
+
+def test_the_gpu_path_of_the_mask_resizer_equals_the_windowed_one():
+    """resize_all on a GPU upsamples whole maps in chunks (resize_together); here on the CPU against the windows."""
+    gen = torch.Generator().manual_seed(5)
+    for padded, input_size, image_size in [((64, 96), (64, 90), (64, 90)), ((64, 96), (64, 90), (130, 170)),
+                                           ((64, 96), (60, 90), (40, 55))]:
+        logits = torch.randn(7, padded[0] // 4, padded[1] // 4, generator=gen) - 1.0
+        logits[0] = -5.0  # an empty mask stays None on both paths
+        resizer = MaskResizer(padded, input_size, image_size)
+        resizer.DEVICE_CHUNK_PIXELS = 3 * (image_size[0] * image_size[1] + padded[0] * padded[1])  # chunks of 3
+        together, windowed = resizer.resize_together(logits), resizer.resize_all(logits)
+        assert len(together) == len(windowed) == 7 and together[0] is None and windowed[0] is None
+        for a, b in zip(together[1:], windowed[1:]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert np.array_equal(a.mask, b.mask) and a.box == b.box
