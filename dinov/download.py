@@ -6,6 +6,7 @@ Range request, and only a complete file is renamed to ``<cache_dir>/<name>``.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,6 +19,8 @@ CHECKPOINT_FILES = ("model_swinT.pth", "model_swinL.pth")
 PART_SUFFIX = ".part"
 # Small enough that a dropped connection loses little of what was already received.
 _CHUNK_BYTES = 64 * 1024
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointDownloadError(RuntimeError):
@@ -51,6 +54,11 @@ def download_checkpoint(
     part = target.with_name(target.name + PART_SUFFIX)
     url = checkpoint_url(name, base_url)
 
+    # A log line, not only the progress bar: in a container the bar is lost, and a first start that downloads
+    # hundreds of MB must not look like a hang.
+    kept = part.stat().st_size if part.exists() else 0
+    logger.warning("downloading the released checkpoint %s from %s into %s (once: later starts use the file)%s",
+                   name, url, cache_dir, f"; resuming after {kept} bytes" if kept else "")
     try:
         total = _fetch_into(url, part, timeout, progress)
     except requests.RequestException as err:
@@ -69,6 +77,7 @@ def download_checkpoint(
             f"the file by hand and put it at {target}"
         )
     os.replace(part, target)
+    logger.warning("downloaded %s (%.0f MB) into %s", name, size / 2**20, target)
     return target
 
 

@@ -241,25 +241,28 @@ class DINOvPredictor:
         """
         class_embeddings = self._class_bank(classes, max_examples)
         with self._lock, self._autocast():
+            # Masks only for the instances that can be returned (below), not for every object query.
             outputs = self.model.head.decode_generic(
-                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None]
+                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None], with_masks=False,
+                aux=False,
             )
-        logits = outputs["pred_logits"][0].float()
-        masks = outputs["pred_masks"][0].float()
-        if score_threshold is None:
-            selection = postprocess.filter_generic(logits, masks, threshold=self.default_score_threshold)
-            keep, scores, labels = selection.index, selection.scores, selection.labels
-        else:
-            scores, labels = logits.sigmoid().max(-1)
-            keep = torch.nonzero(scores >= score_threshold).flatten()
-            scores, labels = scores[keep], labels[keep]
-        order = torch.argsort(scores, descending=True)[:max_instances]
+        return self._generic_instances(outputs["pred_logits"][0].float(), outputs["mask_embed"][0].float(),
+                                       encoded, score_threshold, max_instances)
+
+    def _generic_instances(self, logits: torch.Tensor, mask_embed: torch.Tensor, encoded: EncodedImage,
+                           score_threshold: float | None, max_instances: int) -> list[Instance]:
+        """The post-processing of generic decoding: threshold and order the object queries first, then compute
+        and upsample the masks of those that can be returned, each only around its positive cells."""
+        pick = postprocess.select_generic(logits, score_threshold, max_instances,
+                                          default_threshold=self.default_score_threshold)
+        if pick.index.numel() == 0:
+            return []
+        mask_logits = postprocess.mask_logits_of(mask_embed, encoded.mask_features[0].float(), pick.index)
+        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         instances = []
-        for i in order.tolist():
-            mask = self._mask_to_original(masks[keep[i]], encoded)
-            box = mask_box(mask)
-            if box is not None:
-                instances.append(Instance(mask=mask, score=float(scores[i]), class_index=int(labels[i]), box=box))
+        for resized, score, label in zip(resizer.resize_all(mask_logits), pick.scores.tolist(), pick.labels.tolist()):
+            if resized is not None:  # empty at the image size: never an instance
+                instances.append(Instance(mask=resized.mask, score=score, class_index=label, box=resized.box))
         return instances
 
     def _class_bank(self, classes: Sequence[np.ndarray], max_examples: int) -> torch.Tensor:
@@ -303,12 +306,11 @@ class DINOvPredictor:
         )
         if selection.index.numel() == 0:  # no proposal survived the filter: nothing matches
             return [None] * len(embeddings)
+        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         results: list[Instance | None] = []
-        for prompt_index in range(len(embeddings)):
-            mask = self._mask_to_original(selection.mask_logits[prompt_index], encoded)
-            box = mask_box(mask)
+        for prompt_index, resized in enumerate(resizer.resize_all(selection.mask_logits.float())):
             score = float(selection.scores[prompt_index])
-            results.append(None if box is None else Instance(mask, score, prompt_index, box))
+            results.append(None if resized is None else Instance(resized.mask, score, prompt_index, resized.box))
         return results
 
     # ----------------------------------------------------------------- interactive

@@ -149,6 +149,17 @@ def test_decode_generic_without_masks(mini):
     assert_close("openset masks from mask_embed", masks, io["openset_raw_pred_masks"])
 
 
+def test_decode_generic_without_earlier_layers(mini):
+    """aux=False (inference) skips the earlier layers' heads; the last layer's outputs stay the official ones."""
+    io = mini.io
+    with torch.no_grad():
+        out = mini.head.decode_generic(mini.tgt, mini.tgt_mask_features, io["content_label_1ex"], with_masks=False,
+                                       aux=False)
+    assert out["aux_outputs"] == []
+    assert_close("openset logits without aux", out["pred_logits"], io["openset_raw_pred_logits"])
+    assert_close("openset boxes without aux", out["pred_boxes"], io["openset_raw_pred_boxes"])
+
+
 def test_sample_projection_equals_msdeformattn(mini):
     """The decoder's cross-attention (project samples, not the memory) equals calling MSDeformAttn itself."""
     io = mini.io

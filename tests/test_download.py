@@ -90,6 +90,18 @@ def test_full_download(server, tmp_path):
     assert len(server.requests) == 1 and "Range" not in server.requests[0]
 
 
+def test_a_download_is_logged_while_it_runs_and_when_done(server, tmp_path, caplog):
+    caplog.set_level("INFO", logger="dinov.download")
+    download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == "dinov.download"]
+    assert len(messages) == 2
+    assert messages[0].startswith(f"downloading the released checkpoint {NAME} from {server.base_url}")
+    assert "once" in messages[0] and f"into {tmp_path / NAME}" in messages[1]
+    caplog.clear()
+    download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)  # present: nothing to say
+    assert not [r for r in caplog.records if r.name == "dinov.download"]
+
+
 def test_resume_from_part_file(server, tmp_path):
     part = tmp_path / (NAME + PART_SUFFIX)
     part.write_bytes(PAYLOAD[:123_456])

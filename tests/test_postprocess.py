@@ -1,6 +1,7 @@
 """The official post-processing filters: against the reference outputs and on hand-made cases."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,7 +9,9 @@ import torch.nn.functional as F
 from dinov.modeling.box_ops import point_boxes
 from dinov.modeling.dinov_head import DINOvHead
 from dinov.modeling.prompt_encoder import PromptContent
-from dinov.postprocess import filter_generic, filter_referring, upsample_masks
+from dinov.postprocess import (
+    MaskResizer, filter_generic, filter_referring, official_threshold, select_generic, upsample_masks,
+)
 
 PREFIX = "model.sem_seg_head.predictor."
 TOL = 1e-4
@@ -153,3 +156,88 @@ def test_point_boxes_match_reference_clicks(io):
     io, _ = io
     boxes = point_boxes(io["click_points"], padded_size_of(io["tgt_mask_features"]))
     assert torch.equal(boxes, io["click_boxes_dn"])
+
+
+# ----------------------------------------------------------------------------- the predictor's generic path
+
+
+def _official_masks(logits, padded, input_size, image_size):
+    """The official post-processing of one mask: bilinear to the padded size, crop, bilinear to the image."""
+    up = upsample_masks(logits[None], padded, input_size)[None]
+    if tuple(input_size) != tuple(image_size):
+        up = F.interpolate(up, size=tuple(image_size), mode="bilinear", align_corners=False)
+    return (up[0, 0] > 0).numpy()
+
+
+@pytest.mark.parametrize("full_fraction", [2.0, MaskResizer.FULL_FRACTION])
+def test_mask_resizer_equals_the_official_upsampling(full_fraction):
+    """Windowed upsampling (forced for every mask with full_fraction=2) gives the official masks and boxes."""
+    gen = torch.Generator().manual_seed(3)
+    resized_cases = 0
+    for trial in range(120):
+        h, w = (int(v) for v in torch.randint(3, 30, (2,), generator=gen))
+        padded = (4 * h, 4 * w)
+        input_size = (4 * h - int(torch.randint(0, min(31, 4 * h - 1), (1,), generator=gen)),
+                      4 * w - int(torch.randint(0, min(31, 4 * w - 1), (1,), generator=gen)))
+        if trial % 2:  # the original image is larger or smaller than the model input
+            f = 0.3 + 2.5 * torch.rand(2, generator=gen)
+            image_size = (max(1, int(input_size[0] * f[0])), max(1, int(input_size[1] * f[1])))
+            resized_cases += image_size != input_size
+        else:
+            image_size = input_size
+        yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+        centre = torch.rand(2, generator=gen) * torch.tensor([h, w])
+        radius = float(torch.rand(1, generator=gen)) * max(h, w) / 2
+        logits = radius - ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2).sqrt() + 0.5 * torch.randn(h, w, generator=gen)
+        if trial % 5 == 0:
+            logits = torch.randn(h, w, generator=gen)  # scattered, as with random weights
+        resizer = MaskResizer(padded, input_size, image_size)
+        resizer.FULL_FRACTION = resizer.FULL_FRACTION_RESIZED = full_fraction
+        got = resizer(logits)
+        want = _official_masks(logits, padded, input_size, image_size)
+        if not want.any():
+            assert got is None
+            continue
+        assert got is not None and got.mask.shape == want.shape
+        assert np.array_equal(got.mask, want), f"trial {trial}: {(got.mask != want).sum()} pixels differ"
+        ys, xs = np.flatnonzero(want.any(1)), np.flatnonzero(want.any(0))
+        assert got.box == (xs[0], ys[0], xs[-1] + 1, ys[-1] + 1)
+    assert resized_cases > 30
+
+
+def test_mask_resizer_skips_masks_positive_only_in_the_padding():
+    logits = -torch.ones(10, 12)
+    logits[:, 11] = 5.0  # the last column of cells only reaches the padding of a 40x36 image in 40x48
+    assert MaskResizer((40, 48), (40, 36), (40, 36))(logits) is None
+    assert MaskResizer((40, 48), (40, 36), (80, 72))(logits) is None
+    logits[0, 0] = 1.0
+    found = MaskResizer((40, 48), (40, 36), (40, 36))(logits)
+    assert found is not None and found.box[0] == 0 and found.box[1] == 0
+
+
+def test_select_generic_keeps_the_official_threshold_and_order():
+    logits = torch.logit(torch.tensor([[0.05, 0.3], [0.5, 0.1], [0.09, 0.02], [0.2, 0.95]]))
+    pick = select_generic(logits, None, max_instances=10)
+    assert pick.index.tolist() == [3, 1, 0] and pick.labels.tolist() == [1, 0, 1]
+    assert select_generic(logits, None, max_instances=2).index.tolist() == [3, 1]
+    assert select_generic(logits, 0.5, max_instances=10).index.tolist() == [3, 1]  # fixed: >= the threshold
+    low = torch.logit(torch.tensor([[0.05], [0.07]]))  # nothing above 0.12: lowered to 0.04
+    assert select_generic(low, None, max_instances=10).index.tolist() == [1, 0]
+    assert official_threshold(low.sigmoid()[:, 0]) == pytest.approx(0.04)
+
+
+def test_the_gpu_path_of_the_mask_resizer_equals_the_windowed_one():
+    """resize_all on a GPU upsamples whole maps in chunks (resize_together); here on the CPU against the windows."""
+    gen = torch.Generator().manual_seed(5)
+    for padded, input_size, image_size in [((64, 96), (64, 90), (64, 90)), ((64, 96), (64, 90), (130, 170)),
+                                           ((64, 96), (60, 90), (40, 55))]:
+        logits = torch.randn(7, padded[0] // 4, padded[1] // 4, generator=gen) - 1.0
+        logits[0] = -5.0  # an empty mask stays None on both paths
+        resizer = MaskResizer(padded, input_size, image_size)
+        resizer.DEVICE_CHUNK_PIXELS = 3 * (image_size[0] * image_size[1] + padded[0] * padded[1])  # chunks of 3
+        together, windowed = resizer.resize_together(logits), resizer.resize_all(logits)
+        assert len(together) == len(windowed) == 7 and together[0] is None and windowed[0] is None
+        for a, b in zip(together[1:], windowed[1:]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert np.array_equal(a.mask, b.mask) and a.box == b.box

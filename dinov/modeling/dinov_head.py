@@ -180,8 +180,8 @@ class DINOvHead(nn.Module):
     # ------------------------------------------------------------------ generic decoding
 
     def decode_generic(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, class_embeddings: Tensor,
-                       with_masks: bool = True, aux_masks: bool = False, denoising_boxes: Tensor | None = None,
-                       denoising_groups: int = 1) -> dict[str, object]:
+                       with_masks: bool = True, aux_masks: bool = False, aux: bool = True,
+                       denoising_boxes: Tensor | None = None, denoising_groups: int = 1) -> dict[str, object]:
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
@@ -194,6 +194,8 @@ class DINOvHead(nn.Module):
             before the object queries; each group attends only within itself and no other query attends to them, so
             the object and class queries compute exactly what they compute without them. Their predictions come
             back under "denoising" (pred_boxes, pred_masks, pred_logits and aux_outputs, masks on every layer).
+        aux: compute the earlier layers' predictions at all (``aux_outputs`` is empty without; inference needs
+            only the last layer's).
         Returns pred_logits [B, Q, C] (similarity logits; == pred_match_score), pred_masks [B, Q, H/4, W/4]
         (last layer), pred_boxes [B, Q, 4] (cxcywh normalised to the padded size), pred_match_score, mask_embed,
         and aux_outputs: one dict per earlier layer with pred_logits, pred_boxes, pred_match_score (and
@@ -229,6 +231,8 @@ class DINOvHead(nn.Module):
         outputs, dn_outputs = [], []
         for i, h in enumerate(hs):
             last = i == len(hs) - 1
+            if not (last or aux):
+                continue
             normed = self.decoder_norm(h)
             projected = normed @ self.class_embed_openset
             classes = projected[:, num_dn + num_generic:]
