@@ -1,0 +1,39 @@
+"""The backend as gunicorn serves it (`gunicorn tests.fault_app:app`), with the colour model double of
+tests/fakes.py instead of DINOv, for the fault and load tests: real processes, sockets, SQLite and signals,
+a model whose speed the test sets.
+
+    FAULT_ENCODE_DELAY   seconds per encoded image (default 0)
+    FAULT_MODEL_ERROR    when set, loading the model fails with this message (a checkpoint that cannot load)
+
+Everything else (settings from the environment, the Label Studio sync) is built as _wsgi.py builds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from labelstudio_backend.server import create_app
+from labelstudio_backend.settings import Settings
+from tests.fakes import ColourModel
+
+
+def _model_factory(settings: Settings) -> ColourModel:
+    error = os.environ.get("FAULT_MODEL_ERROR")
+    if error:
+        raise OSError(error)
+    return ColourModel(delay=float(os.environ.get("FAULT_ENCODE_DELAY", "0")))
+
+
+def _build():
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    syncer = None
+    if settings.label_studio_url and settings.label_studio_api_key:
+        from labelstudio_backend.sync import make_syncer
+
+        syncer = make_syncer(settings)
+    return create_app(_model_factory, settings, syncer=syncer)
+
+
+app = _build()
