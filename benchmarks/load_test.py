@@ -4,7 +4,7 @@
     python benchmarks/load_test.py --app _wsgi:app           # the real demo model (DINOV_CHECKPOINT=demo, CPU)
     python benchmarks/load_test.py --requests 200 --json out.json
 
-Everything runs on 127.0.0.1: a fake Label Studio (tests/fakes.py: the API, the task images) and this backend
+Everything runs on 127.0.0.1: a fake Label Studio (tests/doubles.py: the API, the task images) and this backend
 (`gunicorn <app>`, 1 worker, --threads threads). No request leaves the machine: the hostile image URLs point at
 closed loopback ports or schemes the backend must refuse.
 
@@ -39,7 +39,7 @@ import requests
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from tests.fakes import CONFIG, SIZE, TOKEN, FakeLabelStudio, brush, png, scene  # noqa: E402
+from tests.doubles import CONFIG, SIZE, TOKEN, FakeLabelStudio, brush, png, scene  # noqa: E402
 from tests.fault_harness import Backend, wait_for  # noqa: E402
 
 PROJECT = 3

@@ -1,5 +1,5 @@
 """The backend as gunicorn serves it (`gunicorn tests.fault_app:app`), with the colour model double of
-tests/fakes.py instead of DINOv, for the fault and load tests: real processes, sockets, SQLite and signals,
+tests/doubles.py instead of DINOv, for the fault and load tests: real processes, sockets, SQLite and signals,
 a model whose speed the test sets.
 
     FAULT_ENCODE_DELAY   seconds per encoded image (default 0)
@@ -15,14 +15,14 @@ import os
 
 from labelstudio_backend.server import create_app
 from labelstudio_backend.settings import Settings
-from tests.fakes import ColourModel
+from tests.doubles import ColourPredictor
 
 
-def _model_factory(settings: Settings) -> ColourModel:
+def _model_factory(settings: Settings) -> ColourPredictor:
     error = os.environ.get("FAULT_MODEL_ERROR")
     if error:
         raise OSError(error)
-    return ColourModel(delay=float(os.environ.get("FAULT_ENCODE_DELAY", "0")))
+    return ColourPredictor(encode_delay=float(os.environ.get("FAULT_ENCODE_DELAY", "0")))
 
 
 def _build():
