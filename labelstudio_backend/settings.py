@@ -43,6 +43,9 @@ class Settings:
     # The model.
     checkpoint: str = "demo"
     device: str = "auto"
+    model_load_retry_s: float = 5.0
+    # Background work.
+    work_queue_size: int = 64
     # Pre-annotation (per project).
     # None: the checkpoint's own calibrated threshold (0.12, the official demo's, for the released ones).
     score_threshold: float | None = None
@@ -89,6 +92,8 @@ class Settings:
                (self.max_image_bytes, self.max_image_pixels), "positive integers")
         _check(self.feature_cache_size >= 1, "FEATURE_CACHE_SIZE", self.feature_cache_size, "an integer >= 1")
         _check(self.max_request_bytes > 0, "MAX_REQUEST_BYTES", self.max_request_bytes, "a positive integer")
+        _check(self.model_load_retry_s > 0, "MODEL_LOAD_RETRY_S", self.model_load_retry_s, "a number of seconds > 0")
+        _check(self.work_queue_size >= 1, "WORK_QUEUE_SIZE", self.work_queue_size, "an integer >= 1")
         _check(bool(self.basic_auth_user) == bool(self.basic_auth_pass), "BASIC_AUTH_USER/BASIC_AUTH_PASS",
                "one of them", "both set (basic auth on) or both empty (off)")
         if self.basic_auth_user:
@@ -205,6 +210,11 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
     SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
     SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
+    SettingRow("MODEL_LOAD_RETRY_S", "model_load_retry_s", "Seconds before a failed model load is tried again; "
+               "doubled after each failure, at most 300. /health answers 503 with the reason meanwhile."),
+    SettingRow("WORK_QUEUE_SIZE", "work_queue_size", "Jobs that may wait in each background queue (model loading, "
+               "webhooks, syncs, reference embedding, estimates, background predictions); a full queue answers 503 "
+               "with Retry-After."),
     SettingRow("SCORE_THRESHOLD", "score_threshold", "Minimum instance score kept by pre-annotation. Unset: the checkpoint's own default (stored in its metadata, calibrated for the demo model; 0.12, the official demo's, for swinT/swinL).", True),
     SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "At most this many regions per label and image.", True),
     SettingRow("MIN_AREA", "min_area", "Drop predicted regions smaller than this many pixels.", True),

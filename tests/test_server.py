@@ -104,8 +104,8 @@ class Backend:
         self.client = self.app.test_client()
 
     def drain(self):
-        """Wait for the background work queued so far."""
-        self.runtime.background.submit(lambda: None).result(timeout=30)
+        """Wait for the background work queued so far (webhook events applied, references embedded)."""
+        assert self.runtime.queues.wait_idle(timeout=30)
 
     def post(self, path, payload, **kwargs):
         return self.client.post(path, json=payload, **kwargs)
@@ -185,9 +185,12 @@ def backend(tmp_path):
 # --- protocol ---------------------------------------------------------------------------------------------
 
 def test_health(backend):
+    backend.runtime.load_model()
     response = backend.client.get("/health")
     assert response.status_code == 200
     assert response.json["status"] == "UP" and response.json["model_class"] == "DINOvBackend"
+    assert response.json["webhooks"] == {"pending": 0} and set(response.json["queues"]) == {
+        "model", "webhooks", "sync", "embeddings", "estimates", "predictions"}
     assert backend.client.get("/").status_code == 200
 
 
@@ -468,13 +471,36 @@ def test_model_that_cannot_load_answers_503(tmp_path):
     response = client.post("/predict", json={"tasks": [task(2, "b")], "project": PROJECT, "label_config": CONFIG,
                                              "params": {"context": {"result": [keypoint(3, 3, "Red")]}}})
     assert response.status_code == 503 and "DINOV_CHECKPOINT=/nowhere.pth" in response.json["error"]
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["status"] == "UNAVAILABLE"
+    assert "no such checkpoint" in health.json["reason"] and "next attempt in" in health.json["reason"]
+    app.extensions["dinov"].shutdown()
+
+
+def test_a_failed_model_load_is_retried_and_health_recovers(tmp_path):
+    attempts = []
+
+    def flaky(settings):
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise OSError("the checkpoint volume is not mounted yet")
+        return ColourPredictor()
+
+    app = create_app(flaky, Settings(model_dir=tmp_path, model_load_retry_s=0.05),
+                     store=ReferenceStore(tmp_path / "r.sqlite3"))
+    client = app.test_client()
+    deadline = time.monotonic() + 10
+    while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
     health = client.get("/health").json
-    assert health["status"] == "UP" and "no such checkpoint" in health["model"]["error"]
+    assert health["status"] == "UP" and health["model"]["loaded"] and health["model"]["attempts"] == 3
+    assert attempts[2] - attempts[1] >= 2 * (attempts[1] - attempts[0]) * 0.8  # the pause doubles
     app.extensions["dinov"].shutdown()
 
 
 def test_basic_auth_on_every_endpoint_but_health(tmp_path):
     backend = Backend(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
+    backend.runtime.load_model()
     assert backend.client.get("/health").status_code == 200  # Label Studio's and Docker's health checks
     wrong = "Basic " + base64.b64encode(b"ls:nope").decode()
     for method, path in [("GET", "/"), ("POST", "/setup"), ("POST", "/predict"), ("POST", "/webhook"),

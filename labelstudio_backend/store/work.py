@@ -22,7 +22,9 @@ MAX_TASK_ATTEMPTS = 3      # a background task that failed this often is given u
 
 
 class InboxFull(StoreError):
-    """The webhook inbox holds its maximum of unprocessed events."""
+    """The webhook inbox holds its maximum of unapplied events (answered 503 with Retry-After)."""
+
+    retry_after = 30
 
 
 @dataclass(frozen=True)
@@ -140,8 +142,8 @@ class WorkStore(Database):
                 )
 
     def tasks_failed(self, project_id: int, model_version: str, task_ids: Sequence[int]) -> None:
-        """One more failed attempt; a task that failed MAX_TASK_ATTEMPTS times is dropped (the next
-        "Retrieve predictions" asks again)."""
+        """One more failed attempt (Label Studio down); a task that failed MAX_TASK_ATTEMPTS times is dropped (the
+        next "Retrieve predictions" asks again)."""
         with self.transaction() as db:
             for chunk in chunks([int(t) for t in task_ids], 500):
                 marks = ",".join("?" * len(chunk))
@@ -154,6 +156,16 @@ class WorkStore(Database):
                     f"DELETE FROM background_tasks WHERE project_id = ? AND model_version = ? AND attempts >= ? "
                     f"AND task_id IN ({marks})",
                     (int(project_id), model_version, MAX_TASK_ATTEMPTS, *chunk),
+                )
+
+    def drop_tasks(self, project_id: int, model_version: str, task_ids: Sequence[int]) -> None:
+        """Give up tasks that cannot be predicted (a broken image): the next "Retrieve predictions" asks again."""
+        with self.transaction() as db:
+            for chunk in chunks([int(t) for t in task_ids], 500):
+                db.execute(
+                    f"DELETE FROM background_tasks WHERE project_id = ? AND model_version = ? "
+                    f"AND task_id IN ({','.join('?' * len(chunk))})",
+                    (int(project_id), model_version, *chunk),
                 )
 
     def prune_posted(self) -> int:
