@@ -335,6 +335,68 @@ def test_time_budget_defers_the_rest(tmp_path):
     backend.runtime.shutdown()
 
 
+def test_the_budget_covers_the_embedding_of_new_references(tmp_path):
+    """Three references arrived just before a "Retrieve predictions"; embedding them takes longer than the budget.
+    They are embedded ahead (the embeddings queue), and the call answers within its budget instead of embedding
+    them inside its first task."""
+    backend = Backend(tmp_path, predictor=ColourPredictor(encode_delay=0.5), predict_time_budget=1.0)
+    backend.setup()
+    backend.runtime.load_model()
+    for annotation_id, (task_id, name) in enumerate([(1, "a"), (2, "b"), (3, "c")], start=101):
+        backend.annotate(annotation_id, task(task_id, name), [brush(square_mask(SCENES[name]["red"][0]), "Red")])
+    assert backend.runtime.queues["webhooks"].wait_idle(10)  # applied; their embedding (1.5 s) is under way
+    started = time.perf_counter()
+    results = backend.predict([task(10, "a"), task(11, "b")]).json["results"]
+    assert time.perf_counter() - started < 1.4
+    assert results == [[], []]  # deferred: Label Studio stores nothing, the background predicts them
+    assert backend.store.claimed_task_ids(7, backend.setup()) == {10, 11}
+    backend.drain()
+    answered = backend.predict([task(4, "c")]).json["results"][0]  # the references are ready now
+    assert same_masks(regions_by_label(answered)["Red"], SCENES["c"]["red"])
+    backend.runtime.shutdown()
+
+
+def test_webhook_events_are_kept_before_the_answer(backend):
+    backend.setup()
+    release = threading.Event()
+    backend.runtime.queues["webhooks"].submit("busy", release.wait, 10)  # the queue is busy with something else
+    scribble_and_box_on_a(backend)
+    assert backend.store.pending_event_count() == 1 and backend.store.stats(7)["examples"] == 0
+    bad = backend.post("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 5}, "task": None,
+                                    "project": {"id": 7}})
+    assert bad.status_code == 400 and "no task" in bad.json["error"]  # refused, not kept
+    assert backend.store.pending_event_count() == 1
+    release.set()
+    backend.drain()
+    assert backend.store.pending_event_count() == 0 and backend.store.stats(7)["examples"] == 2
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path):
+    release = threading.Event()
+    synced: list[int] = []
+
+    def slow_sync(project_id: int) -> None:
+        release.wait(10)
+        synced.append(project_id)
+
+    settings = Settings(model_dir=tmp_path, work_queue_size=1)
+    app = create_app(lambda s: ColourPredictor(), settings, store=ReferenceStore(tmp_path / "r.sqlite3"),
+                     syncer=slow_sync)
+    client = app.test_client()
+    assert client.post("/references?project=1&action=sync").status_code == 202  # running
+    assert client.post("/references?project=2&action=sync").status_code == 202  # waiting
+    assert client.post("/references?project=2&action=sync").status_code == 202  # the same: waits once
+    full = client.post("/references?project=3&action=sync")
+    assert full.status_code == 503 and "sync queue is full" in full.json["error"]
+    assert 1 <= int(full.headers["Retry-After"]) <= 300
+    assert app.extensions["dinov"].queues["sync"].stats()["rejected"] == 1
+    release.set()
+    assert app.extensions["dinov"].queues.wait_idle(10)
+    assert synced == [1, 2]
+    assert client.post("/references?project=3&action=sync").status_code == 202
+    app.extensions["dinov"].shutdown()
+
+
 def test_an_unexpected_failure_on_one_task_spares_the_others(tmp_path):
     class OutOfMemoryOnWideImages(ColourPredictor):
         def encode_image(self, image):
