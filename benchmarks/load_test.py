@@ -44,6 +44,7 @@ from tests.fault_harness import Backend, wait_for  # noqa: E402
 
 PROJECT = 3
 IMAGES = 24  # task images: more than FEATURE_CACHE_SIZE (8), so clicks also miss the feature cache
+BULK_FROM = 100  # the tasks of the "Retrieve predictions" past the budget: others than the interactive ones
 MAX_GROWTH = 0.30
 
 
@@ -58,7 +59,9 @@ class Request:
 
 
 def build_project(ls: FakeLabelStudio) -> list[int]:
-    """Project 3: two annotated tasks (references), then IMAGES tasks; returns the task ids to predict."""
+    """Project 3: two annotated tasks (references), IMAGES tasks to click on and pre-annotate (their ids are
+    returned), and IMAGES more for the hostile "Retrieve predictions" past the budget, whose tasks go to the
+    background (and would answer [] to pre-annotation while it owns them)."""
     ls.add_project(PROJECT)
     image, masks = scene(1)
     ls.add_task(PROJECT, 1, png(image), [[brush(masks["Red"], "Red", "r1")]])
@@ -69,6 +72,9 @@ def build_project(ls: FakeLabelStudio) -> list[int]:
         image, _ = scene(tid)
         ls.add_task(PROJECT, tid, png(image))
         ids.append(tid)
+    for tid in range(BULK_FROM, BULK_FROM + IMAGES):
+        image, _ = scene(tid)
+        ls.add_task(PROJECT, tid, png(image))
     return ids
 
 
@@ -121,7 +127,8 @@ def hostile_cases(ls: FakeLabelStudio, task_ids: list[int]) -> list[tuple[str, s
          _predict([task], {"result": [{"type": "keypointlabels", "value": {"x": 5, "y": 5}}]})),
         ("click far outside", "POST", "/predict", _predict([task], click(1e9, -1e9))),
         ("two tasks interactive", "POST", "/predict", _predict([task, task], click(5, 5))),
-        ("retrieve past the budget", "POST", "/predict", _predict([_task(ls, t) for t in task_ids])),
+        ("retrieve past the budget", "POST", "/predict",
+         _predict([_task(ls, t) for t in range(BULK_FROM, BULK_FROM + IMAGES)])),
         ("oversized body", "POST", "/predict", _predict([{**task, "pad": "x" * (3 * 1024 * 1024)}])),
         ("deeply nested json", "POST", "/predict", nested),
         ("webhook without action", "POST", "/webhook", _json({"project": {"id": PROJECT}})),
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         plan = build_requests(ls, task_ids, args.requests, args.seed)
         warmup = max(1, args.requests // 10)
         results: list[tuple[Request, int | str, float]] = []
+        deferred = Counter()  # pre-annotation entries: predictions, and [] (deferred or owned by the background)
         lock = threading.Lock()
         local = threading.local()
 
@@ -201,6 +209,11 @@ def run(args: argparse.Namespace) -> dict:
                 answer = session.request(request.method, backend.url + request.path, data=request.body,
                                          headers={"Content-Type": request.content_type}, timeout=300)
                 status: int | str = answer.status_code
+                if request.kind == "preannotation" and status == 200:
+                    entries = answer.json()["results"]
+                    with lock:
+                        deferred["predicted"] += sum(isinstance(e, dict) for e in entries)
+                        deferred["[]"] += sum(e == [] for e in entries)
             except requests.RequestException as error:
                 status = type(error).__name__
             with lock:
@@ -219,11 +232,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         backend.stop()
         ls.stop()
-    return summarise(results, rss_warm, rss_end, seconds, args, health)
+    return summarise(results, rss_warm, rss_end, seconds, args, health, deferred)
 
 
 def summarise(results: list, rss_warm: int, rss_end: int, seconds: float, args: argparse.Namespace,
-              health: dict) -> dict:
+              health: dict, deferred: Counter) -> dict:
     by_kind: dict[str, list] = defaultdict(list)
     for request, status, latency in results:
         by_kind[request.kind].append((request, status, latency))
@@ -244,6 +257,7 @@ def summarise(results: list, rss_warm: int, rss_end: int, seconds: float, args: 
             "server_errors": bad[:20], "server_error_count": len(bad),
             "rss_after_warmup_mb": round(rss_warm / 1024, 1), "rss_end_mb": round(rss_end / 1024, 1),
             "memory_growth": round(growth, 3), "health_at_end": health.get("status"),
+            "preannotation_entries": dict(deferred),
             "passed": not bad and growth < MAX_GROWTH}
 
 
@@ -254,6 +268,9 @@ def print_report(summary: dict) -> None:
     for kind, row in summary["kinds"].items():
         statuses = ", ".join(f"{k}: {v}" for k, v in row["statuses"].items())
         print(f"{kind:<14} {row['requests']:>8} {row['p50_ms']:>9} {row['p95_ms']:>9}  {statuses}")
+    entries = summary["preannotation_entries"]
+    print(f"pre-annotation entries: {entries.get('predicted', 0)} predictions, {entries.get('[]', 0)} [] "
+          "(over the budget: finished in the background)")
     print("hostile cases:")
     for case, statuses in summary["hostile_cases"].items():
         print(f"  {case:<28} {statuses}")

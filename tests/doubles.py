@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -181,7 +182,7 @@ class FakeLabelStudio:
         self.clock = 0
         self._ids = itertools.count(1000)
         handler = type("Handler", (FakeLabelStudioHandler,), {"ls": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -278,6 +279,12 @@ class FakeLabelStudio:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error of ours
+            super().handle_error(request, client_address)
 
 
 class FakeLabelStudioHandler(BaseHTTPRequestHandler):
