@@ -92,7 +92,11 @@ class BackgroundPredictions:
                 batch = store.pending_tasks(limit=BATCH_TASKS)
                 if not batch:
                     return posted
-                done, settled = self._run(batch)
+                try:
+                    done, settled = self._run(batch)
+                except Exception:  # the model, the config: counted as a failed attempt of each task
+                    logger.exception("background predictions of project %s failed", batch[0].project_id)
+                    done, settled = 0, 0
                 posted += done
                 if not settled:  # nothing posted nor given up: Label Studio is down; try again later
                     logger.warning("background predictions: nothing posted; next attempt in %.0f s", RETRY_PAUSE_S)
@@ -107,8 +111,6 @@ class BackgroundPredictions:
         first = batch[0]
         project_id, version = first.project_id, first.model_version
         store = self.runtime.store
-        backend = DINOvBackend(project_id, first.label_config, runtime=self.runtime)
-        config = backend.parsed_label_config
         posted: list[int] = []
         dropped: list[int] = []
 
@@ -118,15 +120,17 @@ class BackgroundPredictions:
             elif not outcome.reason.startswith(("writing the prediction failed", "not written")):
                 dropped.append(int(task["id"]))  # the task itself cannot be predicted (a write that failed: kept)
 
-        # On a CPU a batch holds the model for a long time; interactive calls should not wait for it.
-        on_gpu = self.runtime.on_gpu
         report = BulkReport(job=f"background-{project_id}", project=project_id, model_version=version,
                             selected=len(batch), started_at=utc_now())
-        # A stop of its own: the recorder sets it when Label Studio keeps refusing writes (this batch only).
-        recorder = Recorder(LabelStudioSink(self.client, project_id), report, threading.Event(), on_task=on_task)
         try:
+            backend = DINOvBackend(project_id, first.label_config, runtime=self.runtime)
+            config = backend.parsed_label_config
+            # On a CPU a batch holds the model for a long time; interactive calls should not wait for it.
+            batch_size = 4 if self.runtime.on_gpu else 1
+            # A stop of its own: the recorder sets it when Label Studio keeps refusing writes (this batch only).
+            recorder = Recorder(LabelStudioSink(self.client, project_id), report, threading.Event(), on_task=on_task)
             Pipeline(backend, config, version, recorder, image_loader(self.runtime, config),
-                     batch_size=4 if on_gpu else 1, workers=2).run([t.task for t in batch])
+                     batch_size=batch_size, workers=2).run([t.task for t in batch])
         finally:
             store.tasks_posted(project_id, version, posted)
             store.drop_tasks(project_id, version, dropped)

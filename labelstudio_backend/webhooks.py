@@ -10,8 +10,8 @@ webhooks queue, so that no event is lost to a crash, a restart or a slow store.
   again after the restart, which changes nothing: upserts and deletions are idempotent, and the events after it
   were not applied yet.
 - An event whose application fails stops the drain (a deletion must not overtake its creation) and is tried again
-  after RETRY_PAUSE_S; one that failed MAX_ATTEMPTS times is dropped with an error in the log (the next sync
-  repairs what it would have done).
+  after RETRY_PAUSE_S; one that failed MAX_ATTEMPTS times, or whose payload cannot be applied (a ValueError), is
+  dropped with an error in the log (the next sync repairs what it would have done).
 """
 
 from __future__ import annotations
@@ -72,7 +72,10 @@ class WebhookInbox:
                 for event in events:
                     try:
                         self.apply(event)
-                    except Exception as error:
+                    except ValueError as error:  # the payload itself is bad: trying again cannot help
+                        logger.error("webhook event %s (%s, project %s) dropped: %s", event.id, event.event,
+                                     event.project_id, error)
+                    except Exception as error:  # the store is busy, a disk is full: tried again
                         attempts = store.event_failed(event.id, f"{type(error).__name__}: {error}")
                         if attempts < MAX_ATTEMPTS:
                             logger.warning("webhook event %s (%s, project %s) failed (attempt %d), retried in %.0f s: "
