@@ -186,7 +186,7 @@ class DINOvBackend:
         ready = getattr(self.references, "ready", None)
         if ready is None or self.project_id is None or ready(labels):
             return True  # (pinned references of a bulk job are embedded when pinned)
-        job = embed_ahead(self.runtime, self.project_id)
+        job = embed_ahead(self.runtime, self.project_id, labels)
         if job is None or wait_s <= 0:
             return False
         try:

@@ -196,15 +196,18 @@ class StoreReferences:
         return mask if mask is not None and mask.any() else prompt.filled_mask(size)
 
 
-def embed_ahead(runtime: Runtime, project_id: int) -> Future | None:
-    """Queue the embedding of the project's examples (after a webhook or a sync changed them), so that the next
-    /predict finds them ready; one pending job per project. None when the embeddings queue is full."""
-    return runtime.try_submit("embeddings", ("embed", project_id), _embed_project, runtime, project_id)
+def embed_ahead(runtime: Runtime, project_id: int, labels: Sequence[str] | None = None) -> Future | None:
+    """Queue the embedding of the project's examples of `labels` (default: the labels of the config /setup stored),
+    after a webhook or a sync changed them, so that the next /predict finds them ready; one pending job per
+    project and labels. None when the embeddings queue is full."""
+    key = ("embed", project_id, tuple(labels) if labels is not None else None)
+    return runtime.try_submit("embeddings", key, _embed_project, runtime, project_id, labels)
 
 
-def _embed_project(runtime: Runtime, project_id: int) -> None:
-    config = runtime.projects.load(project_id).get("label_config")
-    if not config:
-        return  # no /setup yet: the labels are unknown; the first prediction embeds them
-    labels = parse_label_config(config).output_labels
+def _embed_project(runtime: Runtime, project_id: int, labels: Sequence[str] | None) -> None:
+    if labels is None:
+        config = runtime.projects.load(project_id).get("label_config")
+        if not config:
+            return  # no /setup yet: the labels are unknown; the first prediction names them
+        labels = parse_label_config(config).output_labels
     StoreReferences(runtime, project_id, runtime.projects.settings_for(project_id)).banks(labels)

@@ -158,7 +158,7 @@ class Runtime:
     @property
     def model_name(self) -> str:
         """The loaded checkpoint's readable name, e.g. "demo-1a2b3c4d" (name and the start of its digest)."""
-        return str(getattr(self._predictor, "model_name", None) or self.settings.checkpoint)
+        return str(getattr(self.loader.model, "model_name", None) or self.settings.checkpoint)
 
     @property
     def on_gpu(self) -> bool:
