@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from typing import Any, Generic, TypeVar
 
+PROJECTS_MAX = 1_000  # per-project records a process keeps in memory (sync state, estimates, metrics, checks)
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from labelstudio_backend.bounded import BoundedSet, LRUCache
+from labelstudio_backend.bounded import PROJECTS_MAX, BoundedSet, LRUCache
 from labelstudio_backend.errors import ModelUnavailable
 from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.model_loader import Backoff, LoadStatus, ModelLoader
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 FAILED_REFERENCE_RETRY_S = 600  # a reference whose image failed is retried after this long
 FAILED_REFERENCES_MAX = 10_000  # failed references remembered at most (the oldest are forgotten first)
 EMBEDDING_MEMORY_CACHE_SIZE = 4096  # prompt embeddings kept in memory (the store keeps all of them)
-PROJECTS_MAX = 1_000  # projects whose sync state and metrics a process keeps in memory
 MAX_LOAD_RETRY_S = 300.0  # the longest pause between two attempts to load the model
 QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "predictions")
 

@@ -2,7 +2,7 @@
 against a fake Label Studio on 127.0.0.1, killed with SIGKILL in the middle of its work and started again on the
 same MODEL_DIR; Label Studio down or answering garbage during a sync; a checkpoint that cannot be loaded.
 
-Each test starts gunicorn once or twice (a few seconds each); the whole file runs in about a minute.
+Each test starts gunicorn once or twice (5-10 s each); the whole file runs in about two minutes.
 """
 
 from __future__ import annotations
