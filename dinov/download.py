@@ -12,15 +12,14 @@ Range request, and only a complete file is renamed to ``<cache_dir>/<name>``.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 from tqdm import tqdm
+
+from dinov.file_lock import exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -64,25 +63,11 @@ def download_checkpoint(
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.with_name(target.name + LOCK_SUFFIX)):
+    waiting = lambda: logger.info("another process is downloading %s; waiting for it", name)  # noqa: E731
+    with exclusive(target.with_name(target.name + LOCK_SUFFIX), on_wait=waiting):
         if target.is_file():  # another process finished it while we waited for the lock
             return target
         return _download_locked(name, target, base_url, timeout, progress)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on lock_path: one download of a file at a time across processes."""
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("another process is downloading %s; waiting for it", lock_path.stem)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _download_locked(name: str, target: Path, base_url: str, timeout: float, progress: bool) -> Path:

@@ -21,7 +21,7 @@ import threading
 from typing import Any
 
 from labelstudio_backend.errors import BackendError
-from labelstudio_backend.file_lock import exclusive
+from dinov.file_lock import exclusive
 from labelstudio_backend.label_config import LabelConfigError, parse_label_config
 from labelstudio_backend.payload import annotation_task_pairs, parse_project_id
 from labelstudio_backend.runtime import Runtime

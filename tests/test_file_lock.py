@@ -1,4 +1,4 @@
-"""The cross-process lock (labelstudio_backend/file_lock.py): exclusive between processes, released by a SIGKILL."""
+"""The cross-process lock (dinov/file_lock.py): exclusive between processes, released by a SIGKILL."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import subprocess
 import sys
 import time
 
-from labelstudio_backend.file_lock import exclusive
+from dinov.file_lock import exclusive
 
-HOLD = "import sys, time; from pathlib import Path; from labelstudio_backend.file_lock import exclusive\n" \
+HOLD = "import sys, time; from pathlib import Path; from dinov.file_lock import exclusive\n" \
        "with exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
 
 
