@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import threading
 
+from dinov.file_lock import exclusive
 from labelstudio_backend.backend import DINOvBackend
 from labelstudio_backend.bulk.pipeline import BulkReport, Pipeline, Recorder, image_loader
 from labelstudio_backend.bulk.sinks import DONE, EXISTS, LabelStudioSink, Outcome
-from dinov.file_lock import exclusive
 from labelstudio_backend.labelstudio_client import LabelStudioClient
 from labelstudio_backend.payload import task_id_of, utc_now
 from labelstudio_backend.runtime import Runtime

@@ -20,8 +20,8 @@ import logging
 import threading
 from typing import Any
 
-from labelstudio_backend.errors import BackendError
 from dinov.file_lock import exclusive
+from labelstudio_backend.errors import BackendError
 from labelstudio_backend.label_config import LabelConfigError, parse_label_config
 from labelstudio_backend.payload import annotation_task_pairs, parse_project_id
 from labelstudio_backend.runtime import Runtime
@@ -38,6 +38,8 @@ RETRY_PAUSE_S = 5.0
 
 
 class WebhookInbox:
+    """Receives events into the store and applies them (cheap to make: the state is the store and the queue)."""
+
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.lock_path = runtime.settings.model_dir / "webhooks.lock"
@@ -57,9 +59,6 @@ class WebhookInbox:
         """Make sure a drain is pending (one is enough: it applies every kept event). Not queued (a queue shut
         down), the events stay kept and the next drain or start applies them."""
         self.runtime.try_submit("webhooks", "drain", self.drain)
-
-    def pending(self) -> int:
-        return self.runtime.store.pending_event_count()
 
     def drain(self) -> int:
         """Apply every kept event, oldest first; returns how many were applied."""
