@@ -136,6 +136,8 @@ class BackgroundPredictions:
             store.drop_tasks(project_id, version, dropped)
             unsettled = {t.task_id for t in batch} - set(posted) - set(dropped)
             store.tasks_failed(project_id, version, sorted(unsettled))
+        if posted and report.seconds > 0:  # the pace /predict's budget counts on stays current when all is deferred
+            self.runtime.record_task_seconds(report.seconds / len(posted))
         logger.info("project %s: background predictions of %d kept tasks: %d posted, %d failed, %d given up in "
                     "%.1f s", project_id, len(batch), len(posted), len(unsettled), len(dropped), report.seconds)
         return len(posted), len(posted) + len(dropped)
