@@ -383,13 +383,17 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path):
     app = create_app(lambda s: ColourPredictor(), settings, store=ReferenceStore(tmp_path / "r.sqlite3"),
                      syncer=slow_sync)
     client = app.test_client()
-    assert client.post("/references?project=1&action=sync").status_code == 202  # running
+    queue = app.extensions["dinov"].queues["sync"]
+    assert client.post("/references?project=1&action=sync").status_code == 202
+    deadline = time.monotonic() + 10
+    while queue.stats()["running"] == 0 and time.monotonic() < deadline:  # running, no longer waiting
+        time.sleep(0.01)
     assert client.post("/references?project=2&action=sync").status_code == 202  # waiting
     assert client.post("/references?project=2&action=sync").status_code == 202  # the same: waits once
     full = client.post("/references?project=3&action=sync")
     assert full.status_code == 503 and "sync queue is full" in full.json["error"]
     assert 1 <= int(full.headers["Retry-After"]) <= 300
-    assert app.extensions["dinov"].queues["sync"].stats()["rejected"] == 1
+    assert queue.stats()["rejected"] == 1
     release.set()
     assert app.extensions["dinov"].queues.wait_idle(10)
     assert synced == [1, 2]
