@@ -16,6 +16,10 @@ workers) is read after it and at the end.
 
 Pass: no 5xx answer and no dropped connection, and memory at the end less than 30 % above memory after warm-up.
 Exit status 0 on pass, 1 on fail.
+
+benchmarks/bench_serving.py measures what annotators feel (the latency of each step of their flow, real model,
+no Label Studio API); this script is the bounded reliability check: a fixed request count, the Label Studio API
+in play (sync, background posting), a pass criterion.
 """
 
 from __future__ import annotations
