@@ -24,6 +24,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from dinov.batching import EncodeBatcher
 from labelstudio_backend.bounded import PROJECTS_MAX, BoundedSet, LRUCache
 from labelstudio_backend.errors import ModelUnavailable
 from labelstudio_backend.images import ImageLoader
@@ -39,6 +40,7 @@ FAILED_REFERENCE_RETRY_S = 600  # a reference whose image failed is retried afte
 FAILED_REFERENCES_MAX = 10_000  # failed references remembered at most (the oldest are forgotten first)
 EMBEDDING_MEMORY_CACHE_SIZE = 4096  # prompt embeddings kept in memory (the store keeps all of them)
 MAX_LOAD_RETRY_S = 300.0  # the longest pause between two attempts to load the model
+CUDA_BATCH_WINDOW_MS = 5.0  # on a GPU, concurrent encodings wait this long to share one batch
 QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "predictions")
 
 
@@ -47,6 +49,7 @@ class Predictor(Protocol):
     checkpoint_id: str
 
     def encode_image(self, image: np.ndarray) -> Any: ...
+    def encode_images(self, images: Sequence[np.ndarray], batch_size: int = ...) -> list: ...
     def encode_prompts(self, encoded: Any, masks: np.ndarray) -> np.ndarray: ...
     def segment_generic(self, encoded: Any, classes: Sequence[np.ndarray], score_threshold: float | None = ...,
                         max_instances: int = ..., max_examples: int = ...) -> list: ...
@@ -97,6 +100,7 @@ class Runtime:
             f"loading DINOV_CHECKPOINT={settings.checkpoint} on DEVICE={settings.device}",
             Backoff(initial=settings.model_load_retry_s, maximum=max(MAX_LOAD_RETRY_S, settings.model_load_retry_s)))
         self.features = LRUCache(settings.feature_cache_size)             # feature_key -> encoded image
+        self._batcher: EncodeBatcher | None = None
         self.embeddings = LRUCache(EMBEDDING_MEMORY_CACHE_SIZE)           # embedding key -> vector
         self._failed_refs = BoundedSet(FAILED_REFERENCES_MAX, ttl=FAILED_REFERENCE_RETRY_S)
         self._syncs: LRUCache[int, Future] = LRUCache(PROJECTS_MAX)       # project -> its latest sync
@@ -178,10 +182,19 @@ class Runtime:
         encoded = self.features.get(key)
         if encoded is None:
             image = self.images.load(url, task_id)
-            with self.device_lock:
-                encoded = predictor.encode_image(image)
+            encoded = self.batcher(predictor).encode(image)
             self.features.put(key, encoded)
         return encoded
+
+    def batcher(self, predictor: Predictor) -> EncodeBatcher:
+        """The encoder of this process's requests: concurrent encodings share one batch on a GPU."""
+        if self._batcher is None or self._batcher.predictor is not predictor:
+            window = self.settings.batch_window_ms
+            if window is None:
+                window = CUDA_BATCH_WINDOW_MS if "cuda" in str(getattr(predictor, "device", "cpu")) else 0.0
+            self._batcher = EncodeBatcher(predictor, window_ms=window, max_batch=self.settings.max_batch,
+                                          lock=self.device_lock)
+        return self._batcher
 
     def remember_encoded(self, url: str, encoded: Any) -> None:
         """Put an image encoded elsewhere (a bulk batch) into the feature cache, where encode() finds it."""

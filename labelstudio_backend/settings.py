@@ -68,8 +68,14 @@ class Settings:
     fetch_timeout: float = 30.0
     verify_ssl: bool = True
     feature_cache_size: int = 8
+    # Encodings of concurrent requests collected into one batch (None: 5 ms on CUDA, 0 = off on the CPU).
+    batch_window_ms: float | None = None
+    max_batch: int = 8
 
     def __post_init__(self) -> None:
+        _check(self.batch_window_ms is None or self.batch_window_ms >= 0, "BATCH_WINDOW_MS", self.batch_window_ms,
+               "a number of milliseconds >= 0, or unset for 5 ms on CUDA and 0 on the CPU")
+        _check(self.max_batch >= 1, "MAX_BATCH", self.max_batch, "an integer >= 1")
         _check(self.score_threshold is None or 0.0 <= self.score_threshold <= 1.0, "SCORE_THRESHOLD",
                self.score_threshold, "a number in [0, 1], or unset for the checkpoint's default")
         _check(self.max_instances_per_label >= 1, "MAX_INSTANCES_PER_LABEL", self.max_instances_per_label, "an integer >= 1")
@@ -240,6 +246,8 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
                "request."),
     SettingRow("VERIFY_SSL", "verify_ssl", "Verify TLS certificates when fetching."),
     SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "Encoded images kept per process, so the next click on the same image costs only the decoder."),
+    SettingRow("BATCH_WINDOW_MS", "batch_window_ms", "How long the first of several concurrent image encodings waits for others to share one batch. Unset: 5 ms on CUDA (a batch of 8 costs little more than one image), 0 (off) on the CPU."),
+    SettingRow("MAX_BATCH", "max_batch", "Most images encoded in one batch."),
 )
 
 PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_project)
