@@ -59,6 +59,22 @@ def _label_studio_syncer(settings: Settings):
 app = _build_app()
 
 
+def _train(runtime, args: argparse.Namespace) -> int:
+    """python _wsgi.py train: a fine-tuning job of the project, waited for; or --rollback to the base model."""
+    if args.rollback:
+        previous = runtime.training.store.clear_active(args.project)
+        print(f"project {args.project}: the base model is served again"
+              + (f" (was {previous.checkpoint_id})" if previous else ""))
+        return 0
+    config = open(args.label_config).read() if args.label_config else \
+        runtime.projects.load(args.project).get("label_config")
+    job = runtime.training.start(args.project, config, runtime.projects.settings_for(args.project), "shell")
+    print(f"project {args.project}: training job {job['job_id']} queued", flush=True)
+    job = runtime.training.wait(args.project, timeout=24 * 3600)
+    print(json.dumps(job, indent=2))
+    return 0 if job and job["state"] == "done" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="DINOv Label Studio ML backend")
     parser.add_argument("--host", default="0.0.0.0")
@@ -77,18 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     runtime = app.extensions["dinov"]
 
     if args.command == "train":
-        if args.rollback:
-            previous = runtime.training.store.clear_active(args.project)
-            print(f"project {args.project}: the base model is served again"
-                  + (f" (was {previous.checkpoint_id})" if previous else ""))
-            return 0
-        config = open(args.label_config).read() if args.label_config else \
-            runtime.projects.load(args.project).get("label_config")
-        job = runtime.training.start(args.project, config, runtime.projects.settings_for(args.project), "shell")
-        print(f"project {args.project}: training job {job['job_id']} queued", flush=True)
-        job = runtime.training.wait(args.project, timeout=24 * 3600)
-        print(json.dumps(job, indent=2))
-        return 0 if job and job["state"] == "done" else 1
+        try:
+            return _train(runtime, args)
+        finally:
+            runtime.shutdown()  # the model load and the queues end before the interpreter does
 
     if args.command == "leave-one-out":
         from labelstudio_backend.backend import DINOvBackend

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from contextlib import nullcontext
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ class EncodeBatcher:
         self._pending: list[tuple[Any, Future]] = []
         self._collecting = False
         self._cond = threading.Condition()
-        self.batches: list[int] = []  # sizes of the batches run so far (for tests and metrics)
+        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the latest batches (for tests and metrics)
 
     def encode(self, image: Any) -> Any:
         """The EncodedImage of one image, computed in a batch with whatever arrived in the same window."""

@@ -31,17 +31,17 @@ from labelstudio_backend.instances import (
     Instance, SelectionRules, build_prediction, empty_prediction, select_instances, similar_to_drawn,
 )
 from labelstudio_backend.label_config import LabelConfigError, ParsedConfig, parse_label_config
-from labelstudio_backend.payload import annotation_task_pairs, parse_project_id, task_id_of
-from labelstudio_backend.references import ReferenceSource, StoreReferences
+from labelstudio_backend.payload import parse_project_id, task_id_of
+from labelstudio_backend.references import ReferenceSource, StoreReferences, embed_ahead
 from labelstudio_backend.regions import RegionPrompt, region_to_prompt
 from labelstudio_backend.runtime import Runtime
 from labelstudio_backend.settings import PER_PROJECT_FIELDS, Settings
+from labelstudio_backend.webhooks import WebhookInbox
+from labelstudio_backend.work_queues import QueueClosed, QueueFull
 
 logger = logging.getLogger(__name__)
 
 FIRST_SYNC_WAIT_S = 20.0       # how long the first prediction of a project waits for its reference sync
-TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED",
-                   "START_TRAINING", "PROJECT_DELETED", "PROJECT_UPDATED", "TASKS_CREATED", "TASKS_DELETED")
 
 
 class DINOvBackend:
@@ -99,7 +99,10 @@ class DINOvBackend:
             self.runtime = self.runtime.for_project(self.project_id)  # PROJECT_MODEL may have changed
             settings = self.runtime.projects.settings_for(self.project_id)
             self._configure(settings, None if self._default_references else self.references)
-            self.runtime.ensure_synced(self.project_id)
+            try:
+                self.runtime.ensure_synced(self.project_id)
+            except (QueueFull, QueueClosed) as error:  # the first /predict asks again
+                logger.warning("project %s: no reference sync queued now: %s", self.project_id, error)
         return self.model_version
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict | list]:
@@ -119,88 +122,52 @@ class DINOvBackend:
         return self.predict_tasks(tasks, config)
 
     def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
-        """Apply a webhook event to the reference store (quickly; heavy work goes to the background)."""
-        if event not in TRAINING_EVENTS:
-            return {"status": "ignored", "event": event}
-        runtime, pid = self.runtime, self.project_id
-        if pid is None:
-            raise BackendError(f"{event}: the payload names no project")
-        if event in ("ANNOTATION_CREATED", "ANNOTATIONS_CREATED", "ANNOTATION_UPDATED"):
-            pairs = annotation_task_pairs(data)
-            runtime.submit(f"{event} in project {pid}", self._upsert_and_warm, pairs)
-            if runtime.training is not None and self.settings.train_every_annotations:
-                runtime.training.count_annotations(pid, len(pairs), self.label_config, self.settings)
-            return {"status": "queued", "event": event, "annotations": len(pairs)}
-        if event == "ANNOTATIONS_DELETED":
-            ids = [int(a["id"] if isinstance(a, dict) else a) for a in data.get("annotations") or []]
-            runtime.submit(f"{event} in project {pid}", runtime.store.delete_annotations, pid, ids)
-            return {"status": "queued", "event": event, "annotations": len(ids)}
-        if event == "TASKS_DELETED":  # their annotations go with them
-            ids = [int(t["id"] if isinstance(t, dict) else t) for t in data.get("tasks") or []]
-            runtime.submit(f"{event} in project {pid}", runtime.store.delete_tasks, pid, ids)
-            return {"status": "queued", "event": event, "tasks": len(ids)}
-        if event == "START_TRAINING":
-            runtime.ensure_synced(pid, force=True)
-            if runtime.training is None:
-                return {"status": "syncing", "event": event}
-            job = runtime.training.start(pid, self.label_config, self.settings, reason=event)
-            # Label Studio keeps "job" as its train job's id (a string)
-            return {"status": "training", "event": event, "job": str(job["job_id"]), "state": job["state"]}
-        if event == "PROJECT_DELETED":
-            runtime.submit(f"{event} {pid}", runtime.store.delete_project, pid)
-            if runtime.project_models is not None:  # its fine-tuned checkpoints go with it
-                runtime.training.cancel(pid, "the project was deleted")
-                runtime.project_models.delete_project(pid)
-            runtime.forget_project(pid)
-            return {"status": "queued", "event": event}
-        if event == "PROJECT_UPDATED" and isinstance(data.get("project"), dict):
-            config = data["project"].get("label_config")
-            if config:  # keep the newest config for calls that arrive without one
-                record = runtime.projects.load(pid)
-                runtime.projects.save(pid, record.get("extra_params"), config)
-        return {"status": "ok", "event": event}
-
-    def _upsert_and_warm(self, pairs: list[tuple[dict, dict]]) -> None:
-        image_key = None
-        try:
-            image_key = self.parsed_label_config.value_key if self.label_config else None
-        except LabelConfigError:
-            pass
-        for task, annotation in pairs:
-            self.runtime.store.upsert_annotation(self.project_id, task, annotation, image_key=image_key)
-        if not self.label_config:
-            return
-        # Embed the new examples now, so that the next prediction does not wait for them.
-        try:
-            self.references.banks(self.parsed_label_config.output_labels)
-        except (ValueError, OSError, ModelUnavailable) as e:
-            logger.info("project %s: examples not embedded ahead of time: %s", self.project_id, e)
+        """Keep a webhook event in the store, to be applied in order by the webhooks queue (webhooks.py): kept
+        before the answer, so that no event is lost to a crash or a restart."""
+        return WebhookInbox(self.runtime).receive(event, data)
 
     # --- pre-annotation
 
     def predict_tasks(self, tasks: list[dict], config: ParsedConfig) -> list[dict | list]:
-        """Pre-annotate tasks within PREDICT_TIME_BUDGET: a prediction per task, `[]` for a task deferred."""
+        """Pre-annotate tasks within PREDICT_TIME_BUDGET: a prediction per task, `[]` for a task deferred.
+
+        The budget covers everything the call does: the wait for the project's first sync and for the model, the
+        embedding of the references (done ahead of time in the embeddings queue; a call that finds them not ready
+        waits for that job at most the budget left, then defers its tasks), and each task, the first included:
+        a task starts only if the budget left holds one more task at the recent pace of this process.
+        """
         started = time.perf_counter()
         budget = self.settings.predict_time_budget
+        left = lambda: budget - (time.perf_counter() - started)  # noqa: E731
         self._wait_for_first_sync(min(FIRST_SYNC_WAIT_S, budget / 4))
+        self.runtime.load_model(timeout=max(0.0, left()))  # ModelUnavailable (503, with the reason) otherwise
         version = self.model_version
         labels = config.output_labels
-        results: list[dict | list] = []
         deferral = self.runtime.deferral
         claimed = deferral.claimed(self.project_id, version) if deferral and self.project_id is not None else None
+        open_tasks = [t for t in tasks if not (claimed and task_id_of(t.get("id")) in claimed)]
+        if open_tasks and not self._references_ready(labels, left() - self.runtime.task_seconds):
+            logger.warning("project %s: the references are not embedded yet; deferring %d tasks", self.project_id,
+                           len(open_tasks))
+            self.defer_tasks(open_tasks, version)
+            return [[] for _ in tasks]
+        results: list[dict | list] = []
         computed = 0
         for index, task in enumerate(tasks):
             if claimed and task_id_of(task.get("id")) in claimed:
                 results.append([])  # a background run of an earlier call predicts (or just posted) it
                 continue
             elapsed = time.perf_counter() - started
-            per_task = elapsed / computed if computed else 0.0
-            if computed and elapsed + per_task > budget:
+            pace = max(self.runtime.task_seconds, elapsed / computed if computed else 0.0)
+            if elapsed + pace > budget:
                 logger.warning("project %s: time budget of %.0f s reached after %d of %d tasks; deferring the rest",
                                self.project_id, budget, index, len(tasks))
-                results.extend(self.defer_tasks(tasks[index:], version))
+                self.defer_tasks([t for t in tasks[index:] if not (claimed and task_id_of(t.get("id")) in claimed)],
+                                 version)
+                results.extend([] for _ in tasks[index:])
                 break
             computed += 1
+            task_started = time.perf_counter()
             try:
                 results.append(self.preannotate(task, config, labels, version))
             except ModelUnavailable:
@@ -211,7 +178,23 @@ class DINOvBackend:
                                exc_info=not expected)
                 self.runtime.on_task_failed(type(e).__name__)
                 results.append(empty_prediction(version))
+            else:
+                self.runtime.record_task_seconds(time.perf_counter() - task_started)
         return results
+
+    def _references_ready(self, labels: Sequence[str], wait_s: float) -> bool:
+        """Whether the references are embedded; if not, their embedding is queued and waited for `wait_s` s."""
+        ready = getattr(self.references, "ready", None)
+        if ready is None or self.project_id is None or ready(labels):
+            return True  # (pinned references of a bulk job are embedded when pinned)
+        job = embed_ahead(self.runtime, self.project_id, labels)
+        if job is None or wait_s <= 0:
+            return False
+        try:
+            job.result(timeout=wait_s)
+        except Exception:  # still running (or failed: its log says why); the tasks go to the background
+            return False
+        return ready(labels)
 
     def defer_tasks(self, tasks: list[dict], model_version: str) -> list[list]:
         """`[]` for each task that did not fit into PREDICT_TIME_BUDGET (Label Studio stores nothing for it);
@@ -227,7 +210,10 @@ class DINOvBackend:
     def _wait_for_first_sync(self, timeout: float) -> None:
         if self.project_id is None:
             return
-        future = self.runtime.ensure_synced(self.project_id)
+        try:
+            future = self.runtime.ensure_synced(self.project_id)
+        except (QueueFull, QueueClosed):  # other projects' syncs wait: predict from the store as it is
+            return
         if future is not None and not future.done():
             try:
                 future.result(timeout=timeout)

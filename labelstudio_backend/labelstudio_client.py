@@ -231,9 +231,13 @@ class LabelStudioClient:
         params: list[tuple[str, Any]] = [("exportType", "JSON"), ("download_all_tasks", "true")]
         params += [("ids[]", int(t)) for t in task_ids]
         found = self.get_json(f"/api/projects/{int(project_id)}/export", params=params)
-        return found if isinstance(found, list) else []
+        if not isinstance(found, list):  # no answer about these tasks: never read as "none exists"
+            raise LabelStudioError(f"unexpected answer to the export of project {project_id}: {str(found)[:200]}")
+        return found
 
     def predictions_of_task(self, task_id: int) -> list[dict]:
         """The predictions Label Studio holds for one task."""
         found = self.get_json("/api/predictions/", params={"task": int(task_id)})
-        return [p for p in found or [] if isinstance(p, dict)]
+        if not isinstance(found, list):  # no answer: never read as "no prediction" (that would post a duplicate)
+            raise LabelStudioError(f"unexpected answer to the predictions of task {task_id}: {str(found)[:200]}")
+        return [p for p in found if isinstance(p, dict)]

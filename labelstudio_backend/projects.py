@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from labelstudio_backend.bounded import PROJECTS_MAX, LRUCache
 from labelstudio_backend.payload import read_json, utc_now, write_json
 from labelstudio_backend.settings import Settings, parse_extra_params
 
@@ -19,7 +20,7 @@ class ProjectRecords:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.estimates: dict[int, dict] = {}  # this process's newest estimates
+        self.estimates: LRUCache[int, dict] = LRUCache(PROJECTS_MAX)  # this process's newest estimates
 
     def _file(self, project_id: int) -> Path:
         return self.settings.model_dir / "projects" / f"{project_id}.json"
@@ -45,7 +46,7 @@ class ProjectRecords:
         return self.settings.with_overrides(self.load(project_id).get("extra_params"))
 
     def save_estimate(self, project_id: int, estimate: dict) -> None:
-        self.estimates[project_id] = estimate
+        self.estimates.put(project_id, estimate)
         write_json(self._estimate_file(project_id), estimate)
 
     def load_estimate(self, project_id: int) -> dict | None:
@@ -53,7 +54,7 @@ class ProjectRecords:
         return self.estimates.get(project_id) or read_json(self._estimate_file(project_id))
 
     def forget(self, project_id: int) -> None:
-        self.estimates.pop(project_id, None)
+        self.estimates.pop(project_id)
         for path in (self._file(project_id), self._estimate_file(project_id)):
             try:
                 path.unlink()

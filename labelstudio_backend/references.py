@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from concurrent.futures import Future
 from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from labelstudio_backend.errors import ModelUnavailable
+from labelstudio_backend.label_config import parse_label_config
 from labelstudio_backend.payload import task_id_of
 from labelstudio_backend.regions import region_to_prompt
 from labelstudio_backend.runtime import Runtime
@@ -90,10 +92,23 @@ class StoreReferences:
                 banks[example.label].append(vector)
         return {label: np.stack(banks[label]) for label in labels if banks.get(label)}
 
+    def ready(self, labels: Sequence[str]) -> bool:
+        """Whether the examples of these labels are embedded already (banks() has nothing to compute)."""
+        _, missing = self._cached(self.examples(labels))
+        return not missing
+
     def embed(self, examples: Sequence) -> dict[str, np.ndarray]:
         """Embedding key -> float32 [D] of each usable example: process cache, then the store, then computed
         (grouped by image, one encode_prompts call per image). Examples whose image or region fails are left
         out and not retried for a while."""
+        found, missing = self._cached(examples)
+        checkpoint = self.runtime.checkpoint_id
+        for (url, task_id), group in missing.items():
+            found.update(self._embed_image_group(url, task_id, group, checkpoint))
+        return found
+
+    def _cached(self, examples: Sequence) -> tuple[dict[str, np.ndarray], dict[tuple[str, int | None], list]]:
+        """The embeddings found in the process cache or the store, and the examples still to embed by image."""
         runtime = self.runtime
         runtime.load_model()  # the checkpoint id is part of the key
         checkpoint = runtime.checkpoint_id
@@ -110,9 +125,7 @@ class StoreReferences:
                 found[key] = vector
             elif not runtime.reference_failed(key):
                 missing[(example.image_url, task_id_of(example.task_id))].append(example)
-        for (url, task_id), group in missing.items():
-            found.update(self._embed_image_group(url, task_id, group, checkpoint))
-        return found
+        return found, missing
 
     def _embed_image_group(self, url: str, task_id: int | None, group: list, checkpoint: str) -> dict[str, np.ndarray]:
         runtime = self.runtime
@@ -181,3 +194,20 @@ class StoreReferences:
         if prompt.box is not None:
             return box_reference_mask(mask, prompt.filled_mask(size))
         return mask if mask is not None and mask.any() else prompt.filled_mask(size)
+
+
+def embed_ahead(runtime: Runtime, project_id: int, labels: Sequence[str] | None = None) -> Future | None:
+    """Queue the embedding of the project's examples of `labels` (default: the labels of the config /setup stored),
+    after a webhook or a sync changed them, so that the next /predict finds them ready; one pending job per
+    project and labels. None when the embeddings queue is full."""
+    key = ("embed", project_id, tuple(labels) if labels is not None else None)
+    return runtime.try_submit("embeddings", key, _embed_project, runtime, project_id, labels)
+
+
+def _embed_project(runtime: Runtime, project_id: int, labels: Sequence[str] | None) -> None:
+    if labels is None:
+        config = runtime.projects.load(project_id).get("label_config")
+        if not config:
+            return  # no /setup yet: the labels are unknown; the first prediction names them
+        labels = parse_label_config(config).output_labels
+    StoreReferences(runtime, project_id, runtime.projects.settings_for(project_id)).banks(labels)

@@ -215,6 +215,8 @@ def region_to_prompt(region: dict, size: tuple[int, int]) -> RegionPrompt:
 
     # keypointlabels
     x, y = _number(value, "x", rid), _number(value, "y", rid)
+    if not (0.0 <= x <= 100.0 and 0.0 <= y <= 100.0):  # percentages of the image, as Label Studio draws them
+        raise RegionError(f"keypoint region {rid} at ({x}, {y}) % lies outside the image")
     radius = max(KEYPOINT_MIN_RADIUS, _number(value, "width", rid, default=0.0) * sx)
     return RegionPrompt(kind, label, is_positive(region), point=(x * sx, y * sy), radius=radius)
 

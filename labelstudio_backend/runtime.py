@@ -1,10 +1,15 @@
 """The Runtime: what lives as long as the worker process (the model, its feature cache, the reference store,
-the image loader, the background executor, the reference syncs, the per-project records).
+the image loader, the work queues, the reference syncs, the per-project records).
 
     runtime = Runtime(settings, model_factory=..., store=..., images=..., syncer=...)
     runtime.load_model()                  # -> the predictor (raises ModelUnavailable with the reason)
     runtime.encode(url, task_id)          # the encoded image, from the feature cache when it is there
-    runtime.submit("what", fn, *args)     # background work (the one place that uses the executor)
+    runtime.queues["sync"].submit(key, fn, *args)   # background work, one bounded queue per kind
+
+Background work runs in named, bounded queues (work_queues.py), one per kind, so that a slow Label Studio or a
+long estimate never holds up webhook processing: model (loading, retried with back-off: model_loader.py),
+webhooks, sync, embeddings (references embedded ahead of time), estimates, predictions (tasks deferred by
+/predict). Every in-memory cache and set has a bound (bounded.py).
 
 Objects of labelstudio_backend.backend.DINOvBackend are made per request and use one Runtime.
 """
@@ -13,23 +18,30 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import OrderedDict, defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from collections import defaultdict
+from concurrent.futures import Future
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from dinov.batching import EncodeBatcher
+from labelstudio_backend.bounded import PROJECTS_MAX, BoundedSet, LRUCache
 from labelstudio_backend.errors import ModelUnavailable
 from labelstudio_backend.images import ImageLoader
+from labelstudio_backend.model_loader import Backoff, LoadStatus, ModelLoader
 from labelstudio_backend.payload import utc_now
 from labelstudio_backend.projects import ProjectRecords
 from labelstudio_backend.settings import Settings
+from labelstudio_backend.work_queues import QueueClosed, QueueFull, QueueSpec, WorkQueues
 
 logger = logging.getLogger(__name__)
 
 FAILED_REFERENCE_RETRY_S = 600  # a reference whose image failed is retried after this long
+FAILED_REFERENCES_MAX = 10_000  # failed references remembered at most (the oldest are forgotten first)
 EMBEDDING_MEMORY_CACHE_SIZE = 4096  # prompt embeddings kept in memory (the store keeps all of them)
+MAX_LOAD_RETRY_S = 300.0  # the longest pause between two attempts to load the model
+CUDA_BATCH_WINDOW_MS = 5.0  # on a GPU, concurrent encodings wait this long to share one batch
+QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "predictions", "training")
 
 
 class Predictor(Protocol):
@@ -37,6 +49,7 @@ class Predictor(Protocol):
     checkpoint_id: str
 
     def encode_image(self, image: np.ndarray) -> Any: ...
+    def encode_images(self, images: Sequence[np.ndarray], batch_size: int = ...) -> list: ...
     def encode_prompts(self, encoded: Any, masks: np.ndarray) -> np.ndarray: ...
     def segment_generic(self, encoded: Any, classes: Sequence[np.ndarray], score_threshold: float | None = ...,
                         max_instances: int = ..., max_examples: int = ...) -> list: ...
@@ -53,34 +66,6 @@ def default_model_factory(settings: Settings) -> Predictor:
 def feature_key(url: str, checkpoint_id: str) -> tuple[str, str]:
     """Key of an encoded image in the feature cache: the image URL and the weights that encoded it."""
     return (url, checkpoint_id)
-
-
-class LRUCache:
-    """A thread-safe mapping that keeps the `size` most recently used entries."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.items: OrderedDict = OrderedDict()
-        self.lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Any:
-        """The value, or None when absent (and mark it used)."""
-        with self.lock:
-            if key in self.items:
-                self.items.move_to_end(key)
-                return self.items[key]
-        return None
-
-    def put(self, key: Hashable, value: Any) -> None:
-        with self.lock:
-            self.items[key] = value
-            self.items.move_to_end(key)
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.items.clear()
 
 
 # Model work is serialised per device: one lock per device, shared by every runtime of the process.
@@ -107,75 +92,78 @@ class Runtime:
         self.syncer = syncer
         self.projects = ProjectRecords(settings)
         self._store = store
-        self._predictor: Predictor | None = None
-        self._model_error: str | None = None
-        self._model_lock = threading.Lock()
         self._store_lock = threading.Lock()
-        self.features = LRUCache(settings.feature_cache_size)        # feature_key -> encoded image
-        self.embeddings = LRUCache(EMBEDDING_MEMORY_CACHE_SIZE)      # embedding key -> vector
-        self._failed_refs: dict[str, float] = {}
-        self.background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinov-background")
-        self._synced: dict[int, Future] = {}
-        self._sync_lock = threading.Lock()
-        self.last_sync: dict[int, str] = {}
-        self.known_projects: set[int] = set()
+        self.queues = WorkQueues({name: QueueSpec(workers=1, max_pending=settings.work_queue_size)
+                                  for name in QUEUES})
+        self.loader: ModelLoader[Predictor] = ModelLoader(
+            lambda: self.model_factory(self.settings),
+            f"loading DINOV_CHECKPOINT={settings.checkpoint} on DEVICE={settings.device}",
+            Backoff(initial=settings.model_load_retry_s, maximum=max(MAX_LOAD_RETRY_S, settings.model_load_retry_s)))
+        self.features = LRUCache(settings.feature_cache_size)             # feature_key -> encoded image
+        self._batcher: EncodeBatcher | None = None
+        self.embeddings = LRUCache(EMBEDDING_MEMORY_CACHE_SIZE)           # embedding key -> vector
+        self._failed_refs = BoundedSet(FAILED_REFERENCES_MAX, ttl=FAILED_REFERENCE_RETRY_S)
+        self._syncs: LRUCache[int, Future] = LRUCache(PROJECTS_MAX)       # project -> its latest sync
+        self.last_sync: LRUCache[int, str] = LRUCache(PROJECTS_MAX)       # project -> when this process synced it
+        self.sync_errors: LRUCache[int, str] = LRUCache(PROJECTS_MAX)     # project -> why its last sync failed
+        self.known_projects: BoundedSet[int] = BoundedSet(PROJECTS_MAX)   # projects /metrics reports
+        self._task_seconds: float | None = None  # moving average of one pre-annotated task, for the time budget
         self.on_task_failed: Callable[[str], None] = lambda reason: None  # the server counts these
+        self.on_references_changed: Callable[[int], None] = lambda project_id: None  # the server embeds ahead
         self.deferral: Deferral | None = None  # None: tasks over the time budget are left for the next call
         self.training: Any = None        # labelstudio_backend.training.TrainingJobs (the server installs it)
         self.project_models: Any = None  # labelstudio_backend.project_models.ProjectModels (likewise)
 
     # --- the model
 
-    def load_model(self) -> Predictor:
-        """The predictor, loaded on the first call; raises ModelUnavailable (with the reason) when it cannot be
-        loaded, on this and every later call."""
-        if self._predictor is None:
-            with self._model_lock:
-                if self._predictor is None:
-                    if self._model_error is not None:
-                        raise ModelUnavailable(self._model_error)
-                    started = time.perf_counter()
-                    try:
-                        self._predictor = self.model_factory(self.settings)
-                    except Exception as e:  # any failure to load is reported, not raised as a trace
-                        self._model_error = (f"loading DINOV_CHECKPOINT={self.settings.checkpoint} on "
-                                             f"DEVICE={self.settings.device} failed: {e}")
-                        logger.error(self._model_error, exc_info=not isinstance(e, (ValueError, OSError)))
-                        raise ModelUnavailable(self._model_error) from None
-                    logger.info("model %s loaded in %.1f s", self.checkpoint_id, time.perf_counter() - started)
-        return self._predictor
+    def start_loading(self) -> Future:
+        """Load the model in the model queue (retried with back-off until it loads), so that /setup and /health
+        answer at once."""
+        return self.queues["model"].submit("load", self.loader.run)
+
+    def load_model(self, timeout: float | None = None) -> Predictor:
+        """The predictor; starts loading it if nobody did and waits up to `timeout` seconds (None: until it loads
+        or fails). Raises ModelUnavailable with the reason while it cannot be used (a failed load is retried in
+        the background; the reason says when)."""
+        model = self.loader.model
+        if model is not None:
+            return model
+        if self.loader.status().state == "not started":
+            try:
+                self.start_loading()
+            except QueueClosed:
+                pass
+        model = self.loader.wait(timeout)
+        if model is None:
+            raise ModelUnavailable(self.loader.status().reason or "the model is not loaded")
+        return model
 
     @property
     def predictor(self) -> Predictor:
         """The loaded predictor (load_model on first use)."""
         return self.load_model()
 
-    def start_loading(self) -> Future:
-        """Load the model in the background so that /setup and /health answer at once."""
-        return self.submit("loading the model", self._load_quietly)
-
-    def _load_quietly(self) -> None:
-        try:
-            self.load_model()
-        except ModelUnavailable:
-            pass  # model_error says why; requests answer 503
+    def model_status(self) -> LoadStatus:
+        return self.loader.status()
 
     @property
     def model_loaded(self) -> bool:
-        return self._predictor is not None
+        return self.loader.model is not None
 
     @property
     def model_error(self) -> str | None:
-        return self._model_error
+        """Why the model cannot be used now (None once it can, and while the first load runs)."""
+        status = self.loader.status()
+        return status.reason if status.error else None
 
     @property
     def checkpoint_id(self) -> str:
-        return str(getattr(self._predictor, "checkpoint_id", None) or self.settings.checkpoint)
+        return str(getattr(self.loader.model, "checkpoint_id", None) or self.settings.checkpoint)
 
     @property
     def model_name(self) -> str:
         """The loaded checkpoint's readable name, e.g. "demo-1a2b3c4d" (name and the start of its digest)."""
-        return str(getattr(self._predictor, "model_name", None) or self.settings.checkpoint)
+        return str(getattr(self.loader.model, "model_name", None) or self.settings.checkpoint)
 
     @property
     def on_gpu(self) -> bool:
@@ -184,7 +172,7 @@ class Runtime:
     @property
     def device_lock(self) -> threading.Lock:
         """The lock that serialises model work on the predictor's device."""
-        return DEVICE_LOCKS[str(getattr(self._predictor, "device", self.settings.device))]
+        return DEVICE_LOCKS[str(getattr(self.loader.model, "device", self.settings.device))]
 
     def for_project(self, project_id: int | None) -> Any:
         """The runtime as the project sees it: a view with the project's fine-tuned model when it has an active
@@ -207,10 +195,19 @@ class Runtime:
         encoded = self.features.get(key)
         if encoded is None:
             image = self.images.load(url, task_id)
-            with self.device_lock:
-                encoded = predictor.encode_image(image)
+            encoded = self.batcher(predictor).encode(image)
             self.features.put(key, encoded)
         return encoded
+
+    def batcher(self, predictor: Predictor) -> EncodeBatcher:
+        """The encoder of this process's requests: concurrent encodings share one batch on a GPU."""
+        if self._batcher is None or self._batcher.predictor is not predictor:
+            window = self.settings.batch_window_ms
+            if window is None:
+                window = CUDA_BATCH_WINDOW_MS if "cuda" in str(getattr(predictor, "device", "cpu")) else 0.0
+            self._batcher = EncodeBatcher(predictor, window_ms=window, max_batch=self.settings.max_batch,
+                                          lock=self.device_lock)
+        return self._batcher
 
     def remember_encoded(self, url: str, encoded: Any, checkpoint_id: str | None = None) -> None:
         """Put an image encoded elsewhere (a bulk batch) into the feature cache, where encode() finds it."""
@@ -231,53 +228,76 @@ class Runtime:
         return self._store
 
     def ensure_synced(self, project_id: int, force: bool = False) -> Future | None:
-        """Start the project's reference sync in the background (once per process, or again if forced or
-        failed); None without a syncer."""
+        """Start the project's reference sync in the sync queue (once per process, or again if forced or failed);
+        None without a syncer. A sync of the project already waiting is not queued twice; QueueFull when the
+        queue holds WORK_QUEUE_SIZE syncs of other projects."""
         if self.syncer is None:
             return None
-        with self._sync_lock:
-            future = self._synced.get(project_id)
-            if future is not None and not force and not (future.done() and future.exception() is not None):
-                return future
-            future = self.submit(f"syncing the references of project {project_id}", self._sync, project_id)
-            self._synced[project_id] = future
+        future = self._syncs.get(project_id)
+        if future is not None and not force and not (future.done() and future.exception() is not None):
             return future
+        future = self.queues["sync"].submit(("sync", project_id), self._sync, project_id)
+        self._syncs.put(project_id, future)
+        return future
 
-    def _sync(self, project_id: int) -> None:
-        report = self.syncer(project_id)
-        self.last_sync[project_id] = utc_now()
+    def _sync(self, project_id: int) -> Any:
+        try:
+            report = self.syncer(project_id)
+        except Exception as error:  # kept for /references; the store is as it was (sync.py changes nothing then)
+            self.sync_errors.put(project_id, f"{type(error).__name__}: {error}"[:1000])
+            raise
+        self.sync_errors.pop(project_id)
+        self.last_sync.put(project_id, utc_now())
+        self.on_references_changed(project_id)
         if getattr(report, "project_deleted", False) and self.project_models is not None:
             self.project_models.delete_project(project_id)  # confirmed gone from Label Studio: its checkpoints too
+        return report
 
     def forget_project(self, project_id: int) -> None:
         """PROJECT_DELETED: drop the project's records and sync state (the store is cleared separately)."""
-        self._synced.pop(project_id, None)
+        self._syncs.pop(project_id)
+        self.last_sync.pop(project_id)
+        self.sync_errors.pop(project_id)
+        self.known_projects.discard(project_id)
         self.projects.forget(project_id)
 
     # --- references that failed
 
     def reference_failed(self, key: str) -> bool:
         """Whether the example with this embedding key failed less than FAILED_REFERENCE_RETRY_S ago."""
-        failed_at = self._failed_refs.get(key)
-        return failed_at is not None and time.time() - failed_at < FAILED_REFERENCE_RETRY_S
+        return key in self._failed_refs
 
     def mark_reference_failed(self, key: str) -> None:
-        self._failed_refs[key] = time.time()
+        self._failed_refs.add(key)
+
+    # --- the time a task takes (for PREDICT_TIME_BUDGET)
+
+    @property
+    def task_seconds(self) -> float:
+        """How long pre-annotating one task took lately in this process (0 before the first)."""
+        return self._task_seconds or 0.0
+
+    def record_task_seconds(self, seconds: float) -> None:
+        previous = self._task_seconds
+        self._task_seconds = seconds if previous is None else 0.7 * previous + 0.3 * seconds
 
     # --- background work
 
-    def submit(self, what: str, fn: Callable, *args: Any) -> Future:
-        """Run fn(*args) in the background; a failure is logged with `what` (and kept in the future)."""
-        def run():
-            try:
-                return fn(*args)
-            except Exception:
-                logger.exception("background job failed: %s", what)
-                raise
-        return self.background.submit(run)
+    def try_submit(self, queue: str, key: Any, fn: Callable, *args: Any) -> Future | None:
+        """Queue work that can wait for a later occasion: None (logged) when the queue is full or closed."""
+        try:
+            return self.queues[queue].submit(key, fn, *args)
+        except (QueueFull, QueueClosed) as error:
+            logger.warning("not queued now (%s): %s", key, error)
+            return None
 
-    def shutdown(self) -> None:
-        self.background.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop retrying the model load, cancel queued work, wait up to `timeout` s for running jobs. Kept work
+        (webhook events, deferred tasks) stays in the store for the next start."""
+        self.loader.close()
+        if self.deferral is not None:
+            self.deferral.close()
+        self.queues.shutdown(timeout)
 
 
 class Deferral(Protocol):
@@ -286,3 +306,4 @@ class Deferral(Protocol):
 
     def claimed(self, project_id: int, model_version: str) -> frozenset[int]: ...
     def defer(self, project_id: int, label_config: str | None, tasks: list[dict], model_version: str) -> list: ...
+    def close(self) -> None: ...

@@ -1,20 +1,24 @@
 """The HTTP side of the backend: Label Studio's ML backend protocol on Flask.
 
-    GET  /health, /          {"status": "UP", "model_class": "DINOvBackend", ...}
+    GET  /health, /          {"status": "UP", "model_class": "DINOvBackend", ...}; 503 {"status": "UNAVAILABLE",
+                             "reason"} while the model cannot be used (loading, or a failed load waiting to retry)
     POST /setup              {"project": "<id>.<created>", "schema", "hostname", "access_token", "extra_params"}
                              -> {"model_version"}
     POST /predict            {"tasks", "project", "label_config", "params": {"context", ...}} -> {"results"}
-    POST /webhook            Label Studio's webhook events; answers at once, work runs in the background
+    POST /webhook            Label Studio's webhook events; kept in the store before the answer, applied in order
+                             in the background (webhooks.py)
     POST /train              older Label Studio's "Start training" (treated as START_TRAINING)
     GET  /metrics            Prometheus text: requests, latencies, errors, references per project
     GET  /references?project=<id>                 examples per label, revision, last sync, leave-one-out estimate,
                                                   training state
+    POST /references?project=<id>&action=sync|estimate    start a sync or a leave-one-out estimate (503 with
+                                                          Retry-After when its queue is full)
     GET/POST /training?project=<id>[&action=start|cancel|rollback]   fine-tuning jobs (training_api)
-    POST /references?project=<id>&action=sync|estimate    start a sync or a leave-one-out estimate
 
 Errors are JSON {"error": message, "status": code}: 4xx for bad requests with a message that says
 what is wrong (401 without the basic auth credentials, 413 for a body over MAX_REQUEST_BYTES), 503 while
-the model cannot be loaded, 500 (no trace, only an id to find in the log) for anything unexpected.
+the model cannot be loaded or a work queue is full (with Retry-After), 500 (no trace, only an id to find
+in the log) for anything unexpected.
 
 With BASIC_AUTH_USER/BASIC_AUTH_PASS set, every endpoint but /health requires them (labelstudio_backend.auth);
 /setup then also gives the project's Label Studio webhook to this backend the same credentials
@@ -40,9 +44,13 @@ from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.evaluation import leave_one_out
 from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.payload import parse_project_id
+from labelstudio_backend.references import embed_ahead
 from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings, SettingsError
 from labelstudio_backend.webhook_auth import WebhookGuard
+from labelstudio_backend.store.work import InboxFull
+from labelstudio_backend.webhooks import WebhookInbox
+from labelstudio_backend.work_queues import QueueFull
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,9 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     load_model the model starts loading in the background at once."""
     settings = settings or Settings.from_env()
     runtime = Runtime(settings, model_factory=model_factory, store=store, images=images, syncer=syncer)
-    background.install(runtime)  # /predict finishes what does not fit its time budget in the background
+    runtime.on_references_changed = lambda project_id: embed_ahead(runtime, project_id)
+    background.install(runtime)  # /predict's tasks over its time budget; resumes those a previous process kept
+    WebhookInbox(runtime).schedule()  # apply the events a previous process kept but did not apply
     training_api.install_training(runtime)  # Start Training: per-project fine-tuning and its models
     app = Flask(__name__)
     app.json.sort_keys = False
@@ -99,11 +109,15 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.errorhandler(Exception)
     def _error(error: Exception):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        headers = {}
         if isinstance(error, RequestEntityTooLarge):
             status, message = 413, (f"the request body is larger than MAX_REQUEST_BYTES={settings.max_request_bytes} "
                                     "bytes; send fewer tasks per request or raise MAX_REQUEST_BYTES")
         elif isinstance(error, HTTPException):
             status, message = error.code or 500, error.description
+        elif isinstance(error, (QueueFull, InboxFull)):  # overload: the caller may come back
+            status, message = 503, str(error)
+            headers["Retry-After"] = str(error.retry_after)
         elif isinstance(error, ModelUnavailable):
             status, message = 503, str(error)
         elif isinstance(error, (BackendError, SettingsError)):
@@ -114,13 +128,16 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
             incident = uuid.uuid4().hex[:8]
             logger.exception("unexpected error %s on %s %s", incident, request.method, request.path)
             status, message = 500, f"internal error {incident}; the backend's log has the details"
-        if status < 500 or isinstance(error, ModelUnavailable):
+        if status < 500 or status == 503:
             logger.warning("%s %s -> %d: %s", request.method, request.path, status, message)
         metrics.errors.labels(endpoint=endpoint, kind=type(error).__name__).inc()
-        return jsonify({"error": message, "status": status}), status
+        return jsonify({"error": message, "status": status}), status, headers
 
     def body() -> dict:
-        data = request.get_json(silent=True, force=True)
+        try:
+            data = request.get_json(silent=True, force=True)
+        except RecursionError:  # nested deeper than the JSON parser goes
+            data = None
         if data is None:
             raise BackendError("the request body is not valid JSON")
         if not isinstance(data, dict):
@@ -132,9 +149,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.get("/")
     @app.get("/health")
     def health():
-        return jsonify({"status": "UP", "model_class": DINOvBackend.__name__,
-                        "model": {"checkpoint": runtime.checkpoint_id, "loaded": runtime.model_loaded,
-                                  "error": runtime.model_error}})
+        answer = health_report(runtime)
+        return jsonify(answer), (200 if answer["status"] == "UP" else 503)
 
     @app.post("/setup")
     def setup():
@@ -199,15 +215,15 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         if request.method == "POST":
             action = request.args.get("action", "")
             if action == "sync":
-                if runtime.ensure_synced(project_id, force=True) is None:
+                if runtime.ensure_synced(project_id, force=True) is None:  # QueueFull: 503 with Retry-After
                     raise BackendError("no Label Studio API sync is configured (LABEL_STUDIO_URL and "
                                        "LABEL_STUDIO_API_KEY); references come from webhooks only")
                 answer["started"] = "sync"
             elif action == "estimate":
                 model = DINOvBackend(project_id, None, runtime=runtime)
                 model.parsed_label_config  # needs the config /setup stored
-                runtime.submit(f"leave-one-out of project {project_id}",
-                               lambda: runtime.projects.save_estimate(project_id, leave_one_out(model)))
+                runtime.queues["estimates"].submit(  # QueueFull: 503 with Retry-After
+                    ("estimate", project_id), lambda: runtime.projects.save_estimate(project_id, leave_one_out(model)))
                 answer["started"] = "estimate"
             else:
                 raise BackendError("POST /references needs action=sync or action=estimate")
@@ -215,12 +231,32 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         stats = store.stats(project_id)
         answer.update({"revision": store.revision(project_id),
                        "last_sync": runtime.last_sync.get(project_id) or stats.get("last_sync"),
+                       "last_sync_error": runtime.sync_errors.get(project_id),
                        "examples_per_label": _per_label(stats), "stats": stats,
                        "leave_one_out": runtime.projects.load_estimate(project_id),
                        "training": training_api.training_status(runtime, project_id)})
         return jsonify(answer), (202 if request.method == "POST" else 200)
 
     return app
+
+
+def health_report(runtime: Runtime) -> dict:
+    """/health: UP when the model can be used and the store read; otherwise UNAVAILABLE with the reason (an
+    orchestrator restarts or routes around the process). The queues and the kept work are shown either way."""
+    status = runtime.model_status()
+    reason = status.reason
+    answer: dict[str, Any] = {"status": "UP", "model_class": DINOvBackend.__name__,
+                              "model": {"checkpoint": runtime.checkpoint_id, "loaded": status.usable,
+                                        "state": status.state, "attempts": status.attempts, "error": status.error}}
+    try:
+        answer["webhooks"] = {"pending": runtime.store.pending_event_count()}
+        answer["background"] = runtime.store.background_counts()
+    except Exception as error:  # the store cannot be read: nothing would work
+        reason = reason or f"the reference store {runtime.settings.db_path} cannot be read: {error}"
+    answer["queues"] = runtime.queues.stats()
+    if reason:
+        answer.update(status="UNAVAILABLE", reason=reason)
+    return answer
 
 
 class _Metrics:
@@ -240,6 +276,29 @@ class _Metrics:
         loaded = Gauge("dinov_model_loaded", "1 once the model is loaded", registry=r)
         loaded.set_function(lambda: 1.0 if runtime.model_loaded else 0.0)
         r.register(_ReferenceCollector(runtime))
+        r.register(_QueueCollector(runtime))
+
+
+class _QueueCollector:
+    """Jobs waiting and running per work queue, read at scrape time."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        pending = GaugeMetricFamily("dinov_queue_pending", "Jobs waiting per work queue", labels=["queue"])
+        running = GaugeMetricFamily("dinov_queue_running", "Jobs running per work queue", labels=["queue"])
+        rejected = GaugeMetricFamily("dinov_queue_rejected", "Jobs refused by a full queue", labels=["queue"])
+        for name, stats in self.runtime.queues.stats().items():
+            pending.add_metric([name], float(stats["pending"]))
+            running.add_metric([name], float(stats["running"]))
+            rejected.add_metric([name], float(stats["rejected"]))
+        yield pending
+        yield running
+        yield rejected
 
 
 class _ReferenceCollector:

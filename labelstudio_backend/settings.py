@@ -45,6 +45,9 @@ class Settings:
     # The model.
     checkpoint: str = "demo"
     device: str = "auto"
+    model_load_retry_s: float = 5.0
+    # Background work.
+    work_queue_size: int = 64
     # Pre-annotation (per project).
     # None: the checkpoint's own calibrated threshold (0.12, the official demo's, for the released ones).
     score_threshold: float | None = None
@@ -67,6 +70,9 @@ class Settings:
     fetch_timeout: float = 30.0
     verify_ssl: bool = True
     feature_cache_size: int = 8
+    # Encodings of concurrent requests collected into one batch (None: 5 ms on CUDA, 0 = off on the CPU).
+    batch_window_ms: float | None = None
+    max_batch: int = 8
     # Fine-tuning per project ("Start Training").
     train_steps: int = 0        # 0: 300 on CPU, 1000 on a GPU
     train_minutes: float = 0.0  # 0: 10 on CPU, 15 on a GPU
@@ -76,6 +82,9 @@ class Settings:
     project_models_in_memory: int = 2
 
     def __post_init__(self) -> None:
+        _check(self.batch_window_ms is None or self.batch_window_ms >= 0, "BATCH_WINDOW_MS", self.batch_window_ms,
+               "a number of milliseconds >= 0, or unset for 5 ms on CUDA and 0 on the CPU")
+        _check(self.max_batch >= 1, "MAX_BATCH", self.max_batch, "an integer >= 1")
         _check(self.score_threshold is None or 0.0 <= self.score_threshold <= 1.0, "SCORE_THRESHOLD",
                self.score_threshold, "a number in [0, 1], or unset for the checkpoint's default")
         _check(self.max_instances_per_label >= 1, "MAX_INSTANCES_PER_LABEL", self.max_instances_per_label, "an integer >= 1")
@@ -108,6 +117,8 @@ class Settings:
         _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,
                "an integer >= 1")
         _check(self.max_request_bytes > 0, "MAX_REQUEST_BYTES", self.max_request_bytes, "a positive integer")
+        _check(self.model_load_retry_s > 0, "MODEL_LOAD_RETRY_S", self.model_load_retry_s, "a number of seconds > 0")
+        _check(self.work_queue_size >= 1, "WORK_QUEUE_SIZE", self.work_queue_size, "an integer >= 1")
         _check(bool(self.basic_auth_user) == bool(self.basic_auth_pass), "BASIC_AUTH_USER/BASIC_AUTH_PASS",
                "one of them", "both set (basic auth on) or both empty (off)")
         if self.basic_auth_user:
@@ -224,6 +235,11 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
     SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
     SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
+    SettingRow("MODEL_LOAD_RETRY_S", "model_load_retry_s", "Seconds before a failed model load is tried again; "
+               "doubled after each failure, at most 300. /health answers 503 with the reason meanwhile."),
+    SettingRow("WORK_QUEUE_SIZE", "work_queue_size", "Jobs that may wait in each background queue (model loading, "
+               "webhooks, syncs, reference embedding, estimates, background predictions); a full queue answers 503 "
+               "with Retry-After."),
     SettingRow("SCORE_THRESHOLD", "score_threshold", "Minimum instance score kept by pre-annotation. Unset: the checkpoint's own default (stored in its metadata, calibrated for the demo model; 0.12, the official demo's, for swinT/swinL).", True),
     SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "At most this many regions per label and image.", True),
     SettingRow("MIN_AREA", "min_area", "Drop predicted regions smaller than this many pixels.", True),
@@ -249,6 +265,8 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
                "request."),
     SettingRow("VERIFY_SSL", "verify_ssl", "Verify TLS certificates when fetching."),
     SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "Encoded images kept per process, so the next click on the same image costs only the decoder."),
+    SettingRow("BATCH_WINDOW_MS", "batch_window_ms", "How long the first of several concurrent image encodings waits for others to share one batch. Unset: 5 ms on CUDA (a batch of 8 costs little more than one image), 0 (off) on the CPU."),
+    SettingRow("MAX_BATCH", "max_batch", "Most images encoded in one batch."),
     SettingRow("TRAIN_STEPS", "train_steps", "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU."),
     SettingRow("TRAIN_MINUTES", "train_minutes", "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU."),
     SettingRow("TRAIN_PARAMETERS", "train_parameters", "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "

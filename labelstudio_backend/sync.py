@@ -13,6 +13,10 @@ and ``/api/tasks/<id>/`` retrieve predictions for unpredicted tasks when the pro
 predictions. The export endpoint with ``ids[]`` checks tasks a full sync did not see (they may have moved
 between pages while it read them).
 
+Deletions happen only on confirmed answers: a project is dropped after two 404s a moment apart, a task after the
+export (a JSON list) does not hold it. An answer of the wrong shape (HTML, an object instead of a list, a task
+without its annotations list) raises LabelStudioError before the store changes, as does Label Studio down.
+
 The API calls and their authentication are labelstudio_client.LabelStudioClient's.
 """
 
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.labelstudio_client import LabelStudioClient
 from labelstudio_backend.store import ReferenceStore, normalize_timestamp
 
@@ -33,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Saves committed while a sync ran may carry a timestamp just before its watermark.
 WATERMARK_MARGIN = timedelta(minutes=2)
+CONFIRM_PAUSE_S = 1.0  # a project answered 404 is asked again after this pause before its data is deleted
 
 
 @dataclass
@@ -67,6 +73,15 @@ def image_key_from_project(project: dict) -> str | None:
         if isinstance(entry, dict) and str(entry.get("type", "")).lower() == "image" and entry.get("value")
     }
     return keys.pop() if len(keys) == 1 else None
+
+
+def _check_tasks(tasks: list, what: str) -> None:
+    """Every task of an answer has an integer id and a list of annotations; otherwise the whole answer is an
+    error that changes nothing (a task read without its annotations would lose them all)."""
+    for task in tasks:
+        if not (isinstance(task, dict) and isinstance(task.get("id"), int)
+                and isinstance(task.get("annotations"), list)):
+            raise LabelStudioError(f"unexpected task in {what} (no id or no annotations list): {str(task)[:200]}")
 
 
 def _apply_task(store: ReferenceStore, project_id: int, task: dict, known: dict[int, tuple[int, str]],
@@ -137,6 +152,9 @@ def sync_project(
     report = SyncReport(project_id=project_id, full=full)
 
     project = client.project(project_id)
+    if project is None:  # a 404: asked again before anything is deleted (a proxy may misroute one request)
+        time.sleep(CONFIRM_PAUSE_S)
+        project = client.project(project_id)
     if project is None:  # deleted in Label Studio (no webhook tells a backend about that)
         store.delete_project(project_id)
         report.project_deleted = True
@@ -157,6 +175,7 @@ def sync_project(
         if not tasks:
             break
         report.pages += 1
+        _check_tasks(tasks, f"page {page} of the task list of project {project_id}")
         older_than_cutoff = False
         for task in tasks:
             stamp = normalize_timestamp(task.get("updated_at"))
@@ -179,7 +198,9 @@ def sync_project(
         unseen = sorted({t for t, _ in known.values()} - seen_tasks)
         for start in range(0, len(unseen), 200):
             chunk = unseen[start : start + 200]
-            existing = {int(t["id"]): t for t in client.export_tasks(project_id, chunk)}
+            exported = client.export_tasks(project_id, chunk)
+            _check_tasks(exported, f"the export of project {project_id}")
+            existing = {int(t["id"]): t for t in exported}
             for task_id in chunk:
                 if task_id in existing:
                     _apply_task(store, project_id, existing[task_id], known, report, image_key)

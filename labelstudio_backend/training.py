@@ -39,21 +39,24 @@ class TrainingJobs:
     Args:
         settings: the process's settings (a job trains with its project's settings, given to start()).
         target: the child's entry point, target(JobSpec) (tests give a stand-in; it must be importable).
+        submit: submit(fn, *args) -> Future, the queue jobs wait in (default: a thread of this object's own).
     """
 
-    def __init__(self, settings: Settings, target: Callable[[JobSpec], None] = run_job):
+    def __init__(self, settings: Settings, target: Callable[[JobSpec], None] = run_job,
+                 submit: Callable[..., Future] | None = None):
         self.settings = settings
         self.target = target
         self.store = TrainingStore(training_db(settings.model_dir))
         self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinov-training")
+        self._submit = submit or self._queue.submit
         self._new_annotations: dict[int, int] = {}
         self._count_lock = threading.Lock()
         for job_id in self.store.fail_orphans():
             logger.warning("training job %s was cut off by a restart: reported failed", job_id)
 
     def submit(self, fn: Callable, *args: Any) -> Future:
-        """Where jobs wait their turn (the one place to change for another work queue)."""
-        return self._queue.submit(fn, *args)
+        """Where jobs wait their turn: the runtime's "training" work queue (a thread of its own without one)."""
+        return self._submit(fn, *args)
 
     def start(self, project_id: int, label_config: str | None, settings: Settings, reason: str) -> dict:
         """Queue a training job of the project (cancelling its open one); returns the job record."""

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 def install_training(runtime: Runtime) -> None:
     """Give the runtime its training jobs and per-project models (what the backend and the bulk job use)."""
-    runtime.training = TrainingJobs(runtime.settings)
+    runtime.training = TrainingJobs(runtime.settings,
+                                    submit=lambda fn, *args: runtime.queues["training"].submit(None, fn, *args))
     runtime.project_models = ProjectModels(runtime, runtime.training.store)
 
 

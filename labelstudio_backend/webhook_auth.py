@@ -33,6 +33,7 @@ from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from .auth import BasicAuth
+from .bounded import PROJECTS_MAX, LRUCache
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class WebhookGuard:
         self.client = client
         self.auth = auth
         self.clock = clock
-        self._checked: dict[int, float] = {}  # project -> when its webhook was last known good (or tried)
+        # project -> when its webhook was last known good (or tried); bounded like every per-project record
+        self._checked: LRUCache[int, float] = LRUCache(PROJECTS_MAX)
         self._lock = threading.Lock()
 
     def ensure(self, project_id: int, host_header: str, webhook_path: str = "/webhook") -> list[int]:
@@ -99,11 +101,11 @@ class WebhookGuard:
                            "header 'Authorization: Basic <base64 of BASIC_AUTH_USER:BASIC_AUTH_PASS>' on the "
                            "webhook yourself", project_id, e)
             with self._lock:
-                self._checked[project_id] = now + RETRY_SECONDS
+                self._checked.put(project_id, now + RETRY_SECONDS)
             return []
         if found:
             with self._lock:
-                self._checked[project_id] = now + RECHECK_SECONDS
+                self._checked.put(project_id, now + RECHECK_SECONDS)
         else:
             logger.info("project %s: no Label Studio webhook to http(s)://%s%s yet; looking again at the next "
                         "/setup", project_id, host_header, webhook_path)
@@ -111,7 +113,7 @@ class WebhookGuard:
 
     def forget(self, project_id: int) -> None:
         with self._lock:
-            self._checked.pop(project_id, None)
+            self._checked.pop(project_id)
 
     def _ensure(self, project_id: int, host_header: str, webhook_path: str) -> tuple[list[int], bool]:
         response = self.client.request("GET", "/api/webhooks/", params={"project": project_id},

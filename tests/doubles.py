@@ -8,27 +8,35 @@ So the expected masks are known exactly on images of coloured squares on grey.
 FakeLabelStudio is a real HTTP server on 127.0.0.1 with the few API endpoints the backend uses and the
 behaviour of Label Studio 1.23.2 that matters: the task list is ordered by updated_at (newest first, 404 past
 the end), a prediction posted alone moves its task to the first page, the bulk import does not, drops results
-that do not validate and refuses a list with a foreign task.
+that do not validate and refuses a list with a foreign task. Knobs make it fail the way a real one does on a bad
+day: down (connections dropped), answering HTML or JSON of the wrong shape, a 404 for a project that exists, a
+201 whose body cannot be parsed, slow answers.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import sys
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import cv2
 import numpy as np
+import requests
 from PIL import Image
 
 from labelstudio_backend.regions import encode_rle, region_to_mask
 from labelstudio_backend.settings import Settings
 
+_EPOCH = datetime(2024, 5, 1, 10, tzinfo=timezone.utc)  # the fake Label Studio's clock starts here
 TOKEN = "bulk0123456789abcdef0123456789abcdef0123"  # the fake Label Studio's legacy token
 SIZE = (40, 56)  # (height, width) of the fake Label Studio's scenes
 GREY, RED, BLUE = (128, 128, 128), (230, 20, 20), (20, 20, 230)
@@ -155,8 +163,11 @@ def masks_by_label(prediction: dict) -> dict[str, np.ndarray]:
 # --- the fake Label Studio ----------------------------------------------------------------------------------
 
 class FakeLabelStudio:
-    def __init__(self):
-        self.lock = threading.Lock()
+    """Label Studio's API on 127.0.0.1 (see the module's docstring); all state is public for the tests."""
+
+    def __init__(self, token: str = TOKEN):
+        self.token = token
+        self.lock = threading.RLock()
         self.projects: dict[int, dict] = {}
         self.tasks: dict[int, dict] = {}
         self.files: dict[str, bytes] = {}
@@ -164,64 +175,152 @@ class FakeLabelStudio:
         self.requests: list[tuple[str, str]] = []
         self.fail_imports = 0  # answer this many imports with 500
         self.refuse_imports = False  # answer every import with 400 (as for a list with a foreign task)
+        self.unparsable_201 = False  # answer imports 201 with a body that is not JSON (a proxy's page)
+        self.fault: str | None = None  # API answers: None, "down" (connection dropped), "garbage", "html"
+        self.project_404 = 0  # answer this many project requests 404 although the project exists
+        self.api_delay = 0.0  # seconds before every API answer
         self.clock = 0
+        self._ids = itertools.count(1000)
         handler = type("Handler", (FakeLabelStudioHandler,), {"ls": self})
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server = _QuietServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    # --- what a test does in Label Studio
+
     def stamp(self) -> str:
+        """Label Studio's clock: one second later at each change."""
         self.clock += 1
-        return f"2024-05-01T10:{self.clock // 60:02d}:{self.clock % 60:02d}.000000Z"
+        return (_EPOCH + timedelta(seconds=self.clock)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
     def add_project(self, pid: int, config: str = CONFIG) -> None:
-        self.projects[pid] = {"id": pid, "label_config": config, "parsed_label_config": {}}
+        with self.lock:
+            self.projects[pid] = {"id": pid, "label_config": config, "parsed_label_config": {
+                "tag": {"type": "BrushLabels", "to_name": ["image"], "inputs": [{"type": "Image", "value": "image"}],
+                        "labels": ["Red", "Blue"]}}}
 
-    def add_task(self, pid: int, tid: int, image: bytes, annotations: list[dict] | None = None) -> dict:
-        self.files[f"/data/upload/{pid}/{tid}.png"] = image
-        task = {"id": tid, "project": pid, "data": {"image": f"/data/upload/{pid}/{tid}.png"},
-                "annotations": [], "updated_at": self.stamp()}
-        self.tasks[tid] = task
-        for annotation in annotations or []:
-            self.annotate(tid, annotation)
-        return task
+    def add_task(self, pid: int, tid: int, image: bytes, annotations: list[list[dict]] | None = None) -> dict:
+        with self.lock:
+            self.files[f"/data/upload/{pid}/{tid}.png"] = image
+            task = {"id": tid, "project": pid, "data": {"image": f"/data/upload/{pid}/{tid}.png"},
+                    "annotations": [], "updated_at": self.stamp()}
+            self.tasks[tid] = task
+            for result in annotations or []:
+                self.annotate(tid, result)
+            return task
 
-    def annotate(self, tid: int, result: list[dict]) -> None:
-        task = self.tasks[tid]
-        stamp = self.stamp()
-        task["annotations"].append({"id": 1000 + len(self.predictions) + self.clock, "task": tid, "result": result,
-                                    "was_cancelled": False, "ground_truth": False, "completed_by": 1,
-                                    "created_at": stamp, "updated_at": stamp})
-        task["updated_at"] = stamp
+    def annotate(self, tid: int, result: list[dict]) -> dict:
+        with self.lock:
+            task = self.tasks[tid]
+            stamp = self.stamp()
+            annotation = {"id": next(self._ids), "task": tid, "project": task["project"], "result": result,
+                          "was_cancelled": False, "ground_truth": False, "completed_by": 1,
+                          "created_at": stamp, "updated_at": stamp}
+            task["annotations"].append(annotation)
+            task["updated_at"] = stamp
+            return annotation
+
+    def update_annotation(self, aid: int, result: list[dict]) -> dict:
+        with self.lock:
+            task, annotation = self.find_annotation(aid)
+            annotation["result"] = result
+            annotation["updated_at"] = task["updated_at"] = self.stamp()
+            return annotation
+
+    def delete_annotation(self, aid: int) -> None:
+        with self.lock:
+            task, annotation = self.find_annotation(aid)
+            task["annotations"].remove(annotation)
+            task["updated_at"] = self.stamp()
+
+    def find_annotation(self, aid: int) -> tuple[dict, dict]:
+        for task in self.tasks.values():
+            for annotation in task["annotations"]:
+                if annotation["id"] == aid:
+                    return task, annotation
+        raise KeyError(f"no annotation {aid}")
+
+    def annotation_ids(self, pid: int) -> set[int]:
+        with self.lock:
+            return {a["id"] for t in self.tasks.values() if t["project"] == pid for a in t["annotations"]
+                    if not a.get("was_cancelled")}
+
+    def webhook(self, event: str, tid: int, annotation: dict) -> dict:
+        """The body Label Studio posts to the backend's /webhook for an annotation event."""
+        task = {k: v for k, v in self.tasks[tid].items() if k != "annotations"}
+        project = self.projects[task["project"]]
+        return {"action": event, "annotation": annotation, "task": task,
+                "project": {"id": project["id"], "label_config": project["label_config"]}}
+
+    def retrieve_predictions(self, backend_url: str, pid: int, task_ids: list[int], timeout: float = 100.0) -> list:
+        """What Label Studio's "Retrieve predictions" does: POST /predict (100 s timeout), store each dict entry."""
+        tasks = [{"id": t, "project": pid, "data": self.tasks[t]["data"]} for t in task_ids]
+        answer = requests.post(f"{backend_url}/predict", timeout=timeout, json={
+            "tasks": tasks, "project": f"{pid}.1700000000", "label_config": self.projects[pid]["label_config"],
+            "params": {"context": None}})
+        answer.raise_for_status()
+        results = answer.json()["results"]
+        with self.lock:
+            for task_id, entry in zip(task_ids, results):
+                if isinstance(entry, dict) and "result" in entry:
+                    self.predictions.append({"task": task_id, **entry})
+        return results
 
     def of_task(self, tid: int) -> list[dict]:
-        return [p for p in self.predictions if p["task"] == tid]
+        with self.lock:
+            return [p for p in self.predictions if p["task"] == tid]
 
     def count(self, method: str, prefix: str) -> int:
-        return sum(1 for m, p in self.requests if m == method and p.startswith(prefix))
+        with self.lock:
+            return sum(1 for m, p in self.requests if m == method and p.startswith(prefix))
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no error of ours
+            super().handle_error(request, client_address)
+
+
 class FakeLabelStudioHandler(BaseHTTPRequestHandler):
     ls: FakeLabelStudio
+    protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):
         pass
 
-    def _send(self, status: int, body) -> None:
+    def _send(self, status: int, body: Any, content_type: str | None = None) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json" if not isinstance(body, bytes) else "image/png")
+        self.send_header("Content-Type", content_type or ("application/json" if not isinstance(body, bytes)
+                                                          else "image/png"))
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
+    def _faulty(self) -> bool:
+        """Answer as a Label Studio on a bad day, if the test asked for it; True when answered."""
+        ls = self.ls
+        if ls.api_delay:
+            time.sleep(ls.api_delay)
+        if ls.fault == "down":
+            self.close_connection = True  # no answer at all: the client sees the connection dropped
+            return True
+        if ls.fault == "html":
+            self._send(200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
+            return True
+        if ls.fault == "garbage":
+            self._send(200, {"detail": "everything is fine", "results": None})
+            return True
+        return False
+
     def _authorised(self) -> bool:
-        if self.headers.get("Authorization") != f"Token {TOKEN}":
+        if self.headers.get("Authorization") != f"Token {self.ls.token}":
             self._send(401, {"detail": "Authentication credentials were not provided."})
             return False
         return True
@@ -233,12 +332,15 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
             ls.requests.append(("GET", url.path))
         if url.path in ls.files:
             return self._send(200, ls.files[url.path])
-        if not self._authorised():
+        if self._faulty() or not self._authorised():
             return
         parts = url.path.strip("/").split("/")
         with ls.lock:
             if parts[:2] == ["api", "projects"] and len(parts) == 3:
                 project = ls.projects.get(int(parts[2]))
+                if ls.project_404:
+                    ls.project_404 -= 1
+                    project = None
                 if project is None:
                     return self._send(404, {"detail": "Not found."})
                 tasks = [t for t in ls.tasks.values() if t["project"] == project["id"]]
@@ -252,6 +354,11 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
                 if not chunk:
                     return self._send(404, {"detail": "Invalid page."})
                 return self._send(200, [{**t, "predictions": ls.of_task(t["id"])} for t in chunk])
+            if parts[:2] == ["api", "projects"] and parts[3:] == ["export"]:
+                pid = int(parts[2])
+                wanted = {int(i) for i in query.get("ids[]", [])}
+                return self._send(200, [t for t in ls.tasks.values()
+                                        if t["project"] == pid and (not wanted or t["id"] in wanted)])
             if url.path.rstrip("/") == "/api/predictions":
                 return self._send(200, ls.of_task(int(query["task"][0])))
         self._send(404, {"detail": "Not found."})
@@ -261,7 +368,7 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
         with ls.lock:
             ls.requests.append(("POST", url.path))
-        if not self._authorised():
+        if self._faulty() or not self._authorised():
             return
         parts = url.path.strip("/").split("/")
         with ls.lock:
@@ -277,6 +384,8 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
                     if all(isinstance(r, dict) and "type" in r for r in item["result"]):
                         ls.predictions.append(dict(item))
                         created += 1
+                if ls.unparsable_201:
+                    return self._send(201, b"<html>created</html>", "text/html")
                 return self._send(201, {"created": created})
             if url.path.rstrip("/") == "/api/predictions":
                 task = ls.tasks.get(body.get("task"))

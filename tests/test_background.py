@@ -61,3 +61,46 @@ def test_large_retrieve_predictions_finishes_in_the_background(ls, tmp_path):
         found = masks_by_label(prediction)
         assert all(np.array_equal(found[label], masks[label]) for label in ("Red", "Blue"))
     runtime.shutdown()
+
+
+def background_app(ls, tmp_path, **overrides):
+    settings = settings_for(ls, tmp_path, **overrides)
+    store = ReferenceStore(settings.db_path)
+    app = create_app(lambda s: ColourPredictor(), settings, store=store, syncer=make_syncer(settings, store))
+    runtime = app.extensions["dinov"]
+    assert app.test_client().post("/setup", json={"project": "3.1700000000", "schema": CONFIG}).status_code == 200
+    runtime.ensure_synced(3).result(timeout=30)
+    return app, runtime, store
+
+
+def test_kept_tasks_are_resumed_and_what_label_studio_has_is_not_posted_again(ls, tmp_path):
+    """A previous process kept tasks 10-13 and posted task 10's prediction just before it died (not yet marked):
+    the next process posts 11-13 and leaves 10 alone."""
+    make_project(ls, unlabeled=4)
+    settings = settings_for(ls, tmp_path)
+    store = ReferenceStore(settings.db_path)
+    version = "dinov-fake-ckpt-refs2-kept"
+    store.defer_tasks(3, version, CONFIG, [{"id": t, "data": ls.tasks[t]["data"]} for t in (10, 11, 12, 13)])
+    ls.predictions.append({"task": 10, "result": [], "score": 0.0, "model_version": version})
+    app = create_app(lambda s: ColourPredictor(), settings, store=store, syncer=make_syncer(settings, store))
+    runtime = app.extensions["dinov"]  # creating the app resumes the kept tasks
+    assert runtime.deferral.wait(timeout=60)
+    assert {t: len(ls.of_task(t)) for t in (10, 11, 12, 13)} == {10: 1, 11: 1, 12: 1, 13: 1}
+    assert store.background_counts() == {"pending": 0, "posted": 4}
+    assert store.claimed_task_ids(3, version) == {10, 11, 12, 13}  # a "Retrieve predictions" now answers []
+    runtime.shutdown()
+
+
+def test_tasks_that_cannot_be_predicted_are_given_up_not_kept_forever(ls, tmp_path):
+    make_project(ls, unlabeled=2, broken=(11,))
+    app, runtime, store = background_app(ls, tmp_path)
+    runtime.deferral.defer(3, "<View><Image name=", [{"id": 10, "data": ls.tasks[10]["data"]}], "v-bad-config")
+    runtime.deferral.defer(3, CONFIG, [{"id": 11, "data": ls.tasks[11]["data"]}], "v-broken-image")
+    deadline = time.monotonic() + 30
+    while store.background_counts()["pending"] and time.monotonic() < deadline:
+        runtime.deferral.schedule()  # (the retry pause is 30 s; ask again at once)
+        runtime.queues["predictions"].wait_idle(10)
+    assert store.background_counts()["pending"] == 0
+    assert store.claimed_task_ids(3, "v-bad-config") == frozenset() == store.claimed_task_ids(3, "v-broken-image")
+    assert ls.of_task(10) == [] and ls.of_task(11) == []
+    runtime.shutdown()

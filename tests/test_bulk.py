@@ -180,6 +180,17 @@ def test_a_refused_batch_is_posted_one_by_one(ls, tmp_path, monkeypatch):
     assert all(len(ls.of_task(t)) == 1 for t in truth if t != 11)
 
 
+def test_a_created_answer_without_a_count_posts_nothing_twice(ls, tmp_path):
+    """An import answered 201 with a body that is not JSON (a proxy's page) may have stored everything: the sink
+    asks Label Studio which tasks hold the prediction instead of posting them again one by one."""
+    truth = make_project(ls, unlabeled=5)
+    ls.unparsable_201 = True
+    report = run(ls, tmp_path, batch_size=3, only_unlabeled=True)
+    assert report.done == 5 and report.failed == []
+    assert ls.count("POST", "/api/predictions") == 0
+    assert all(len(ls.of_task(t)) == 1 for t in truth)
+
+
 def test_label_studio_down_stops_the_job(ls, tmp_path):
     make_project(ls, unlabeled=8)
     ls.fail_imports = 100

@@ -1,13 +1,19 @@
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
 from dinov.download import (
     CHECKPOINT_FILES,
+    LOCK_SUFFIX,
     PART_SUFFIX,
     CheckpointDownloadError,
     checkpoint_url,
@@ -26,6 +32,11 @@ class FileServer:
         self.requests: List[Dict[str, str]] = []  # headers of every GET, in order
         self.ignore_range = False
         self.cut_after: Optional[int] = None  # send only this many body bytes of the next response, then drop
+        self.chunk_delay = 0.0  # seconds between 16 KiB chunks of a body (a slow link)
+        self.omit_length = False  # no Content-Length: the body ends when the connection closes
+        self.announced_total: Optional[int] = None  # the total a 206's Content-Range claims instead of the real one
+        self.lie_length: Optional[int] = None  # the Content-Length sent instead of the real one
+        self.bytes_sent = 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,11 +60,14 @@ class FileServer:
                         self.end_headers()
                         return
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    total = server.announced_total if server.announced_total is not None else len(data)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{total}")
                 else:
                     self.send_response(200)
                 body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
+                if not server.omit_length:
+                    length = server.lie_length if server.lie_length is not None else len(body)
+                    self.send_header("Content-Length", str(length))
                 self.end_headers()
                 if server.cut_after is not None:
                     body, server.cut_after = body[: server.cut_after], None
@@ -61,7 +75,14 @@ class FileServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(body)
+                try:
+                    for i in range(0, len(body), 16 * 1024):
+                        self.wfile.write(body[i : i + 16 * 1024])
+                        self.wfile.flush()
+                        server.bytes_sent += len(body[i : i + 16 * 1024])
+                        time.sleep(server.chunk_delay)
+                except (BrokenPipeError, ConnectionResetError):  # the client died
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -180,3 +201,82 @@ def test_official_urls():
         checkpoint_url("model_swinL.pth")
         == "https://github.com/UX-Decoder/DINOv/releases/download/checkpoint/model_swinL.pth"
     )
+
+
+# --- several processes, sizes ---------------------------------------------------------------------------
+
+DOWNLOAD_IN_A_PROCESS = (
+    "import sys; from dinov.download import download_checkpoint; "
+    "print(download_checkpoint(sys.argv[1], sys.argv[2], base_url=sys.argv[3], progress=False))"
+)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def downloader(cache: Path, base_url: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DOWNLOAD_IN_A_PROCESS, NAME, str(cache), base_url],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_processes_downloading_the_same_checkpoint_take_turns(server, tmp_path):
+    """Three workers starting at once: one downloads, the others wait for the lock and use its file."""
+    server.chunk_delay = 0.02  # about 0.4 s for the whole file
+    procs = [downloader(tmp_path, server.base_url) for _ in range(3)]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    assert {out.strip() for out, _ in outputs} == {str(tmp_path / NAME)}
+    assert (tmp_path / NAME).read_bytes() == PAYLOAD
+    assert len(server.requests) == 1 and server.bytes_sent == len(PAYLOAD)  # downloaded once, not appended to
+    assert not (tmp_path / (NAME + PART_SUFFIX)).exists()
+
+
+def test_a_killed_download_releases_the_lock_and_is_resumed(server, tmp_path):
+    server.chunk_delay = 0.05
+    first = downloader(tmp_path, server.base_url)
+    part = tmp_path / (NAME + PART_SUFFIX)
+    deadline = time.monotonic() + 30
+    while (not part.exists() or part.stat().st_size < 64 * 1024) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    kept = part.stat().st_size
+    assert 0 < kept < len(PAYLOAD)
+    server.chunk_delay = 0.0
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False, timeout=10)
+    assert path.read_bytes() == PAYLOAD
+    assert server.requests[-1].get("Range") == f"bytes={kept}-"
+    assert (tmp_path / (NAME + LOCK_SUFFIX)).exists()  # the lock file stays; the lock itself died with the process
+
+
+def test_a_range_answer_whose_sizes_disagree_is_refused(server, tmp_path):
+    part = tmp_path / (NAME + PART_SUFFIX)
+    part.write_bytes(PAYLOAD[:1000])
+    server.lie_length = 10  # Content-Range says the rest of the file follows, Content-Length says 10 bytes
+    with pytest.raises(CheckpointDownloadError, match="disagree"):
+        download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert not (tmp_path / NAME).exists()
+
+
+def test_more_bytes_than_announced_are_refused_and_the_part_dropped(server, tmp_path):
+    part = tmp_path / (NAME + PART_SUFFIX)
+    part.write_bytes(PAYLOAD[:1000])
+    server.omit_length = True
+    server.announced_total = 50_000  # Content-Range claims a smaller file than the bytes that follow
+    with pytest.raises(CheckpointDownloadError, match="more than the 50000 bytes it announced"):
+        download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert not part.exists() and not (tmp_path / NAME).exists()
+
+
+def test_fewer_bytes_than_announced_keep_the_part_for_a_resume(server, tmp_path):
+    part = tmp_path / (NAME + PART_SUFFIX)
+    part.write_bytes(PAYLOAD[:1000])
+    server.omit_length = True
+    server.announced_total = len(PAYLOAD) + 500  # the body ends 500 bytes before the announced size
+    with pytest.raises(CheckpointDownloadError, match=f"ended after {len(PAYLOAD)} of {len(PAYLOAD) + 500} bytes"):
+        download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert part.stat().st_size == len(PAYLOAD) and not (tmp_path / NAME).exists()
+
+
+def test_a_size_the_server_does_not_announce_is_accepted(server, tmp_path):
+    server.omit_length = True
+    path = download_checkpoint(NAME, tmp_path, base_url=server.base_url, progress=False)
+    assert path.read_bytes() == PAYLOAD

@@ -177,7 +177,7 @@ def test_predict_answers_empty_results_with_a_logged_reason(app, internal, label
                                            "task": {"id": 1, "data": {"image": "/data/upload/7/a.png"}},
                                            "project": {"id": 7, "label_config": CONFIG}})
     assert answer.status_code == 200, answer.json
-    app.extensions["dinov"].background.submit(lambda: None).result(timeout=30)
+    assert app.extensions["dinov"].queues.wait_idle(timeout=30)  # the event applied, its example embedded
     urls = [expand(t, internal, label_studio) for t in HOSTILE] + ["/data/upload/7/bomb.png"]
     tasks = [{"id": 100 + i, "data": {"image": url}} for i, url in enumerate(urls)]
     with caplog.at_level(logging.INFO):

@@ -148,6 +148,7 @@ def test_keypoints_keep_their_sign():
     (region("rectanglelabels", {"x": 1, "y": 1, "width": -3, "height": 2}), "positive"),
     (region("rectanglelabels", {"x": "1", "y": 1, "width": 3, "height": 2}), "finite number"),
     (region("keypointlabels", {"x": float("nan"), "y": 1}), "finite number"),
+    (region("keypointlabels", {"x": 1e9, "y": -1e9}), "outside the image"),
     (region("brushlabels", {"format": "png", "rle": []}), "rle"),
     ({"id": 1, "type": "brushlabels", "value": {"format": "rle", "rle": [0] * 8}}, "original_width"),
     (region("rectanglelabels", {"x": 1, "y": 1, "width": 1, "height": 1, "rectanglelabels": "cat"}), "list of label"),

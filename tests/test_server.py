@@ -104,8 +104,8 @@ class Backend:
         self.client = self.app.test_client()
 
     def drain(self):
-        """Wait for the background work queued so far."""
-        self.runtime.background.submit(lambda: None).result(timeout=30)
+        """Wait for the background work queued so far (webhook events applied, references embedded)."""
+        assert self.runtime.queues.wait_idle(timeout=30)
 
     def post(self, path, payload, **kwargs):
         return self.client.post(path, json=payload, **kwargs)
@@ -185,9 +185,12 @@ def backend(tmp_path):
 # --- protocol ---------------------------------------------------------------------------------------------
 
 def test_health(backend):
+    backend.runtime.load_model()
     response = backend.client.get("/health")
     assert response.status_code == 200
     assert response.json["status"] == "UP" and response.json["model_class"] == "DINOvBackend"
+    assert response.json["webhooks"] == {"pending": 0} and set(response.json["queues"]) == {
+        "model", "webhooks", "sync", "embeddings", "estimates", "predictions", "training"}
     assert backend.client.get("/").status_code == 200
 
 
@@ -332,6 +335,72 @@ def test_time_budget_defers_the_rest(tmp_path):
     backend.runtime.shutdown()
 
 
+def test_the_budget_covers_the_embedding_of_new_references(tmp_path):
+    """Three references arrived just before a "Retrieve predictions"; embedding them takes longer than the budget.
+    They are embedded ahead (the embeddings queue), and the call answers within its budget instead of embedding
+    them inside its first task."""
+    backend = Backend(tmp_path, predictor=ColourPredictor(encode_delay=0.5), predict_time_budget=1.0)
+    backend.setup()
+    backend.runtime.load_model()
+    for annotation_id, (task_id, name) in enumerate([(1, "a"), (2, "b"), (3, "c")], start=101):
+        backend.annotate(annotation_id, task(task_id, name), [brush(square_mask(SCENES[name]["red"][0]), "Red")])
+    assert backend.runtime.queues["webhooks"].wait_idle(10)  # applied; their embedding (1.5 s) is under way
+    started = time.perf_counter()
+    results = backend.predict([task(10, "a"), task(11, "b")]).json["results"]
+    assert time.perf_counter() - started < 1.4
+    assert results == [[], []]  # deferred: Label Studio stores nothing, the background predicts them
+    assert backend.store.claimed_task_ids(7, backend.setup()) == {10, 11}
+    backend.drain()
+    answered = backend.predict([task(4, "c")]).json["results"][0]  # the references are ready now
+    assert same_masks(regions_by_label(answered)["Red"], SCENES["c"]["red"])
+    backend.runtime.shutdown()
+
+
+def test_webhook_events_are_kept_before_the_answer(backend):
+    backend.setup()
+    release = threading.Event()
+    backend.runtime.queues["webhooks"].submit("busy", release.wait, 10)  # the queue is busy with something else
+    scribble_and_box_on_a(backend)
+    assert backend.store.pending_event_count() == 1 and backend.store.stats(7)["examples"] == 0
+    bad = backend.post("/webhook", {"action": "ANNOTATION_CREATED", "annotation": {"id": 5}, "task": None,
+                                    "project": {"id": 7}})
+    assert bad.status_code == 400 and "no task" in bad.json["error"]  # refused, not kept
+    assert backend.store.pending_event_count() == 1
+    release.set()
+    backend.drain()
+    assert backend.store.pending_event_count() == 0 and backend.store.stats(7)["examples"] == 2
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path):
+    release = threading.Event()
+    synced: list[int] = []
+
+    def slow_sync(project_id: int) -> None:
+        release.wait(10)
+        synced.append(project_id)
+
+    settings = Settings(model_dir=tmp_path, work_queue_size=1)
+    app = create_app(lambda s: ColourPredictor(), settings, store=ReferenceStore(tmp_path / "r.sqlite3"),
+                     syncer=slow_sync)
+    client = app.test_client()
+    queue = app.extensions["dinov"].queues["sync"]
+    assert client.post("/references?project=1&action=sync").status_code == 202
+    deadline = time.monotonic() + 10
+    while queue.stats()["running"] == 0 and time.monotonic() < deadline:  # running, no longer waiting
+        time.sleep(0.01)
+    assert client.post("/references?project=2&action=sync").status_code == 202  # waiting
+    assert client.post("/references?project=2&action=sync").status_code == 202  # the same: waits once
+    full = client.post("/references?project=3&action=sync")
+    assert full.status_code == 503 and "sync queue is full" in full.json["error"]
+    assert 1 <= int(full.headers["Retry-After"]) <= 300
+    assert queue.stats()["rejected"] == 1
+    release.set()
+    assert app.extensions["dinov"].queues.wait_idle(10)
+    assert synced == [1, 2]
+    assert client.post("/references?project=3&action=sync").status_code == 202
+    app.extensions["dinov"].shutdown()
+
+
 def test_an_unexpected_failure_on_one_task_spares_the_others(tmp_path):
     class OutOfMemoryOnWideImages(ColourPredictor):
         def encode_image(self, image):
@@ -468,13 +537,36 @@ def test_model_that_cannot_load_answers_503(tmp_path):
     response = client.post("/predict", json={"tasks": [task(2, "b")], "project": PROJECT, "label_config": CONFIG,
                                              "params": {"context": {"result": [keypoint(3, 3, "Red")]}}})
     assert response.status_code == 503 and "DINOV_CHECKPOINT=/nowhere.pth" in response.json["error"]
+    health = client.get("/health")
+    assert health.status_code == 503 and health.json["status"] == "UNAVAILABLE"
+    assert "no such checkpoint" in health.json["reason"] and "next attempt in" in health.json["reason"]
+    app.extensions["dinov"].shutdown()
+
+
+def test_a_failed_model_load_is_retried_and_health_recovers(tmp_path):
+    attempts = []
+
+    def flaky(settings):
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise OSError("the checkpoint volume is not mounted yet")
+        return ColourPredictor()
+
+    app = create_app(flaky, Settings(model_dir=tmp_path, model_load_retry_s=0.05),
+                     store=ReferenceStore(tmp_path / "r.sqlite3"))
+    client = app.test_client()
+    deadline = time.monotonic() + 10
+    while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.02)
     health = client.get("/health").json
-    assert health["status"] == "UP" and "no such checkpoint" in health["model"]["error"]
+    assert health["status"] == "UP" and health["model"]["loaded"] and health["model"]["attempts"] == 3
+    assert attempts[2] - attempts[1] >= 2 * (attempts[1] - attempts[0]) * 0.8  # the pause doubles
     app.extensions["dinov"].shutdown()
 
 
 def test_basic_auth_on_every_endpoint_but_health(tmp_path):
     backend = Backend(tmp_path, basic_auth_user="ls", basic_auth_pass="s3cret")
+    backend.runtime.load_model()
     assert backend.client.get("/health").status_code == 200  # Label Studio's and Docker's health checks
     wrong = "Basic " + base64.b64encode(b"ls:nope").decode()
     for method, path in [("GET", "/"), ("POST", "/setup"), ("POST", "/predict"), ("POST", "/webhook"),

@@ -235,13 +235,14 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     )
     db.close()
     store = ReferenceStore(path)
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     assert store.revision(PROJECT) == 5
     assert [(e.annotation_id, e.region, e.original_size) for e in store.examples(PROJECT)] == [
         (11, {"id": "b1"}, (30, 20))
     ]
     store.put_embedding("x", np.zeros(3, np.float32))  # the table version 2 added
     assert store.sync_watermark(PROJECT) is None
+    assert store.pending_event_count() == 0 and store.background_counts() == {"pending": 0, "posted": 0}  # version 3
 
 
 def test_newer_schema_is_refused(tmp_path):

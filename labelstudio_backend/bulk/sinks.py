@@ -82,7 +82,7 @@ class LabelStudioSink:
             if created == len(payload):
                 for i in where:
                     outcomes[i] = WRITTEN
-            elif created:  # some results did not validate and were dropped: find out which
+            elif created is None or created:  # some were dropped, or a 201 says not how many: ask which are there
                 for i, item in zip(where, payload):
                     ok = has_prediction(self.client, item["task"], item["model_version"])
                     outcomes[i] = WRITTEN if ok else Outcome(FAILED, "Label Studio dropped the prediction: its "
@@ -102,14 +102,15 @@ class LabelStudioSink:
         pass
 
 
-def created_count(response: Any) -> int:
-    """n of an import's 201 {"created": n} answer (0 for anything else)."""
+def created_count(response: Any) -> int | None:
+    """n of an import's 201 {"created": n} answer; 0 for a refusal (not 201); None for a 201 whose body says not
+    how many (a proxy's page): the import may have stored them all, so nothing may be posted again blindly."""
     if response.status_code != 201:
         return 0
     try:
-        return int(response.json().get("created", 0))
-    except (ValueError, AttributeError, TypeError):
-        return 0
+        return int(response.json()["created"])
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return None
 
 
 class JsonSink:

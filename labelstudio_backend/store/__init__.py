@@ -4,6 +4,7 @@ SQLite file.
     schema.py      the file: schema version, migrations, connections, transactions
     examples.py    annotations <-> rows <-> Examples (one row per region and label)
     embeddings.py  the bounded prompt-embedding cache
+    work.py        work kept across restarts: webhook events until applied, deferred tasks until posted
     references.py  ReferenceStore: upserts, deletions, per-label queries, revisions, sync bookkeeping
 """
 

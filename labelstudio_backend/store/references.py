@@ -16,11 +16,12 @@ from labelstudio_backend.store.examples import (
     ROW_COLUMNS, Example, Row, annotation_rows, as_id, example_from_row, normalize_timestamp, row_order, row_values,
 )
 from labelstudio_backend.store.schema import StoreError, chunks
+from labelstudio_backend.store.work import WorkStore
 
 UpsertOutcome = Literal["added", "updated", "removed", "unchanged"]
 
 
-class ReferenceStore(EmbeddingCache):
+class ReferenceStore(EmbeddingCache, WorkStore):
     """Per-project in-context examples and the prompt-embedding cache, in one SQLite file.
 
     Args:
@@ -138,7 +139,7 @@ class ReferenceStore(EmbeddingCache):
         return self.delete_annotations(project_id, annotation_ids)
 
     def delete_project(self, project_id: int) -> None:
-        """Forget the project: its examples, its cached embeddings, its revision and sync state."""
+        """Forget the project: its examples, its cached embeddings, its revision and sync state, its kept work."""
         project_id = as_id(project_id, "project_id")
         with self.transaction() as db:
             db.execute(
@@ -148,6 +149,7 @@ class ReferenceStore(EmbeddingCache):
             )
             db.execute("DELETE FROM examples WHERE project_id = ?", (project_id,))
             db.execute("DELETE FROM projects WHERE project_id = ?", (project_id,))
+            self.forget_project_work(db, project_id)
 
     def revision(self, project_id: int) -> int:
         """A number that grows with every change to the project's examples (0 before the first)."""

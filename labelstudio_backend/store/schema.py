@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StoreError(ValueError):
@@ -77,8 +77,39 @@ def migrate_1_to_2(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX embeddings_by_annotation ON embeddings (annotation_id)")
 
 
+def migrate_2_to_3(db: sqlite3.Connection) -> None:
+    # Version 3 keeps work that must survive a crash or a restart (store/work.py): webhook events from their
+    # receipt until they are applied, and the tasks a /predict deferred until their prediction is posted.
+    db.execute(
+        """CREATE TABLE webhook_events (
+               id INTEGER PRIMARY KEY AUTOINCREMENT,
+               project_id INTEGER NOT NULL,
+               event TEXT NOT NULL,
+               payload TEXT NOT NULL,
+               received_at REAL NOT NULL,
+               attempts INTEGER NOT NULL DEFAULT 0,
+               last_error TEXT
+           )"""
+    )
+    db.execute(
+        """CREATE TABLE background_tasks (
+               project_id INTEGER NOT NULL,
+               model_version TEXT NOT NULL,
+               task_id INTEGER NOT NULL,
+               task TEXT NOT NULL,
+               label_config TEXT,
+               state TEXT NOT NULL,
+               attempts INTEGER NOT NULL DEFAULT 0,
+               updated_at REAL NOT NULL,
+               PRIMARY KEY (project_id, model_version, task_id)
+           )"""
+    )
+    db.execute("CREATE INDEX background_by_state ON background_tasks (state, updated_at)")
+
+
 # MIGRATIONS[v] upgrades a database at user_version v to v + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: migrate_0_to_1, 1: migrate_1_to_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: migrate_0_to_1, 1: migrate_1_to_2,
+                                                               2: migrate_2_to_3}
 assert sorted(MIGRATIONS) == list(range(SCHEMA_VERSION))
 
 
