@@ -118,7 +118,8 @@ class ProjectView:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runtime, name)
 
-    def load_model(self) -> Predictor:
+    def load_model(self, timeout: float | None = None) -> Predictor:
+        self._runtime.load_model(timeout)  # the base (its ModelUnavailable while it loads), then the project's
         return self._models.predictor(self.active)
 
     @property

@@ -313,7 +313,7 @@ def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_b
     version = model_version(client)
     assert version.startswith("dinov-fake-ckpt+p3-0a1b2c3d-refs") and version != base_version
     backend = DINOvBackend(3, None, runtime=runtime)
-    assert backend.runtime.load_model().checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
+    assert backend.runtime.load_model(timeout=5).checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
     assert DINOvBackend(4, None, runtime=runtime).runtime is runtime  # other projects: the base model
     model_version(client)
     assert len(built) == 1  # loaded once, then kept
