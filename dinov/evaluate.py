@@ -151,10 +151,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", type=int, default=120, help="scenes the examples are taken from")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--score-threshold", type=float, default=None,
+                        help="generic score threshold instead of the checkpoint's default (same rule otherwise)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device=args.device)
+    if args.score_threshold is not None:
+        predictor.model.default_score_threshold = args.score_threshold
     print(format_report(evaluate_predictor(predictor, args.scenes, args.pool)))
 
 

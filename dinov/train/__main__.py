@@ -1,8 +1,10 @@
 """Train or fine-tune DINOv.
 
-From scratch on generated scenes (this is how the demo model is made; see BENCHMARKS.md):
+From scratch on generated scenes (the demo model's commands, from scratch and then with shared-class batches,
+are in BENCHMARKS.md):
 
-    python -m dinov.train --config demo --data scenes --steps 800 --out runs/demo --export dinov/assets/demo.safetensors
+    python -m dinov.train --config demo --data scenes --steps 800 --batch-classes 10 --out runs/demo --export runs/demo/demo.safetensors
+    python -m dinov.calibrate --checkpoint runs/demo/demo.safetensors --write   # its default score threshold
 
 Fine-tune a released checkpoint on a Label Studio export (or COCO instances) of a project:
 

@@ -263,19 +263,27 @@ def test_retrieve_predictions_segments_unlabelled_scenes(ls, scene_project):
     ls.retrieve_predictions(pid, [tasks[name]["id"] for name in targets])
     wait_for(lambda: all(ls.predictions(tasks[name]["id"]) for name in targets), timeout=300,
              what="a prediction for every target task")
-    best_ious, labels_right = [], []
+    best_ious, labels_right, wrong_regions = [], [], []
     for name in targets:
         predictions = ls.predictions(tasks[name]["id"])
         assert len(predictions) == 1, predictions
         regions = [r for r in predictions[0]["result"] if r["type"] == "brushlabels"]
         predicted = [(region_label(r), region_mask(r, SCENE_SIZE)) for r in regions]
-        for label, truth in _truth(scenes[name]):
+        truths = _truth(scenes[name])
+        for label, truth in truths:
             same_label = [mask_iou(m, truth) for l, m in predicted if l == label]
             any_label = [mask_iou(m, truth) for _, m in predicted]
             best_ious.append(max(same_label, default=0.0))
             labels_right.append(max(same_label, default=0.0) >= max(any_label, default=0.0))
-    assert np.mean(best_ious) >= 0.5, f"mean best IoU {np.mean(best_ious):.3f}: {np.round(best_ious, 2)}"
+        # a wrong region: its IoU with every true instance of its label is below 0.5 (an annotator deletes it)
+        wrong_regions.append(sum(all(mask_iou(m, t) < 0.5 for l, t in truths if l == label) for label, m in predicted))
+    print(f"mean best IoU {np.mean(best_ious):.3f}, labels right {np.mean(labels_right):.2f}, "
+          f"wrong regions per image {np.mean(wrong_regions):.2f}")
+    # Floors of the demo model at its calibrated default threshold (measured: best IoU 0.50, labels right 1.00,
+    # 0.2 wrong regions per image; the previous model at 0.12 found more, 0.75, with 3.4 wrong regions per image).
+    assert np.mean(best_ious) >= 0.45, f"mean best IoU {np.mean(best_ious):.3f}: {np.round(best_ious, 2)}"
     assert np.mean(labels_right) >= 0.8
+    assert np.mean(wrong_regions) <= 1.0, f"wrong regions per image: {wrong_regions}"
 
 
 def test_interactive_click_and_box_give_the_object(ls, scene_project):
@@ -292,4 +300,6 @@ def test_interactive_click_and_box_give_the_object(ls, scene_project):
             regions = answer["data"]["result"]
             assert len(regions) == 1 and region_label(regions[0]) == label, regions
             ious.append(mask_iou(region_mask(regions[0], SCENE_SIZE), truth))
-    assert np.mean(ious) >= 0.6, f"mean IoU {np.mean(ious):.3f}: {np.round(ious, 2)}"
+    print(f"interactive mean IoU {np.mean(ious):.3f}")
+    # measured 0.75 with the demo model and the stay-on-the-object rule (0.6 was the floor before both)
+    assert np.mean(ious) >= 0.7, f"mean IoU {np.mean(ious):.3f}: {np.round(ious, 2)}"
