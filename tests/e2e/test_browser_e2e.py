@@ -22,6 +22,7 @@ from dinov.metrics import iou as mask_iou
 
 from .conftest import PASSWORD, USERNAME
 from .labelstudio import region_label, region_mask, wait_for
+from .test_labelstudio_e2e import config
 
 pytestmark = pytest.mark.e2e
 
@@ -40,18 +41,6 @@ OBJECTS = {
     "blue square": ("square", (175.0, 96.0), 80, "blue"),
     "blue circle": ("circle", (60.0, 90.0), 64, "blue"),
 }
-LABEL_CONFIG = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image">
-    {labels}
-  </BrushLabels>
-  <KeyPointLabels name="kp" toName="image" smart="true">
-    {labels}
-  </KeyPointLabels>
-  <RectangleLabels name="box" toName="image" smart="true">
-    {labels}
-  </RectangleLabels>
-</View>"""
 
 
 def ui_scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -80,7 +69,7 @@ def browser():
 
 def test_smart_keypoint_click_in_the_web_ui_gives_the_clicked_object(ls, backend, label_studio_url, browser):
     labels = list(OBJECTS)
-    project = ls.create_project(LABEL_CONFIG.format(labels="\n    ".join(f'<Label value="{l}"/>' for l in labels)))
+    project = ls.create_project(config(labels))  # brush, smart keypoint "kp", smart rectangle "box"
     image, masks = ui_scene()
     task = ls.upload_images(project["id"], {"ui.png": image})["ui.png"]
     ls.connect_ml_backend(project["id"], backend.url, is_interactive=True)
