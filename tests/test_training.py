@@ -419,3 +419,27 @@ def test_shell_rollback_serves_the_base_model_again(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "the base model is served again (was base+p3-1)" in done.stdout
     assert store.active(3) is None
+
+
+def test_a_training_store_file_of_an_earlier_release_keeps_its_jobs(tmp_path):
+    import sqlite3
+
+    from labelstudio_backend.store.schema import StoreError
+    from labelstudio_backend.store.training import TRAINING_MIGRATIONS
+
+    path = tmp_path / "training.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    TRAINING_MIGRATIONS[0](db)  # the tables as the unversioned store created them, at user_version 0
+    db.execute("INSERT INTO jobs (project_id, reason, state, created_at, updated_at) "
+               "VALUES (3, 'START_TRAINING', 'done', 'then', 'then')")
+    db.close()
+    store = TrainingStore(path)
+    assert store.schema_version == len(TRAINING_MIGRATIONS)
+    assert store.latest_job(3)["state"] == "done" and store.latest_job(3)["figures"] == {}
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute(f"PRAGMA user_version = {len(TRAINING_MIGRATIONS) + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer than this backend"):
+        TrainingStore(path)

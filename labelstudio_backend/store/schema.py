@@ -1,11 +1,13 @@
-"""The SQLite file of the reference store: its schema, migrations, connections and transactions.
+"""The SQLite files of the stores: the reference store's schema and migrations, and Database, the connections,
+transactions and schema versioning of any store's file (the training store, store/training.py, has a file and
+migrations of its own).
 
 - WAL journal and a busy timeout, so readers never block the writer and concurrent writers wait their turn;
 - every write runs in one ``BEGIN IMMEDIATE`` transaction (the write lock is taken up front, so two writers
   never deadlock upgrading a read lock);
 - one connection per (process, thread), opened lazily, so a store created before gunicorn forks stays usable;
-- the schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[v]`` brings a file from version v to
-  v + 1 and runs inside the same transaction as the version bump.
+- the schema is versioned with ``PRAGMA user_version``; ``migrations[v]`` (the reference store's: ``MIGRATIONS``)
+  brings a file from version v to v + 1 and runs inside the same transaction as the version bump.
 """
 
 from __future__ import annotations
@@ -119,7 +121,13 @@ class Database:
     Args:
         db_path: the SQLite file (created with its folder if missing).
         busy_timeout_s: how long a writer waits for another process's write lock before failing.
+
+    A subclass for another file sets `migrations` (migrations[v] upgrades version v to v + 1; the file's current
+    version is len(migrations)) and, if it wants other rows than tuples, `row_factory` (e.g. sqlite3.Row).
     """
+
+    migrations: dict[int, Callable[[sqlite3.Connection], None]] = MIGRATIONS
+    row_factory: Callable[[sqlite3.Cursor, tuple], object] | None = None
 
     def __init__(self, db_path: Path | str, busy_timeout_s: float = 30.0) -> None:
         self.db_path = Path(db_path)
@@ -138,6 +146,7 @@ class Database:
             if str(mode).lower() != "wal":
                 raise StoreError(f"{self.db_path}: SQLite refused WAL mode ({mode}); use a local filesystem")
             db.execute("PRAGMA synchronous = NORMAL")  # durable at each checkpoint; safe with WAL
+            db.row_factory = self.row_factory
             self._local.db, self._local.pid = db, os.getpid()
         return db
 
@@ -161,17 +170,18 @@ class Database:
             self._local.db = None
 
     def _migrate(self) -> None:
+        current = len(self.migrations)
         with self.transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
+            if version > current:
                 raise StoreError(
-                    f"{self.db_path} has schema version {version}, newer than this backend's {SCHEMA_VERSION}: "
+                    f"{self.db_path} has schema version {version}, newer than this backend's {current}: "
                     "upgrade the backend or point MODEL_DIR at another folder"
                 )
-            for step in range(version, SCHEMA_VERSION):
-                MIGRATIONS[step](db)
-            if version != SCHEMA_VERSION:
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            for step in range(version, current):
+                self.migrations[step](db)
+            if version != current:
+                db.execute(f"PRAGMA user_version = {current}")
 
     @property
     def schema_version(self) -> int:

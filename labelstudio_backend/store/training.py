@@ -15,14 +15,13 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from labelstudio_backend.payload import utc_now
+from labelstudio_backend.store.schema import Database
 
 OPEN_STATES = ("queued", "running")
 STATES = ("queued", "running", "done", "rejected", "failed", "cancelled")
@@ -47,49 +46,35 @@ def training_db(model_dir: Path) -> Path:
     return Path(model_dir) / "training.sqlite3"
 
 
-class TrainingStore:
-    def __init__(self, db_path: Path | str):
-        self.db_path = Path(db_path)
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        with self._write() as db:
-            db.execute("""CREATE TABLE IF NOT EXISTS jobs (
-                job_id INTEGER PRIMARY KEY AUTOINCREMENT, project_id INTEGER NOT NULL, reason TEXT NOT NULL,
-                state TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, steps INTEGER NOT NULL DEFAULT 0,
-                message TEXT NOT NULL DEFAULT '', figures TEXT NOT NULL DEFAULT '{}', worker_pid INTEGER,
-                child_pid INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""")
-            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project_id, job_id)")
-            db.execute("""CREATE TABLE IF NOT EXISTS active_models (
-                project_id INTEGER PRIMARY KEY, path TEXT NOT NULL, checkpoint_id TEXT NOT NULL,
-                base_digest TEXT NOT NULL, score_threshold REAL NOT NULL, job_id INTEGER NOT NULL,
-                activated_at TEXT NOT NULL)""")
+def _create_tables(db: sqlite3.Connection) -> None:
+    # IF NOT EXISTS: files written before the training store had schema versions hold these tables at version 0
+    db.execute("""CREATE TABLE IF NOT EXISTS jobs (
+        job_id INTEGER PRIMARY KEY AUTOINCREMENT, project_id INTEGER NOT NULL, reason TEXT NOT NULL,
+        state TEXT NOT NULL, step INTEGER NOT NULL DEFAULT 0, steps INTEGER NOT NULL DEFAULT 0,
+        message TEXT NOT NULL DEFAULT '', figures TEXT NOT NULL DEFAULT '{}', worker_pid INTEGER,
+        child_pid INTEGER, created_at TEXT NOT NULL, updated_at TEXT NOT NULL)""")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_by_project ON jobs (project_id, job_id)")
+    db.execute("""CREATE TABLE IF NOT EXISTS active_models (
+        project_id INTEGER PRIMARY KEY, path TEXT NOT NULL, checkpoint_id TEXT NOT NULL,
+        base_digest TEXT NOT NULL, score_threshold REAL NOT NULL, job_id INTEGER NOT NULL,
+        activated_at TEXT NOT NULL)""")
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():  # never reuse a connection across fork
-            db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            db.execute("PRAGMA journal_mode = WAL")
-            db.row_factory = sqlite3.Row
-            self._local.db, self._local.pid = db, os.getpid()
-        return db
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (the write lock taken up front, as the reference store does)."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+# TRAINING_MIGRATIONS[v] upgrades a training store file at user_version v to v + 1.
+TRAINING_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_tables}
+
+
+class TrainingStore(Database):
+    """The jobs and active_models tables of MODEL_DIR/training.sqlite3 (connections and transactions: Database)."""
+
+    migrations = TRAINING_MIGRATIONS
+    row_factory = sqlite3.Row
 
     # --- jobs
 
     def create_job(self, project_id: int, reason: str, steps: int = 0) -> int:
         now = utc_now()
-        with self._write() as db:
+        with self.transaction() as db:
             cursor = db.execute("INSERT INTO jobs (project_id, reason, state, steps, worker_pid, created_at, "
                                 "updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
                                 (int(project_id), reason, int(steps), os.getpid(), now, now))
@@ -105,18 +90,18 @@ class TrainingStore:
             fields["figures"] = json.dumps(fields["figures"])
         names = ", ".join(f"{k} = ?" for k in fields)
         condition = " AND state IN ('queued', 'running')" if only_open else ""
-        with self._write() as db:
+        with self.transaction() as db:
             cursor = db.execute(f"UPDATE jobs SET {names}, updated_at = ? WHERE job_id = ?{condition}",
                                 (*fields.values(), utc_now(), int(job_id)))
             return cursor.rowcount > 0
 
     def job(self, job_id: int) -> dict | None:
-        row = self._db().execute("SELECT * FROM jobs WHERE job_id = ?", (int(job_id),)).fetchone()
+        row = self.connection().execute("SELECT * FROM jobs WHERE job_id = ?", (int(job_id),)).fetchone()
         return _job(row)
 
     def latest_job(self, project_id: int) -> dict | None:
-        row = self._db().execute("SELECT * FROM jobs WHERE project_id = ? ORDER BY job_id DESC LIMIT 1",
-                                 (int(project_id),)).fetchone()
+        row = self.connection().execute("SELECT * FROM jobs WHERE project_id = ? ORDER BY job_id DESC LIMIT 1",
+                                        (int(project_id),)).fetchone()
         return _job(row)
 
     def open_jobs(self, project_id: int | None = None) -> list[dict]:
@@ -125,10 +110,10 @@ class TrainingStore:
         args: tuple = ()
         if project_id is not None:
             query, args = query + " AND project_id = ?", (int(project_id),)
-        return [_job(row) for row in self._db().execute(query + " ORDER BY job_id", args)]
+        return [_job(row) for row in self.connection().execute(query + " ORDER BY job_id", args)]
 
     def projects(self) -> list[int]:
-        return [int(r[0]) for r in self._db().execute(
+        return [int(r[0]) for r in self.connection().execute(
             "SELECT project_id FROM jobs UNION SELECT project_id FROM active_models ORDER BY 1")]
 
     def fail_orphans(self) -> list[int]:
@@ -144,24 +129,25 @@ class TrainingStore:
     def set_active(self, model: ActiveModel) -> None:
         values = asdict(model)
         values["activated_at"] = values["activated_at"] or utc_now()
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO active_models (project_id, path, checkpoint_id, base_digest, "
                        "score_threshold, job_id, activated_at) VALUES (:project_id, :path, :checkpoint_id, "
                        ":base_digest, :score_threshold, :job_id, :activated_at)", values)
 
     def active(self, project_id: int) -> ActiveModel | None:
-        row = self._db().execute("SELECT * FROM active_models WHERE project_id = ?", (int(project_id),)).fetchone()
+        row = self.connection().execute("SELECT * FROM active_models WHERE project_id = ?",
+                                        (int(project_id),)).fetchone()
         return ActiveModel(**dict(row)) if row is not None else None
 
     def clear_active(self, project_id: int) -> ActiveModel | None:
         """Serve the base model to the project again; returns what was active."""
         previous = self.active(project_id)
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM active_models WHERE project_id = ?", (int(project_id),))
         return previous
 
     def delete_project(self, project_id: int) -> None:
-        with self._write() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM active_models WHERE project_id = ?", (int(project_id),))
             db.execute("DELETE FROM jobs WHERE project_id = ?", (int(project_id),))
 
