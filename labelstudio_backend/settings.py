@@ -271,8 +271,8 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("TRAIN_MINUTES", "train_minutes", "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU."),
     SettingRow("TRAIN_PARAMETERS", "train_parameters", "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
                "decoder frozen) | decoder+pixel_decoder | all."),
-    SettingRow("TRAIN_EVERY_ANNOTATIONS", "train_every_annotations", "Also start a fine-tuning after this many new annotations (counted per worker "
-               "process); 0: only on Start Training.", True),
+    SettingRow("TRAIN_EVERY_ANNOTATIONS", "train_every_annotations", "Also start a fine-tuning after this many new annotations (counted across "
+               "workers and restarts, in MODEL_DIR's training store); 0: only on Start Training.", True),
     SettingRow("PROJECT_MODEL", "project_model", "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base "
                "model (a rollback that keeps the checkpoint).", True),
     SettingRow("PROJECT_MODELS_IN_MEMORY", "project_models_in_memory", "Fine-tuned project models kept loaded per worker (each is a copy of the base model)."),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import multiprocessing
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
@@ -49,8 +48,6 @@ class TrainingJobs:
         self.store = TrainingStore(training_db(settings.model_dir))
         self._queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinov-training")
         self._submit = submit or self._queue.submit
-        self._new_annotations: dict[int, int] = {}
-        self._count_lock = threading.Lock()
         for job_id in self.store.fail_orphans():
             logger.warning("training job %s was cut off by a restart: reported failed", job_id)
 
@@ -69,12 +66,9 @@ class TrainingJobs:
         return self.store.job(job_id) or {}
 
     def count_annotations(self, project_id: int, count: int, label_config: str | None, settings: Settings) -> None:
-        """TRAIN_EVERY_ANNOTATIONS: start a job once this many new annotations came in (counted per process)."""
-        with self._count_lock:
-            self._new_annotations[project_id] = self._new_annotations.get(project_id, 0) + count
-            due = self._new_annotations[project_id] >= settings.train_every_annotations
-            if due:
-                self._new_annotations[project_id] = 0
+        """TRAIN_EVERY_ANNOTATIONS: start a job once this many new annotations came in (counted in the training
+        store, across the workers and restarts: the worker whose count reaches the threshold starts the job)."""
+        due = self.store.count_annotations(project_id, count, settings.train_every_annotations)
         if due and label_config:
             self.start(project_id, label_config, settings, reason=f"{settings.train_every_annotations} new annotations")
 

@@ -394,6 +394,61 @@ def test_every_n_new_annotations_starts_a_job(tmp_path):
         jobs.shutdown()
 
 
+def queued_jobs(settings_):
+    """TrainingJobs whose queue only records what it is given (no child process)."""
+    from concurrent.futures import Future
+
+    queued = []
+    return TrainingJobs(settings_, target=training_doubles.rejected_job,
+                        submit=lambda fn, *args: queued.append(args) or Future()), queued
+
+
+def test_the_annotation_count_is_shared_by_the_workers_and_survives_a_restart(tmp_path):
+    s = Settings(model_dir=tmp_path / "model_dir", train_every_annotations=3)
+    (a, queued_a), (b, queued_b) = queued_jobs(s), queued_jobs(s)  # two workers on one MODEL_DIR
+    a.count_annotations(3, 1, CONFIG, s)
+    b.count_annotations(3, 1, CONFIG, s)
+    a.count_annotations(4, 2, CONFIG, s)  # another project's count is its own
+    assert a.store.latest_job(3) is None and a.store.latest_job(4) is None
+    b.count_annotations(3, 1, CONFIG, s)  # the third of project 3, counted by the other worker
+    assert len(queued_b) == 1 and not queued_a
+    assert [job["reason"] for job in a.store.open_jobs()] == ["3 new annotations"]
+    a.count_annotations(3, 2, CONFIG, s)  # counting starts again from 0 after a start
+    assert len(queued_a) == 0
+
+    restarted, queued = queued_jobs(s)  # a new worker (a restart) continues the count
+    restarted.count_annotations(4, 1, CONFIG, s)
+    restarted.count_annotations(3, 1, CONFIG, s)
+    assert len(queued) == 2 and [spec.project_id for (spec,) in queued] == [4, 3]
+
+    restarted.store.count_annotations(3, 2, every=3)
+    restarted.store.delete_project(3)  # the project's count goes with it
+    assert not restarted.store.count_annotations(3, 2, every=3)
+    for jobs in (a, b, restarted):
+        jobs.shutdown()
+
+
+def test_workers_counting_at_once_start_one_job_per_threshold(tmp_path):
+    import threading
+
+    s = Settings(model_dir=tmp_path / "model_dir", train_every_annotations=3)
+    workers = [queued_jobs(s) for _ in range(3)]
+
+    def count(jobs):
+        for _ in range(10):
+            jobs.count_annotations(3, 1, CONFIG, s)
+
+    threads = [threading.Thread(target=count, args=(jobs,)) for jobs, _ in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(len(queued) for _, queued in workers) == 10  # 30 annotations, one job every 3
+    assert len(workers[0][0].store.connection().execute("SELECT * FROM jobs").fetchall()) == 10
+    for jobs, _ in workers:
+        jobs.shutdown()
+
+
 def test_a_sync_that_finds_the_project_gone_deletes_its_checkpoints(tmp_path):
     app, runtime, client, built = serving_app(tmp_path)
     path = activate(runtime, tmp_path)
@@ -436,6 +491,7 @@ def test_a_training_store_file_of_an_earlier_release_keeps_its_jobs(tmp_path):
     store = TrainingStore(path)
     assert store.schema_version == len(TRAINING_MIGRATIONS)
     assert store.latest_job(3)["state"] == "done" and store.latest_job(3)["figures"] == {}
+    assert not store.count_annotations(3, 1, every=2) and store.count_annotations(3, 1, every=2)  # version 2
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
     db = sqlite3.connect(path, isolation_level=None)

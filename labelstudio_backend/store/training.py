@@ -60,12 +60,21 @@ def _create_tables(db: sqlite3.Connection) -> None:
         activated_at TEXT NOT NULL)""")
 
 
+def _create_annotation_counts(db: sqlite3.Connection) -> None:
+    # TRAIN_EVERY_ANNOTATIONS: the new annotations of each project since its last automatic start, shared by
+    # every worker process and kept across restarts
+    db.execute("""CREATE TABLE IF NOT EXISTS annotation_counts (
+        project_id INTEGER PRIMARY KEY, new_annotations INTEGER NOT NULL)""")
+
+
 # TRAINING_MIGRATIONS[v] upgrades a training store file at user_version v to v + 1.
-TRAINING_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_tables}
+TRAINING_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_tables,
+                                                                        1: _create_annotation_counts}
 
 
 class TrainingStore(Database):
-    """The jobs and active_models tables of MODEL_DIR/training.sqlite3 (connections and transactions: Database)."""
+    """The jobs, active_models and annotation_counts tables of MODEL_DIR/training.sqlite3 (connections and
+    transactions: Database)."""
 
     migrations = TRAINING_MIGRATIONS
     row_factory = sqlite3.Row
@@ -124,6 +133,20 @@ class TrainingStore(Database):
                                                             "checkpoint is unchanged: start the training again")
         return orphans
 
+    def count_annotations(self, project_id: int, count: int, every: int) -> bool:
+        """Add `count` new annotations to the project's count; when that reaches `every`, reset it and return True.
+        One transaction: of the workers counting at once, exactly one sees the threshold crossed."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO annotation_counts (project_id, new_annotations) VALUES (?, ?) ON CONFLICT "
+                       "(project_id) DO UPDATE SET new_annotations = new_annotations + excluded.new_annotations",
+                       (int(project_id), int(count)))
+            total = db.execute("SELECT new_annotations FROM annotation_counts WHERE project_id = ?",
+                               (int(project_id),)).fetchone()[0]
+            due = total >= every
+            if due:
+                db.execute("UPDATE annotation_counts SET new_annotations = 0 WHERE project_id = ?", (int(project_id),))
+        return due
+
     # --- active checkpoints
 
     def set_active(self, model: ActiveModel) -> None:
@@ -150,6 +173,7 @@ class TrainingStore(Database):
         with self.transaction() as db:
             db.execute("DELETE FROM active_models WHERE project_id = ?", (int(project_id),))
             db.execute("DELETE FROM jobs WHERE project_id = ?", (int(project_id),))
+            db.execute("DELETE FROM annotation_counts WHERE project_id = ?", (int(project_id),))
 
 
 def _job(row: sqlite3.Row | None) -> dict | None:
