@@ -89,6 +89,8 @@ class ProjectModels:
                 if found is None:
                     found = self.build(self.runtime.load_model(), active)
                     self.loaded.put(active.checkpoint_id, found)
+                    # the model this one pushed out of memory must not stay there through its batcher
+                    self.runtime.keep_batchers({self.runtime.checkpoint_id, *self.loaded.keys()})
                     logger.info("project %s: model %s loaded", active.project_id, active.checkpoint_id)
         return found
 
@@ -105,6 +107,7 @@ class ProjectModels:
             path.unlink(missing_ok=True)
         if active is not None:
             self.loaded.put(active.checkpoint_id, None)  # frees the model (the LRU cache has no delete)
+            self.runtime.batchers.pop(active.checkpoint_id)
         self.stale.pop(project_id, None)
 
 

@@ -100,7 +100,10 @@ class Runtime:
             f"loading DINOV_CHECKPOINT={settings.checkpoint} on DEVICE={settings.device}",
             Backoff(initial=settings.model_load_retry_s, maximum=max(MAX_LOAD_RETRY_S, settings.model_load_retry_s)))
         self.features = LRUCache(settings.feature_cache_size)             # feature_key -> encoded image
-        self._batcher: EncodeBatcher | None = None
+        # checkpoint id -> the encoder of its model's requests: the base model's and those of the loaded project
+        # models (requests alternating between them keep their batchers)
+        self.batchers: LRUCache[str, EncodeBatcher] = LRUCache(max(1, settings.project_models_in_memory) + 1)
+        self._batchers_lock = threading.Lock()
         self.embeddings = LRUCache(EMBEDDING_MEMORY_CACHE_SIZE)           # embedding key -> vector
         self._failed_refs = BoundedSet(FAILED_REFERENCES_MAX, ttl=FAILED_REFERENCE_RETRY_S)
         self._syncs: LRUCache[int, Future] = LRUCache(PROJECTS_MAX)       # project -> its latest sync
@@ -200,14 +203,27 @@ class Runtime:
         return encoded
 
     def batcher(self, predictor: Predictor) -> EncodeBatcher:
-        """The encoder of this process's requests: concurrent encodings share one batch on a GPU."""
-        if self._batcher is None or self._batcher.predictor is not predictor:
-            window = self.settings.batch_window_ms
-            if window is None:
-                window = CUDA_BATCH_WINDOW_MS if "cuda" in str(getattr(predictor, "device", "cpu")) else 0.0
-            self._batcher = EncodeBatcher(predictor, window_ms=window, max_batch=self.settings.max_batch,
+        """The encoder of this process's requests to this predictor (one per checkpoint id, the base model's and
+        each loaded project model's): concurrent encodings share one batch on a GPU."""
+        key = str(predictor.checkpoint_id)
+        found = self.batchers.get(key)
+        if found is None or found.predictor is not predictor:
+            with self._batchers_lock:
+                found = self.batchers.get(key)
+                if found is None or found.predictor is not predictor:  # none yet, or the model was loaded again
+                    window = self.settings.batch_window_ms
+                    if window is None:
+                        window = CUDA_BATCH_WINDOW_MS if "cuda" in str(getattr(predictor, "device", "cpu")) else 0.0
+                    found = EncodeBatcher(predictor, window_ms=window, max_batch=self.settings.max_batch,
                                           lock=self.device_lock)
-        return self._batcher
+                    self.batchers.put(key, found)
+        return found
+
+    def keep_batchers(self, checkpoint_ids: set[str]) -> None:
+        """Drop the batchers of other models, so that a batcher never keeps an unloaded project model in memory."""
+        for key in self.batchers.keys():
+            if key not in checkpoint_ids:
+                self.batchers.pop(key)
 
     def remember_encoded(self, url: str, encoded: Any, checkpoint_id: str | None = None) -> None:
         """Put an image encoded elsewhere (a bulk batch) into the feature cache, where encode() finds it."""

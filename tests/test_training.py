@@ -325,6 +325,50 @@ def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_b
     assert model_version(client) == base_version
 
 
+def test_encodes_alternating_between_the_base_and_a_project_model_keep_their_batchers(tmp_path):
+    from labelstudio_backend.runtime import feature_key
+
+    app, runtime, client, built = serving_app(tmp_path)
+    activate(runtime, tmp_path)
+    base = runtime.load_model()
+    view = runtime.for_project(3)
+    project = view.load_model()
+    assert project is not base and built
+    image = np.full((8, 8, 3), 200, np.uint8)
+    runtime.images = SimpleNamespace(load=lambda url, task_id: image)
+    seen = []
+    for i in range(3):  # other URLs each time: no feature cache hit
+        assert runtime.encode(f"http://x/{i}.png", None) is runtime.features.get(
+            feature_key(f"http://x/{i}.png", "fake-ckpt"))
+        assert view.encode(f"http://y/{i}.png", None) is runtime.features.get(
+            feature_key(f"http://y/{i}.png", "fake-ckpt+p3-0a1b2c3d"))
+        seen.append((runtime.batcher(base), runtime.batcher(project)))
+    assert all(pair[0] is seen[0][0] and pair[1] is seen[0][1] for pair in seen)
+    assert seen[0][0].predictor is base and seen[0][1].predictor is project
+    assert list(seen[0][0].batches) == list(seen[0][1].batches) == [1, 1, 1]
+    assert base.encoded_images == project.encoded_images == 3  # each model encoded its own requests
+    assert sorted(runtime.batchers.keys()) == ["fake-ckpt", "fake-ckpt+p3-0a1b2c3d"]
+    runtime.project_models.delete_project(3)  # the project's model goes, and its batcher with it
+    assert runtime.batchers.keys() == ["fake-ckpt"]
+
+
+def test_a_project_model_pushed_out_of_memory_leaves_no_batcher(tmp_path):
+    from labelstudio_backend.bounded import LRUCache
+
+    app, runtime, client, built = serving_app(tmp_path)
+    models = runtime.project_models
+    models.loaded = LRUCache(1)  # PROJECT_MODELS_IN_MEMORY=1
+    runtime.images = SimpleNamespace(load=lambda url, task_id: np.zeros((8, 8, 3), np.uint8))
+    runtime.encode("http://x/0.png", None)
+    for project_id in (3, 4):
+        path = tmp_path / f"p{project_id}.safetensors"
+        path.write_bytes(b"a delta")
+        active = ActiveModel(project_id=project_id, path=str(path), checkpoint_id=f"fake-ckpt+p{project_id}-1",
+                             base_digest="fake-ckpt", score_threshold=0.3, job_id=project_id)
+        runtime.encode_with(models.predictor(active), active.checkpoint_id, f"http://p{project_id}/0.png", None)
+    assert sorted(runtime.batchers.keys()) == ["fake-ckpt", "fake-ckpt+p4-1"]
+
+
 def test_a_checkpoint_of_another_base_is_not_served_and_asks_for_training(tmp_path):
     app, runtime, client, built = serving_app(tmp_path)
     activate(runtime, tmp_path, base="an-older-base")
