@@ -15,9 +15,11 @@ base model are never reused for it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import threading
+from pathlib import Path
 from typing import Any, Callable
 
 from labelstudio_backend.runtime import LRUCache, Predictor, Runtime
@@ -41,9 +43,31 @@ def build_project_predictor(base: Any, active: ActiveModel) -> Predictor:
                           checkpoint_id=active.checkpoint_id, model_name=name)
 
 
-def serve_project_models(runtime: Runtime) -> None:
-    """Serve each project's active checkpoint from this runtime (the bulk job; the server also trains)."""
-    runtime.project_models = ProjectModels(runtime, TrainingStore(training_db(runtime.settings.model_dir)))
+def serve_project_models(runtime: Runtime, build: Callable[[Any, ActiveModel], Predictor] | None = None) -> None:
+    """Serve each project's active checkpoint from this runtime (the bulk job; the server also trains).
+    build: as ProjectModels' (tests give a stand-in)."""
+    runtime.project_models = ProjectModels(runtime, TrainingStore(training_db(runtime.settings.model_dir)),
+                                           build or build_project_predictor)
+
+
+def serve_sent_project_model(runtime: Runtime, active: ActiveModel, delta: bytes, folder: Path,
+                             build: Callable[[Any, ActiveModel], Predictor] | None = None) -> ActiveModel:
+    """Serve one project's checkpoint from this runtime, sent as the delta file's bytes and its record (a Ray
+    worker, which may not share MODEL_DIR): the file goes into `folder`, the record into a training store of
+    that folder, and the project is served by the same rules as in the server. Returns the record as served."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / Path(active.path).name
+    path.write_bytes(delta)
+    local = dataclasses.replace(active, path=str(path))
+    store = TrainingStore(training_db(folder))
+    store.set_active(local)
+    runtime.project_models = ProjectModels(runtime, store, build or build_project_predictor)
+    return local
+
+
+def served_project_model(runtime: Any) -> ActiveModel | None:
+    """The project checkpoint that a runtime as a project sees it (Runtime.for_project) serves; None: the base."""
+    return runtime.active if isinstance(runtime, ProjectView) else None
 
 
 class ProjectModels:

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,8 +33,9 @@ def run(ls, tmp_path, model=None, **options) -> bulk.BulkReport:
     model = model or ColourPredictor()
     settings = options.pop("settings", None) or settings_for(ls, tmp_path)
     stop = options.pop("stop", None)
+    build_project = options.pop("build_project", None)
     opts = BulkOptions(project=options.pop("project", 3), progress=False, **options)
-    return run_bulk(opts, settings, model_factory=lambda s: model, stop=stop)
+    return run_bulk(opts, settings, model_factory=lambda s: model, stop=stop, build_project=build_project)
 
 
 def without_ids(prediction: dict) -> dict:
@@ -296,3 +299,99 @@ def test_ray_mode_gives_the_same_predictions_as_local_mode(ls, tmp_path):
     assert remote.failed[0]["reason"] == local.failed[0]["reason"]
     by_task = lambda path: {i["task"]: without_ids(i) for i in json.loads(path.read_text())}
     assert by_task(ray_out) == by_task(local_out)
+
+
+class ProjectColourPredictor(ColourPredictor):
+    """A project's fine-tuned colour model: it finds the regions of the first label only."""
+
+    def __init__(self, active):
+        super().__init__()
+        self.checkpoint_id = active.checkpoint_id
+        self.model_name = f"fake-ckpt+p{active.project_id}"
+
+    def segment_generic(self, encoded, classes, **kwargs):
+        return [i for i in super().segment_generic(encoded, classes, **kwargs) if i.class_index == 0]
+
+
+def activate_project_model(settings) -> tuple[Path, object]:
+    """Project 3's active checkpoint in MODEL_DIR, and a build of its model that checks the file it is given:
+    the delta's bytes, and outside the driver's process a copy of its own (Ray workers may not share
+    MODEL_DIR)."""
+    from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
+
+    path = settings.model_dir / "project_models" / "project3-job1.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"a delta")
+    TrainingStore(training_db(settings.model_dir)).set_active(ActiveModel(
+        project_id=3, path=str(path), checkpoint_id="fake-ckpt+p3-0a1b2c3d", base_digest="fake-ckpt",
+        score_threshold=0.3, job_id=1))
+    driver = os.getpid()
+
+    def build(base, active):
+        assert Path(active.path).read_bytes() == b"a delta"
+        assert (active.path == str(path)) == (os.getpid() == driver), active.path
+        return ProjectColourPredictor(active)
+
+    return path, build
+
+
+def test_ray_mode_serves_the_project_model_as_local_mode_does(ls, tmp_path):
+    ray = pytest.importorskip("ray")
+    import ray.cloudpickle
+
+    from labelstudio_backend.bulk.ray_mode import init_ray
+    from labelstudio_backend.projects import ProjectRecords
+
+    make_project(ls, unlabeled=3)
+    settings = settings_for(ls, tmp_path)
+    _, build = activate_project_model(settings)
+    outs = {name: tmp_path / f"{name}.json" for name in ("local", "ray", "rollback")}
+    local = run(ls, tmp_path, batch_size=2, out=outs["local"], settings=settings, build_project=build)
+    for module in (sys.modules[__name__], doubles):  # the test doubles go to the workers
+        ray.cloudpickle.register_pickle_by_value(module)
+    init_ray(None, num_cpus=2, log_to_driver=False)
+    try:
+        remote = run(ls, tmp_path, batch_size=2, out=outs["ray"], ray="", settings=settings, build_project=build)
+        ProjectRecords(settings).save(3, {"project_model": "base"}, CONFIG)  # the project's rollback
+        rollback = run(ls, tmp_path, batch_size=2, out=outs["rollback"], ray="", settings=settings,
+                       build_project=build)
+    finally:
+        ray.shutdown()
+        for module in (sys.modules[__name__], doubles):
+            ray.cloudpickle.unregister_pickle_by_value(module)
+    by_task = lambda path: {i["task"]: without_ids(i) for i in json.loads(path.read_text())}
+    assert by_task(outs["ray"]) == by_task(outs["local"]) and local.done == remote.done == rollback.done == 5
+    for report in (local, remote):
+        assert (report.model, report.checkpoint) == ("project", "fake-ckpt+p3-0a1b2c3d")
+        assert "+p3" in report.model_version and "project model fake-ckpt+p3-0a1b2c3d" in report.summary()
+    for item in json.loads(outs["ray"].read_text()):
+        assert len(masks_by_label(item)) == 1  # the project's model found one label's regions
+    assert (rollback.model, rollback.checkpoint) == ("base", "fake-ckpt") and "+p3" not in rollback.model_version
+    found = [set(masks_by_label(item)) for item in json.loads(outs["rollback"].read_text())]
+    assert set.union(*found) == {"Red", "Blue"} and max(map(len, found)) == 2  # the base model's two labels
+
+
+def test_a_ray_worker_whose_base_is_not_the_project_models_refuses_to_start(ls, tmp_path):
+    from labelstudio_backend.bulk.ray_mode import Segmenter
+    from labelstudio_backend.store.training import ActiveModel
+
+    settings = settings_for(ls, tmp_path)
+    build = lambda base, active: ProjectColourPredictor(active)
+    pinned = PinnedReferences(model_version="dinov-fake-ckpt+p3-refs1-abcdef", revision=1,
+                              checkpoint="fake-ckpt+p3-0a1b2c3d", labels=["Red"], task_ids=[1],
+                              vectors=np.zeros((1, 3), np.float32))
+    active = ActiveModel(project_id=3, path="/driver/project3-job1.safetensors",
+                         checkpoint_id="fake-ckpt+p3-0a1b2c3d", base_digest="fake-ckpt", score_threshold=0.3, job_id=1)
+    worker = Segmenter(settings, CONFIG, 3, pinned, lambda s: ColourPredictor(), project_model=active,
+                       delta=b"a delta", build_project=build)  # as an actor: in a process of its own
+    assert worker.backend.runtime.checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
+    assert worker.backend.runtime.active.path.startswith(worker.folder.name)  # the bytes sent, in a file of its own
+    assert Path(worker.backend.runtime.active.path).read_bytes() == b"a delta"
+
+    other = ActiveModel(**{**active.__dict__, "base_digest": "another-base"})
+    with pytest.raises(RuntimeError, match="pinned with fake-ckpt\\+p3-0a1b2c3d: its checkpoint was trained on base "
+                                           "another-base"):
+        Segmenter(settings, CONFIG, 3, pinned, lambda s: ColourPredictor(), project_model=other, delta=b"a delta",
+                  build_project=build)
+    with pytest.raises(RuntimeError, match="every node needs the driver DINOV_CHECKPOINT"):
+        Segmenter(settings, CONFIG, 3, pinned, lambda s: ColourPredictor())  # no checkpoint sent: the base

@@ -29,10 +29,11 @@ from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.label_config import parse_label_config
 from labelstudio_backend.labelstudio_client import LabelStudioClient
 from labelstudio_backend.payload import utc_now
-from labelstudio_backend.project_models import serve_project_models
+from labelstudio_backend.project_models import serve_project_models, served_project_model
 from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store import ReferenceStore
+from labelstudio_backend.store.training import ActiveModel
 from labelstudio_backend.sync import sync_project
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ logger = logging.getLogger(__name__)
 
 def run_bulk(options: BulkOptions, settings: Settings | None = None,
              model_factory: Callable[[Settings], Predictor] | None = None,
-             stop: threading.Event | None = None, client: LabelStudioClient | None = None) -> BulkReport:
-    """Run one bulk job (the command line's work); returns its report, also written to the report file."""
+             stop: threading.Event | None = None, client: LabelStudioClient | None = None,
+             build_project: Callable[[Any, ActiveModel], Predictor] | None = None) -> BulkReport:
+    """Run one bulk job (the command line's work); returns its report, also written to the report file.
+    build_project: builds a project's fine-tuned model from the base (tests give a stand-in)."""
     settings = settings or Settings.from_env()
     settings = replace(settings, feature_cache_size=1)  # each encoded image is used once
     stop = stop or threading.Event()
@@ -86,8 +89,11 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         if options.extra_params:
             project_settings = project_settings.with_overrides(options.extra_params)
         runtime.load_model()  # load the model first: its failure is the error to report
-        serve_project_models(runtime)  # the project's fine-tuned model, when it has an active one
+        serve_project_models(runtime, build_project)  # the project's fine-tuned model, when it has an active one
         backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings)
+        project_model = served_project_model(backend.runtime)
+        report.model, report.checkpoint = ("project" if project_model else "base"), backend.runtime.checkpoint_id
+        logger.info("predicting with the %s model %s", report.model, report.checkpoint)
         job_path = settings.model_dir / "bulk" / f"{job}.json"
         pinned = None if options.refresh_references else PinnedReferences.load(job_path)
         if pinned is not None and pinned.model_version != version_at_revision(backend, pinned.revision):
@@ -132,7 +138,7 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
 
                 run_on_ray(options, settings=backend.settings, label_config=label_config, project_id=project_id,
                            pinned=pinned, tasks=selected, images=images, sink=sink, report=report, stop=stop,
-                           model_factory=model_factory)
+                           model_factory=model_factory, project_model=project_model, build_project=build_project)
             else:
                 with progress_bar(len(selected), options.progress) as bar:
                     recorder = Recorder(sink, report, stop, progress=bar)

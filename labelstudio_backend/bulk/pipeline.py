@@ -101,6 +101,8 @@ class BulkReport:
     mode: str = "label_studio"
     project: int | None = None
     model_version: str = ""
+    model: str = "base"  # or "project": the project's fine-tuned model
+    checkpoint: str = ""  # the checkpoint id of the model that predicted
     revision: int = 0
     started_at: str = ""
     finished_at: str = ""
@@ -123,7 +125,8 @@ class BulkReport:
         skipped = sum(self.skipped.values())
         lines = [f"bulk job {self.job}: {self.done} done ({self.done_without_regions} without regions), "
                  f"{skipped} skipped, {len(self.failed)} failed, of {self.tasks_listed} tasks; "
-                 f"model_version {self.model_version}; {self.seconds:.1f} s, {self.images_per_second:.2f} images/s"]
+                 f"model_version {self.model_version} ({self.model} model {self.checkpoint}); {self.seconds:.1f} s, "
+                 f"{self.images_per_second:.2f} images/s"]
         for reason, count in sorted(self.skipped.items()):
             lines.append(f"  skipped {count}: {reason}")
         reasons = Counter(f["reason"] for f in self.failed)

@@ -10,7 +10,10 @@ mode. Between, a Ray Dataset of the selected tasks flows through two stages:
 Each Segmenter holds one model and the pinned references (sent with the actor, not read from MODEL_DIR),
 and predicts with the same code as local mode (pipeline.segment_batch on a DINOvBackend over a PinnedSource), so
 both modes give the same predictions. Images travel as their encoded bytes (smaller than pixels) and are decoded next to the
-model.
+model. A project served by its fine-tuned checkpoint (the driver decides, by the server's rules, PROJECT_MODEL
+included) is served by it on the workers too: the driver sends the checkpoint's delta file and record with the
+actor, which writes the file to a folder of its own and builds the model from its base as the server does; an
+actor whose model is not the one the references were pinned with refuses to start.
 
 A cluster: on the head node `ray start --head --port=6379`, on every other node
 `ray start --address=<head>:6379` (GPUs are found by Ray); every node needs this repository and its Python
@@ -23,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -42,8 +46,10 @@ from labelstudio_backend.bulk.sinks import Sink
 from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.label_config import parse_label_config
 from labelstudio_backend.payload import task_id_of
+from labelstudio_backend.project_models import serve_sent_project_model
 from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
+from labelstudio_backend.store.training import ActiveModel
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +81,25 @@ class Segmenter:
     """Ray Data stage, one actor per model replica: image bytes -> prediction JSON (or why there is none)."""
 
     def __init__(self, settings: Settings, label_config: str, project_id: int, pinned: PinnedReferences,
-                 model_factory: Callable[[Settings], Predictor] | None = None):
+                 model_factory: Callable[[Settings], Predictor] | None = None,
+                 project_model: ActiveModel | None = None, delta: bytes = b"",
+                 build_project: Callable[[Any, ActiveModel], Predictor] | None = None):
         runtime = Runtime(settings, model_factory=model_factory)
+        runtime.load_model()  # load the model when the actor starts, not with its first batch
+        if project_model is not None:  # the project's fine-tuned checkpoint, sent by the driver
+            self.folder = tempfile.TemporaryDirectory(prefix="dinov-project-model-")  # removed with the actor
+            serve_sent_project_model(runtime, project_model, delta, Path(self.folder.name), build_project)
         self.backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=settings,
                                     references=PinnedSource(pinned, settings.max_examples_per_label))
+        self.backend.runtime.load_model()  # the project's model too
+        served = self.backend.runtime.checkpoint_id
+        if served != pinned.checkpoint:
+            why = runtime.project_models.stale.get(project_id) if project_model is not None else None
+            raise RuntimeError(f"this Ray worker's model is {served}, the references were pinned with "
+                               f"{pinned.checkpoint}: {why or 'every node needs the driver DINOV_CHECKPOINT'}")
         self.config = parse_label_config(label_config)
         self.version = pinned.model_version
         self.decoder = ImageLoader(settings)
-        runtime.load_model()  # load the model when the actor starts, not with its first batch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks = [json.loads(t) for t in batch["task"]]
@@ -121,8 +138,12 @@ def init_ray(address: str | None, **kwargs: Any) -> bool:
 
 def run_on_ray(options: BulkOptions, settings: Settings, label_config: str, project_id: int,
                pinned: PinnedReferences, tasks: list[dict], images: Any, sink: Sink, report: BulkReport,
-               stop: threading.Event, model_factory: Callable[[Settings], Predictor] | None = None) -> BulkReport:
-    """Predict `tasks` on Ray and write the results through `sink` (see the module docstring)."""
+               stop: threading.Event, model_factory: Callable[[Settings], Predictor] | None = None,
+               project_model: ActiveModel | None = None,
+               build_project: Callable[[Any, ActiveModel], Predictor] | None = None) -> BulkReport:
+    """Predict `tasks` on Ray and write the results through `sink` (see the module docstring). project_model: the
+    project's fine-tuned checkpoint the driver serves it with (None: the base model); its file is sent to the
+    workers. build_project: builds it from the base (tests give a stand-in)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -132,8 +153,10 @@ def run_on_ray(options: BulkOptions, settings: Settings, label_config: str, proj
         gpus = int(resources.get("GPU", 0)) if settings.device != "cpu" else 0
         replicas = options.replicas or max(1, gpus)
         fetchers = max(1, min(4, int(resources.get("CPU", 1)) // 2))
-        logger.info("Ray: %d model replicas (%s), %d image fetchers", replicas,
-                    "1 GPU each" if gpus else f"{options.cpus_per_replica:g} CPU each", fetchers)
+        logger.info("Ray: %d model replicas (%s), %d image fetchers; %s", replicas,
+                    "1 GPU each" if gpus else f"{options.cpus_per_replica:g} CPU each", fetchers,
+                    f"the project's model {project_model.checkpoint_id}" if project_model else "the base model")
+        delta = Path(project_model.path).read_bytes() if project_model is not None else b""
         folder = images if isinstance(images, FolderImages) else None
         dataset = ray.data.from_items([{"task": json.dumps(task)} for task in tasks])
         dataset = dataset.map_batches(
@@ -145,7 +168,8 @@ def run_on_ray(options: BulkOptions, settings: Settings, label_config: str, proj
             Segmenter, batch_size=options.batch_size, batch_format="numpy",
             num_gpus=1 if gpus else 0, num_cpus=options.cpus_per_replica,
             fn_constructor_kwargs={"settings": settings, "label_config": label_config, "project_id": project_id,
-                                   "pinned": pinned, "model_factory": model_factory},
+                                   "pinned": pinned, "model_factory": model_factory, "project_model": project_model,
+                                   "delta": delta, "build_project": build_project},
             compute=ActorPoolStrategy(size=replicas))
 
         started = time.perf_counter()
