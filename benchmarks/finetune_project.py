@@ -5,28 +5,32 @@ as the backend splits a project, trained and measured as the training job does (
     python benchmarks/finetune_project.py --checkpoint demo --steps 300            # CPU, a few minutes
     python benchmarks/finetune_project.py --checkpoint swinT --device cuda --steps 1000 --size 512
 
-Prints the validation figures before and after (mIoU, found, wrong regions per image at the calibrated
-threshold), the verdict of the better-or-not rule, the training time, and the same figures on held-out scenes.
+Prints the validation figures before and after (mIoU, found, wrong regions per image: the demo model at the threshold
+it is served with, the fine-tuned one at the threshold the job chooses on the validation split), the verdict of the better-or-not rule, the training time, and the same figures on held-out scenes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from dinov.checkpoint import load_model
 from dinov.data.scenes import generate_extra_scene
 from dinov.predictor import DINOvPredictor
-from dinov.train.finetune import finetune, finetune_config, is_better
+from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better
 from dinov.train.trainer import Trainer
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.training_data import split_tasks
-from labelstudio_backend.training_job import served_measure
+from labelstudio_backend.training_job import served_collector, served_threshold
 
 
 def main() -> None:
@@ -50,20 +54,23 @@ def main() -> None:
     train_ids, val_ids = split_tasks(list(scenes), project_id=1)
     train, val = [scenes[t] for t in train_ids], [scenes[t] for t in val_ids]
     held_out = [generate_extra_scene(5000 + i, size=size, num_objects=(3, 5)) for i in range(args.held_out)]
-    measure = served_measure(Settings(), num_labels=2)
+    settings = Settings()
+    collect = served_collector(settings, num_labels=2)
 
     model, model_config, _ = load_model(args.checkpoint, cache_dir=args.cache_dir)
-    before = measure(DINOvPredictor(model, device=args.device), train, val)
-    # held-out scenes at the threshold calibrated on the validation split, as the project would be served
-    before_held = measure(DINOvPredictor(model, device=args.device), train, held_out, before["score_threshold"])
+    _, threshold = served_threshold(settings, model)  # as the backend serves it: the checkpoint's default
+    served = DINOvPredictor(model, device=args.device)
+    before = figures_at(collect(served, train, val), threshold, lowered_until_found=True)
+    before_held = figures_at(collect(served, train, held_out), threshold, lowered_until_found=True)
     trainer = Trainer(model, model_config, finetune_config(args.parameters, args.steps,
-                                                                    **({"lr": args.lr} if args.lr else {})), device=args.device)
+                                                           **({"lr": args.lr} if args.lr else {})), device=args.device)
     started = time.perf_counter()
     history = finetune(trainer, train, args.minutes * 60)
     seconds = time.perf_counter() - started
     predictor = DINOvPredictor(trainer.model.eval(), device=args.device)
-    after = measure(predictor, train, val, max_wrong_per_image=before["wrong_per_image"])
-    after_held = measure(predictor, train, held_out, after["score_threshold"])
+    # the new model's threshold is chosen on the validation split, then applied to the held-out scenes
+    after = best_threshold_figures(collect(predictor, train, val), before["wrong_per_image"], lowered_until_found=True)
+    after_held = figures_at(collect(predictor, train, held_out), after["score_threshold"], lowered_until_found=True)
     better, why = is_better(before, after)
     print(f"{args.checkpoint} on {args.device}: {trainer.step} steps in {seconds:.0f} s "
           f"({seconds / max(1, trainer.step):.2f} s/step), loss {history[0]['total']:.1f} -> {history[-1]['total']:.1f}")

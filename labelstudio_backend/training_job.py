@@ -36,12 +36,12 @@ def checkpoint_dir(settings: Settings):
     return settings.model_dir / "project_models"
 
 
-def served_measure(settings: Settings, num_labels: int) -> Callable:
-    """measure(predictor, examples, targets): dinov.train.finetune.measure_propagation with what pre-annotation
-    does to the regions (the project's instance count, overlap and minimum-area rules), so that the figures are
-    those of the predictions annotators would get."""
+def served_collector(settings: Settings, num_labels: int) -> Callable:
+    """collect(predictor, examples, targets): dinov.train.finetune.collect_regions with what pre-annotation does to
+    the regions (the project's instance count, overlap and minimum-area rules), so that the figures are those of
+    the predictions annotators would get."""
     from dinov.predictor import Instance as Region
-    from dinov.train.finetune import measure_propagation
+    from dinov.train.finetune import collect_regions
     from labelstudio_backend.instances import Instance, SelectionRules, select_instances
 
     rules = SelectionRules.from_settings(settings)
@@ -50,12 +50,18 @@ def served_measure(settings: Settings, num_labels: int) -> Callable:
         kept = select_instances([Instance(str(r.class_index), r.mask, r.score) for r in found], rules)
         return [Region(mask=k.mask, score=k.score, class_index=int(k.label), box=(0, 0, 0, 0)) for k in kept]
 
-    def measure(predictor: Any, examples: list, targets: list, score_threshold: float | None = None,
-                max_wrong_per_image: float | None = None) -> dict:
-        return measure_propagation(predictor, examples, targets, settings.max_examples_per_label, score_threshold,
-                                   max_instances=settings.max_instances_per_label * num_labels, select=select,
-                                   max_wrong_per_image=max_wrong_per_image)
-    return measure
+    def collect(predictor: Any, examples: list, targets: list) -> list:
+        return collect_regions(predictor, examples, targets, settings.max_examples_per_label,
+                               max_instances=settings.max_instances_per_label * num_labels, select=select)
+    return collect
+
+
+def served_threshold(settings: Settings, model: Any) -> tuple[float | None, float]:
+    """(SCORE_THRESHOLD when the project sets one, else None; the threshold the served model applies): a set
+    SCORE_THRESHOLD is applied as it is, a model's own default is lowered per image until a region is found."""
+    if settings.score_threshold is not None:
+        return settings.score_threshold, settings.score_threshold
+    return None, float(model.default_score_threshold)
 
 
 def run_job(spec: JobSpec) -> None:
@@ -80,7 +86,7 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, file_digest, load_model
     from dinov.delta import apply_delta, read_delta, save_delta, trainable_names
     from dinov.predictor import DINOvPredictor, resolve_device
-    from dinov.train.finetune import finetune, finetune_config, is_better
+    from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better
     from dinov.train.trainer import Trainer
     from labelstudio_backend.images import ImageLoader
     from labelstudio_backend.label_config import parse_label_config
@@ -105,11 +111,15 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     active = store.active(pid)
     earlier: list[str] = []
     if active is not None and active.base_digest == base_digest and os.path.exists(active.path):
-        apply_delta(model, active.path, base_digest)  # continue from what the project is served with
+        metadata = apply_delta(model, active.path, base_digest)  # continue from what the project is served with
+        model.default_score_threshold = float(metadata.get(SCORE_THRESHOLD_METADATA_KEY, active.score_threshold))
         earlier = list(read_delta(active.path)[0])
-    measure = served_measure(settings, len(config.output_labels))
+    collect = served_collector(settings, len(config.output_labels))
+    pinned, threshold = served_threshold(settings, model)
     store.update_job(job_id, message="measuring the served model")
-    before = measure(DINOvPredictor(model, device=device), train, val)
+    # as annotators get it now: the served model at its served threshold
+    before = figures_at(collect(DINOvPredictor(model, device=device), train, val), threshold,
+                        lowered_until_found=pinned is None)
 
     on_gpu = device.startswith("cuda")
     steps = settings.train_steps or (1000 if on_gpu else 300)
@@ -129,9 +139,11 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
 
     history = finetune(trainer, train, minutes * 60, on_progress=progress)
     store.update_job(job_id, step=trainer.step, message="measuring the trained model")
-    # its threshold: the best mIoU among those making no more wrong regions than the served model
-    after = measure(DINOvPredictor(trainer.model.eval(), device=device), train, val,
-                    max_wrong_per_image=before["wrong_per_image"])
+    collected = collect(DINOvPredictor(trainer.model.eval(), device=device), train, val)
+    if pinned is not None:  # the project's SCORE_THRESHOLD applies to the new model too
+        after = figures_at(collected, pinned, lowered_until_found=False)
+    else:  # its own threshold: the best mIoU among those making no more wrong regions than the served model
+        after = best_threshold_figures(collected, before["wrong_per_image"], lowered_until_found=True)
     better, why = is_better(before, after)
     figures = {"before": before, "after": after, "steps": trainer.step, "train_tasks": len(train),
                "validation_tasks": len(val), "seconds": round(time.monotonic() - started, 1),

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dinov.delta import BaseMismatch, apply_delta, read_delta, save_delta, trainable_names
-from dinov.train.finetune import is_better, measure_propagation, region_ious
+from dinov.train.finetune import best_threshold_figures, collect_regions, figures_at, is_better, region_ious
 from dinov.data.scenes import EXTRA_KINDS, Scene, generate_extra_scene, generate_scene, masks_to_boxes
 from dinov.train.losses import SetCriterion
 from dinov.train.matcher import HungarianMatcher
@@ -165,33 +165,65 @@ def test_new_shape_kinds_never_appear_in_the_default_scenes():
     assert np.array_equal(generate_scene(3).image, generate_scene(3).image)
 
 
-def test_measure_propagation_counts_wrong_regions():
+def two_region_scene() -> tuple[Scene, np.ndarray]:
     scene = Scene(image=np.zeros((20, 20, 3), np.uint8), masks=np.zeros((1, 20, 20), bool), classes=np.array([0]),
                   boxes=np.zeros((1, 4), np.float32))
     scene.masks[0, 2:10, 2:10] = True
     elsewhere = np.zeros((20, 20), bool)
     elsewhere[12:18, 12:18] = True
+    return scene, elsewhere
 
-    class Predictor:
-        def encode_image(self, image):
-            return image
 
-        def encode_prompts(self, encoded, masks):
-            return np.ones((len(masks), 2), np.float32)
+class TwoRegionPredictor:
+    """Finds the true instance at score `right` and a region elsewhere at score `wrong`."""
 
-        def segment_generic(self, encoded, bank, score_threshold, max_instances, max_examples):
-            return [SimpleNamespace(mask=scene.masks[0], score=0.9, class_index=0),
-                    SimpleNamespace(mask=elsewhere, score=0.5, class_index=0)]
+    def __init__(self, scene, elsewhere, right=0.9, wrong=0.5):
+        self.regions = [SimpleNamespace(mask=scene.masks[0], score=right, class_index=0),
+                        SimpleNamespace(mask=elsewhere, score=wrong, class_index=0)]
 
-    at_low = measure_propagation(Predictor(), [scene], [scene, scene], score_threshold=0.3)
-    assert at_low["miou"] == 1.0 and at_low["wrong_per_image"] == 1.0
-    calibrated = measure_propagation(Predictor(), [scene], [scene])
-    assert calibrated["wrong_per_image"] == 0.0 and calibrated["score_threshold"] > 0.5
-    # a new model's threshold: the best mIoU that makes no more wrong regions than allowed
-    allowed = measure_propagation(Predictor(), [scene], [scene], max_wrong_per_image=1.0)
-    assert allowed["miou"] == 1.0 and allowed["wrong_per_image"] == 1.0 and allowed["score_threshold"] <= 0.5
-    strict = measure_propagation(Predictor(), [scene], [scene], max_wrong_per_image=0.0)
-    assert strict["wrong_per_image"] == 0.0 and strict["miou"] == 1.0
+    def encode_image(self, image):
+        return image
+
+    def encode_prompts(self, encoded, masks):
+        return np.ones((len(masks), 2), np.float32)
+
+    def segment_generic(self, encoded, bank, score_threshold, max_instances, max_examples):
+        return sorted([r for r in self.regions if r.score >= score_threshold], key=lambda r: -r.score)
+
+
+def test_figures_count_found_instances_and_wrong_regions():
+    scene, elsewhere = two_region_scene()
+    collected = collect_regions(TwoRegionPredictor(scene, elsewhere), [scene], [scene, scene])
+    low = figures_at(collected, 0.3, lowered_until_found=False)
+    assert (low["miou"], low["found"], low["wrong_per_image"], low["tasks"]) == (1.0, 1.0, 1.0, 2)
+    assert figures_at(collected, 0.6, lowered_until_found=False)["wrong_per_image"] == 0.0
+    assert figures_at(collected, 0.95, lowered_until_found=False)["miou"] == 0.0  # nothing kept
+
+
+def test_a_models_own_threshold_is_lowered_per_image_until_a_region_passes():
+    scene, elsewhere = two_region_scene()
+    # only the wrong region is found, at 0.2: the official rule lowers 0.31 -> 0.27 -> 0.23 -> 0.19 and keeps it
+    collected = collect_regions(TwoRegionPredictor(scene, elsewhere, right=0.01, wrong=0.2), [scene], [scene])
+    assert figures_at(collected, 0.31, lowered_until_found=True)["wrong_per_image"] == 1.0
+    assert figures_at(collected, 0.31, lowered_until_found=False)["wrong_per_image"] == 0.0  # a set threshold
+    # strictly above a lowered threshold, as the predictor's rule: 0.5 at 0.5 is not kept
+    collected = collect_regions(TwoRegionPredictor(scene, elsewhere, right=0.9, wrong=0.5), [scene], [scene])
+    assert figures_at(collected, 0.5, lowered_until_found=True)["wrong_per_image"] == 0.0
+    assert figures_at(collected, 0.5, lowered_until_found=False)["wrong_per_image"] == 1.0
+
+
+def test_a_new_models_threshold_errs_no_more_than_the_served_model():
+    scene, elsewhere = two_region_scene()
+    collected = collect_regions(TwoRegionPredictor(scene, elsewhere, right=0.7, wrong=0.5), [scene], [scene])
+    allowed = best_threshold_figures(collected, max_wrong_per_image=1.0, lowered_until_found=False)
+    # every threshold up to 0.70 keeps the right region; the highest of them is chosen
+    assert allowed["miou"] == 1.0 and allowed["score_threshold"] == pytest.approx(0.70)
+    strict = best_threshold_figures(collected, max_wrong_per_image=0.0, lowered_until_found=True)
+    assert strict["miou"] == 1.0 and strict["wrong_per_image"] == 0.0
+    # the wrong region scores higher than the right one: no threshold keeps the right one without it
+    collected = collect_regions(TwoRegionPredictor(scene, elsewhere, right=0.4, wrong=0.8), [scene], [scene])
+    none_allowed = best_threshold_figures(collected, max_wrong_per_image=0.0, lowered_until_found=True)
+    assert none_allowed["wrong_per_image"] == 1.0 and not is_better(figures(0.0, 0.0), none_allowed)[0]
 
 
 # --- jobs

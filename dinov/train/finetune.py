@@ -3,7 +3,9 @@
     config = finetune_config("decoder", steps=300)
     trainer = Trainer(model, model_config, config, device="cpu")          # the one trainer of dinov.train
     history = finetune(trainer, train_scenes, max_seconds=600, on_progress=report)
-    after = measure_propagation(predictor, train_scenes, val_scenes)
+    before = figures_at(collect_regions(served_predictor, train_scenes, val_scenes), 0.31, lowered_until_found=True)
+    after = best_threshold_figures(collect_regions(new_predictor, train_scenes, val_scenes),
+                                   max_wrong_per_image=before["wrong_per_image"], lowered_until_found=True)
     better, reason = is_better(before, after)
 
 Scenes carry the project's instances (class i = the project's i-th label); an instance known only by its box
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
-from dinov.calibrate import THRESHOLDS, best_f1_threshold
+from dinov.calibrate import THRESHOLDS
 from dinov.data.scenes import Scene
-from dinov.metrics import mask_iou, match_greedily
+from dinov.metrics import mask_iou
+from dinov.postprocess import official_threshold
 from dinov.train.trainer import TrainConfig, Trainer, batches
 
 # What a fine-tuning trains; the rest stays frozen.
@@ -85,19 +90,24 @@ def region_ious(pred_masks: np.ndarray, scene: Scene) -> np.ndarray:
     return ious
 
 
-def measure_propagation(predictor, examples: Sequence[Scene], targets: Sequence[Scene], max_examples: int = 16,
-                        score_threshold: float | None = None, max_instances: int = 100,
-                        select: Callable[[list], list] | None = None, max_wrong_per_image: float | None = None) -> dict:
+@dataclass
+class TargetRegions:
+    """The regions served for one target image, at every score from LOWEST_THRESHOLD up: their scores [P], class
+    ids [P], IoU with the image's true instances [P, G], and the true instances' class ids [G]."""
+
+    scores: np.ndarray
+    classes: np.ndarray
+    ious: np.ndarray
+    truth: np.ndarray
+
+
+def collect_regions(predictor, examples: Sequence[Scene], targets: Sequence[Scene], max_examples: int = 16,
+                    max_instances: int = 100, select: Callable[[list], list] | None = None) -> list[TargetRegions]:
     """Generic propagation as the backend does it: every target segmented against the classes of `examples`
-    (each by up to max_examples of its instances), its regions passed through `select` (the backend's
-    selection of what it returns: a function of the predictor's Instances, best first, that keeps some of them,
-    possibly with smaller masks; a region's fate depends only on better ones, so selecting once and applying a
-    threshold afterwards is selecting at that threshold). Returns mIoU (per true instance the best IoU among regions
-    of its class), found (IoU >= 0.5), wrong regions per image (IoU < 0.5 with every true instance of their
-    class), at `score_threshold`. None: the threshold is calibrated on these targets: with `max_wrong_per_image`,
-    the one with the best mIoU among those that make at most that many wrong regions per image (a new model is
-    served where it errs no more than the old one); otherwise, or when none does, the one that maximises
-    instance F1. Reported as "score_threshold"."""
+    (each by up to max_examples of its instances), its regions passed through `select` (the backend's selection
+    of what it returns: a function of the predictor's Instances, best first, that keeps some of them, possibly
+    with smaller masks; a region's fate depends only on better ones, so selecting once and applying a threshold
+    afterwards is selecting at that threshold)."""
     pool: dict[int, list[np.ndarray]] = defaultdict(list)
     for scene in examples:
         if len(scene.masks) == 0:
@@ -108,55 +118,57 @@ def measure_propagation(predictor, examples: Sequence[Scene], targets: Sequence[
                 pool[c].append(e)
     classes = sorted(pool)
     bank = [np.stack(pool[c]) for c in classes]
-    per_target = []  # (scores [P], labels [P], ious [P, G], truth classes [G])
+    collected = []
     for scene in targets:
         found = predictor.segment_generic(predictor.encode_image(scene.image), bank, score_threshold=LOWEST_THRESHOLD,
                                           max_instances=max_instances, max_examples=max_examples) if bank else []
         if select is not None:
             found = select(found)
         masks = np.stack([x.mask for x in found]) if found else np.zeros((0, *scene.image.shape[:2]), bool)
-        per_target.append((np.array([x.score for x in found]), np.array([classes[x.class_index] for x in found]),
-                           region_ious(masks, scene), np.asarray(scene.classes)))
-    if score_threshold is None and max_wrong_per_image is not None:
-        figures = [_figures(per_target, t) for t in THRESHOLDS]
-        allowed = [f for f in figures if f["wrong_per_image"] <= max_wrong_per_image]
-        if allowed:
-            return max(allowed, key=lambda f: (f["miou"], -f["score_threshold"]))
-    if score_threshold is None:
-        score_threshold = _calibrated_threshold(per_target)
-    return _figures(per_target, score_threshold)
+        collected.append(TargetRegions(scores=np.array([x.score for x in found], float),
+                                       classes=np.array([classes[x.class_index] for x in found], np.int64),
+                                       ious=region_ious(masks, scene), truth=np.asarray(scene.classes)))
+    return collected
 
 
-def _figures(per_target: list, score_threshold: float) -> dict:
-    """mIoU, found and wrong regions per image of collected regions at one score threshold."""
+def figures_at(collected: Sequence[TargetRegions], score_threshold: float, lowered_until_found: bool) -> dict:
+    """mIoU (per true instance the best IoU among regions of its class), found (IoU >= 0.5) and wrong regions per
+    image (IoU < 0.5 with every true instance of their class) of the regions kept at `score_threshold`.
+
+    lowered_until_found: the threshold as the backend applies a model's default one (SCORE_THRESHOLD unset, the
+    official rule): per image, scores strictly above it, lowered by 0.04 until a region passes (down to
+    LOWEST_THRESHOLD, where collecting stopped); otherwise scores at or above it, as a set SCORE_THRESHOLD."""
     best, wrong = [], 0
-    for scores, labels, ious, truth in per_target:
-        kept = scores >= score_threshold
-        same = (labels[kept][:, None] == truth[None, :]) if len(truth) else np.zeros((int(kept.sum()), 0), bool)
-        matched = np.where(same, ious[kept], 0.0)
+    for target in collected:
+        scores = target.scores
+        if lowered_until_found and len(scores):
+            kept = scores > official_threshold(torch.from_numpy(scores), score_threshold)
+        else:
+            kept = scores >= score_threshold
+        truth = target.truth
+        same = (target.classes[kept][:, None] == truth[None, :]) if len(truth) else np.zeros((int(kept.sum()), 0), bool)
+        matched = np.where(same, target.ious[kept], 0.0)
         best.extend(matched.max(0).tolist() if len(matched) else [0.0] * len(truth))
         wrong += int((matched.max(1) < IOU_FOUND).sum()) if matched.shape[1] else int(kept.sum())
     best_arr = np.asarray(best, float)
     return {"miou": float(best_arr.mean()) if len(best_arr) else 0.0,
             "found": float((best_arr >= IOU_FOUND).mean()) if len(best_arr) else 0.0,
-            "wrong_per_image": wrong / max(1, len(per_target)), "tasks": len(per_target),
-            "instances": len(best_arr), "score_threshold": float(score_threshold)}
+            "wrong_per_image": wrong / max(1, len(collected)), "tasks": len(collected),
+            "instances": len(best_arr), "score_threshold": float(score_threshold),
+            "lowered_until_found": bool(lowered_until_found)}
 
 
-def _calibrated_threshold(per_target: list) -> float:
-    """The score threshold that maximises instance F1 (greedy matching by score, as dinov.calibrate)."""
-    scores_all, matched_all, truths = [], [], 0
-    for scores, labels, ious, truth in per_target:
-        truths += len(truth)
-        for c in np.unique(labels):
-            rows = np.flatnonzero(labels == c)
-            rows = rows[np.argsort(-scores[rows], kind="mergesort")]
-            cols = np.flatnonzero(truth == c)
-            scores_all.extend(scores[rows].tolist())
-            matched_all.extend(match_greedily(ious[np.ix_(rows, cols)], IOU_FOUND).tolist())
-    if not scores_all:
-        return LOWEST_THRESHOLD
-    return best_f1_threshold(np.asarray(scores_all, float), np.asarray(matched_all, bool), truths)[0]
+def best_threshold_figures(collected: Sequence[TargetRegions], max_wrong_per_image: float,
+                           lowered_until_found: bool) -> dict:
+    """The figures at the score threshold a new model is served with: the best mIoU among the thresholds that make
+    at most `max_wrong_per_image` wrong regions per image (the served model's count: a new model errs no more),
+    the highest such threshold on a tie (fewer regions for the same quality). When no threshold is within the
+    bound, the one with the fewest wrong regions (the better-or-not rule then rejects the model)."""
+    figures = [figures_at(collected, float(t), lowered_until_found) for t in THRESHOLDS]
+    allowed = [f for f in figures if f["wrong_per_image"] <= max_wrong_per_image + 1e-9]
+    if allowed:
+        return max(allowed, key=lambda f: (round(f["miou"], 9), f["score_threshold"]))
+    return min(figures, key=lambda f: (f["wrong_per_image"], -f["miou"], -f["score_threshold"]))
 
 
 def is_better(before: dict, after: dict, min_tasks: int = MIN_VALIDATION_TASKS) -> tuple[bool, str]:
