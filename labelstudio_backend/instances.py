@@ -18,7 +18,7 @@ from labelstudio_backend.label_config import ParsedConfig
 from labelstudio_backend.regions import mask_to_regions
 from labelstudio_backend.settings import Settings
 
-DUPLICATE_IOU = 0.8        # same-label instances overlapping more than this are one object
+COVERED_FRACTION = 0.8     # a region this much inside better ones is one of them, or a part of one
 SAME_OBJECT_IOU = 0.5      # a found instance overlapping the drawn object more than this is that object
 
 
@@ -45,9 +45,11 @@ class SelectionRules:
 
 
 def select_instances(instances: Iterable[Instance], rules: SelectionRules) -> list[Instance]:
-    """Best score first: at most rules.max_per_label per label, no same-label duplicates (IoU > DUPLICATE_IOU),
-    no pixel shared between labels unless allowed (the better instance keeps it), at least rules.min_area
-    pixels (and at least 1) after that. Returns the kept instances, best first."""
+    """Best score first: at most rules.max_per_label per label; no region with COVERED_FRACTION of its pixels
+    inside better regions of its label (or of any label, when labels may not overlap): that is an object already
+    found, or a part of one (Mask2Former's overlap rule); no pixel shared between labels unless allowed (the better
+    instance keeps it); at least rules.min_area pixels (and at least 1) after that. Returns the kept instances,
+    best first."""
     kept: list[Instance] = []
     counts: dict[str, int] = defaultdict(int)
     claimed: np.ndarray | None = None
@@ -59,11 +61,13 @@ def select_instances(instances: Iterable[Instance], rules: SelectionRules) -> li
         mask = np.asarray(instance.mask, dtype=bool)
         if claimed is None:
             claimed = np.zeros_like(mask)
+        taken = claimed if not rules.allow_overlap else own.get(label, np.zeros_like(mask))
+        area = int(mask.sum())
+        if area and int((mask & taken).sum()) >= COVERED_FRACTION * area:
+            continue
         if not rules.allow_overlap:
             mask = mask & ~(claimed & ~own.get(label, np.zeros_like(mask)))
         if int(mask.sum()) < max(1, rules.min_area):
-            continue
-        if any(k.label == label and iou(k.mask, mask) > DUPLICATE_IOU for k in kept):
             continue
         kept.append(Instance(label, mask, instance.score))
         counts[label] += 1

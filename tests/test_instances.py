@@ -22,6 +22,19 @@ def test_best_first_no_duplicates_per_label_limit_and_min_area():
     assert [(k.label, k.score) for k in kept] == [("a", 0.9), ("a", 0.7)]
 
 
+def test_a_part_of_a_found_object_is_not_a_new_object():
+    rules = SelectionRules(max_per_label=5, min_area=1, allow_overlap=True)
+    whole = Instance("a", square(0, 0, 6), 0.9)
+    part = Instance("a", square(0, 0, 3), 0.8)           # IoU 0.25 with the whole, but all inside it
+    half_out = Instance("a", square(3, 3, 6), 0.7)       # a quarter inside: another object
+    other_label = Instance("b", square(1, 1, 3), 0.6)    # inside, but another label may overlap
+    kept = select_instances([whole, part, half_out, other_label], rules)
+    assert [(k.label, k.score) for k in kept] == [("a", 0.9), ("a", 0.7), ("b", 0.6)]
+    # labels may not overlap: a region mostly inside a better one of another label is that object too
+    kept = select_instances([whole, other_label], SelectionRules(5, 1, allow_overlap=False))
+    assert [(k.label, k.score) for k in kept] == [("a", 0.9)]
+
+
 def test_overlap_between_labels_goes_to_the_better_instance_unless_allowed():
     a, b = Instance("a", square(0, 0), 0.9), Instance("b", square(2, 2), 0.8)
     kept = select_instances([a, b], SelectionRules(5, 1, allow_overlap=False))
