@@ -371,6 +371,19 @@ def test_ray_mode_serves_the_project_model_as_local_mode_does(ls, tmp_path):
     assert set.union(*found) == {"Red", "Blue"} and max(map(len, found)) == 2  # the base model's two labels
 
 
+def test_local_mode_serves_the_project_model_unless_the_job_rolls_it_back(ls, tmp_path):
+    make_project(ls, unlabeled=3)
+    settings = settings_for(ls, tmp_path)
+    _, build = activate_project_model(settings)
+    served = run(ls, tmp_path, batch_size=2, out=tmp_path / "served.json", settings=settings, build_project=build)
+    base = run(ls, tmp_path, batch_size=2, out=tmp_path / "base.json", settings=settings, build_project=build,
+               extra_params={"project_model": "base"})
+    assert (served.model, served.checkpoint) == ("project", "fake-ckpt+p3-0a1b2c3d")
+    assert (base.model, base.checkpoint) == ("base", "fake-ckpt") and "+p3" not in base.model_version
+    found = [set(masks_by_label(item)) for item in json.loads((tmp_path / "base.json").read_text())]
+    assert set.union(*found) == {"Red", "Blue"}  # the base model's two labels, not the project model's one
+
+
 def test_a_ray_worker_whose_base_is_not_the_project_models_refuses_to_start(ls, tmp_path):
     from labelstudio_backend.bulk.ray_mode import Segmenter
     from labelstudio_backend.store.training import ActiveModel

@@ -89,7 +89,8 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         if options.extra_params:
             project_settings = project_settings.with_overrides(options.extra_params)
         runtime.load_model()  # load the model first: its failure is the error to report
-        serve_project_models(runtime, build_project)  # the project's fine-tuned model, when it has an active one
+        if project_settings.project_model != "base":  # PROJECT_MODEL=base, also from --extra-params: the base
+            serve_project_models(runtime, build_project)  # the project's fine-tuned model, when it has an active one
         backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings)
         project_model = served_project_model(backend.runtime)
         report.model, report.checkpoint = ("project" if project_model else "base"), backend.runtime.checkpoint_id
