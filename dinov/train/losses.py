@@ -146,7 +146,9 @@ class Denoising:
 
 def _pad_masks(masks: Sequence[Tensor], height: int, width: int) -> Tensor:
     """Concatenate masks [N_i, H_i, W_i] of several images zero-padded (bottom, right) to height x width."""
-    return torch.cat([F.pad(m.float(), (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in masks])
+    # concatenated in their own dtype (bool targets: a quarter of the bytes) and converted once
+    return torch.cat([m if m.shape[-2:] == (height, width) else
+                      F.pad(m, (0, width - m.shape[-1], 0, height - m.shape[-2])) for m in masks]).float()
 
 
 def loss_base_name(name: str) -> str:
