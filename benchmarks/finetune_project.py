@@ -62,7 +62,7 @@ def main() -> None:
     served = DINOvPredictor(model, device=args.device)
     before = figures_at(collect(served, train, val), threshold, lowered_until_found=True)
     before_held = figures_at(collect(served, train, held_out), threshold, lowered_until_found=True)
-    trainer = Trainer(model, model_config, finetune_config(args.parameters, args.steps,
+    trainer = Trainer(model, model_config, finetune_config(model_config, args.parameters, args.steps,
                                                            **({"lr": args.lr} if args.lr else {})), device=args.device)
     started = time.perf_counter()
     history = finetune(trainer, train, args.minutes * 60)

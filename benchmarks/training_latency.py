@@ -31,7 +31,7 @@ def train_in_child(steps: int) -> None:
     torch.set_num_threads(1)
     scenes = [generate_extra_scene(1000 + i, size=(192, 240), num_objects=(3, 5)) for i in range(9)]
     model, config, _ = load_model("demo")
-    finetune(Trainer(model, config, finetune_config("decoder", steps)), scenes, max_seconds=3600)
+    finetune(Trainer(model, config, finetune_config(config, "decoder", steps)), scenes, max_seconds=3600)
 
 
 def click_latencies(predictor, encoded, points: list, count: int) -> list[float]:

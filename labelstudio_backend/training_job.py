@@ -124,7 +124,7 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     on_gpu = device.startswith("cuda")
     steps = settings.train_steps or (1000 if on_gpu else 300)
     minutes = settings.train_minutes or (15.0 if on_gpu else 10.0)
-    trainer = Trainer(model, model_config, finetune_config(settings.train_parameters, steps), device=device)
+    trainer = Trainer(model, model_config, finetune_config(model_config, settings.train_parameters, steps), device=device)
     names = sorted(set(trainable_names(trainer.model)) | set(earlier))
     store.update_job(job_id, steps=steps, message="training")
     logger.info("project %s: job %s trains %s on %d tasks (%d for validation), at most %d steps or %.0f min on %s; "
