@@ -2,8 +2,9 @@
 
 Two classes of shapes the demo model never saw (orange hexagons and white crosses, in colours it never saw
 either), 16 annotated images (4 of them validate), the Train button (POST /api/ml/<id>/train). When the job
-ends the project's model_version changes, and the predictions of held-out tasks are better than before: mIoU
-up, no more wrong regions. Small step counts (TRAIN_STEPS) keep it within a few minutes on two CPU cores.
+ends the project's model_version changes and, when the job found the new model better on its validation tasks
+(mIoU up, no more wrong regions), the predictions of held-out tasks are better than before: mIoU up, at most one
+wrong region per image. Small step counts (TRAIN_STEPS) keep it within a few minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def predict(ls, pid: int, tasks: dict, names: list[str], other_than: str | None)
 @pytest.fixture(scope="module")
 def training_backend(backend_factory):
     # the whole model: on the demo model, decoder-only fine-tuning needs more steps than a test can take
-    return backend_factory(TRAIN_STEPS="120", TRAIN_MINUTES="4", TRAIN_PARAMETERS="all")
+    # (240 steps: about 3 minutes on one core)
+    return backend_factory(TRAIN_STEPS="240", TRAIN_MINUTES="4", TRAIN_PARAMETERS="all")
 
 
 def test_start_training_serves_a_better_project_model(ls, training_backend):
@@ -97,8 +99,7 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     assert job["state"] in ("done", "rejected"), f"{job['state']}: {job['message']}\n{backend.log_tail()}"
     figures = job["figures"]
     if job["state"] == "rejected":
-        # Better or not at all: a model that is not better on the validation tasks is never served. (With the
-        # retrained demo model, 120 CPU steps on these new shapes are not enough to be better: issue 12 is open.)
+        # Better or not at all: a model that is not better on the validation tasks is never served.
         print(f"\nrejected: {job['message']}; validation {figures}")
         assert not (figures["after"]["miou"] > figures["before"]["miou"]
                     and figures["after"]["wrong_per_image"] <= figures["before"]["wrong_per_image"]), figures
@@ -107,6 +108,7 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
         assert f"+p{pid}-" not in (status.get("served") or ""), status
         return
     assert figures["after"]["miou"] > figures["before"]["miou"] and figures["validation_tasks"] >= 3
+    assert figures["after"]["wrong_per_image"] <= figures["before"]["wrong_per_image"], figures
 
     status = requests.get(f"{backend.url}/references", params={"project": pid}, timeout=10).json()["training"]
     assert status["served"] == status["active_checkpoint"] and f"+p{pid}-" in status["served"]
@@ -119,6 +121,8 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     after = held_out_quality(ls, tasks, scenes, held_out, after_version)
     print(f"\nheld-out tasks: before {before}, after {after}; validation {figures}")
     assert after["miou"] > before["miou"], (before, after)
-    # Not asserted: wrong regions on the held-out tasks. The rule guards them on the validation tasks only, and
-    # with the retrained demo a served model has been seen to add some on held-out tasks (0 -> 1.5 per image in
-    # one CI run): issue 12 stays open on this point.
+    # Held-out wrong regions: the rule holds them to the served model's count on the validation tasks only. On
+    # new tasks the project model, finding two to three times as many objects, has made 0.1 to 0.75 wrong regions
+    # per image where the demo model, which finds few, made none (BENCHMARKS.md, Start Training): asserted here
+    # is the floor every pre-annotation e2e test holds, at most one per image (issue 12 stays open on "no more").
+    assert after["wrong_per_image"] <= 1.0, (before, after)
