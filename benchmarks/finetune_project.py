@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=192, help="scene side in pixels (height; width is 1.25x)")
     parser.add_argument("--parameters", default="decoder")
     parser.add_argument("--lr", type=float, default=None, help="default: dinov.train.finetune's")
+    parser.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed (batches, prompts, noise)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default="model_dir")
     args = parser.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
     served = DINOvPredictor(model, device=args.device)
     before = figures_at(collect(served, train, val), threshold, lowered_until_found=True)
     before_held = figures_at(collect(served, train, held_out), threshold, lowered_until_found=True)
-    trainer = Trainer(model, model_config, finetune_config(model_config, args.parameters, args.steps,
+    trainer = Trainer(model, model_config, finetune_config(model_config, args.parameters, args.steps, seed=args.seed,
                                                            **({"lr": args.lr} if args.lr else {})), device=args.device)
     started = time.perf_counter()
     history = finetune(trainer, train, args.minutes * 60)

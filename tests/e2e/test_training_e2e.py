@@ -66,7 +66,7 @@ def predict(ls, pid: int, tasks: dict, names: list[str], other_than: str | None)
 @pytest.fixture(scope="module")
 def training_backend(backend_factory):
     # the whole model: on the demo model, decoder-only fine-tuning needs more steps than a test can take
-    # (240 steps: about 3 minutes on one core)
+    # (240 steps: about 2 minutes on one core)
     return backend_factory(TRAIN_STEPS="240", TRAIN_MINUTES="4", TRAIN_PARAMETERS="all")
 
 
