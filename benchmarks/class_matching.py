@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -26,17 +26,13 @@ import torch
 
 from dinov.data.scenes import COLOURS, generate_scene
 from dinov.evaluate import POOL_SEED, TARGET_SEED
+from dinov.example_pool import example_pool
 from dinov.metrics import mask_iou
 from dinov.predictor import DINOvPredictor
 
 
 def diagnose(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, examples: int) -> dict:
-    pool: dict[int, list[np.ndarray]] = defaultdict(list)
-    for i in range(pool_scenes):
-        scene = generate_scene(POOL_SEED + i)
-        encoded = predictor.encode_image(scene.image)
-        for c, e in zip(scene.classes.tolist(), predictor.encode_prompts(encoded, scene.masks)):
-            pool[c].append(e)
+    pool = example_pool(predictor, (generate_scene(POOL_SEED + i) for i in range(pool_scenes)))
     classes = sorted(pool)
     colours = len(COLOURS)
     counts: dict[str, Counter] = {"other images": Counter(), "same image": Counter()}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import defaultdict
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -24,6 +23,7 @@ import torch
 
 from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, write_metadata
 from dinov.data.scenes import generate_scene
+from dinov.example_pool import example_pool
 from dinov.metrics import match_greedily, mask_iou
 from dinov.predictor import DINOvPredictor
 
@@ -49,12 +49,7 @@ def best_f1_threshold(scores: np.ndarray, matched: np.ndarray, num_truths: int,
 def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, examples: int = 4
             ) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores and matched flags of every region above the lowest threshold, and the number of true instances."""
-    pool: dict[int, list[np.ndarray]] = defaultdict(list)
-    for i in range(pool_scenes):
-        scene = generate_scene(CALIBRATION_POOL_SEED + i)
-        encoded = predictor.encode_image(scene.image)
-        for c, e in zip(scene.classes.tolist(), predictor.encode_prompts(encoded, scene.masks)):
-            pool[c].append(e)
+    pool = example_pool(predictor, (generate_scene(CALIBRATION_POOL_SEED + i) for i in range(pool_scenes)))
     classes = sorted(pool)
     bank = [np.stack(pool[c][:examples]) for c in classes]
     scores, matched, truths = [], [], 0

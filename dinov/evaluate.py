@@ -29,6 +29,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dinov.data.scenes import NUM_CLASSES, generate_scene
+from dinov.example_pool import example_pool
 from dinov.metrics import InstanceEvaluator, covers_another, iou, wrong_regions
 from dinov.modeling.dinov import DINOv
 from dinov.predictor import DINOvPredictor
@@ -63,13 +64,8 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
                        progress: bool = True) -> dict:
     rng = np.random.default_rng(0)
     # ---- the example pool: prompt embeddings of every instance, by class
-    pool: dict[int, list[np.ndarray]] = defaultdict(list)
-    for i in tqdm(range(pool_scenes), desc="example pool", disable=not progress):
-        scene = generate_scene(POOL_SEED + i)
-        encoded = predictor.encode_image(scene.image)
-        embeddings = predictor.encode_prompts(encoded, scene.masks)
-        for c, e in zip(scene.classes.tolist(), embeddings):
-            pool[c].append(e)
+    pool = example_pool(predictor, (generate_scene(POOL_SEED + i) for i in
+                                    tqdm(range(pool_scenes), desc="example pool", disable=not progress)))
     if len(pool) < NUM_CLASSES:
         logger.warning("the example pool covers only %d of %d classes", len(pool), NUM_CLASSES)
     classes = sorted(pool)

@@ -15,7 +15,6 @@ Scenes carry the project's instances (class i = the project's i-th label); an in
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -25,6 +24,7 @@ import torch
 from dinov.calibrate import THRESHOLDS
 from dinov.config import DINOvConfig
 from dinov.data.scenes import Scene
+from dinov.example_pool import example_pool
 from dinov.metrics import mask_iou
 from dinov.postprocess import official_threshold
 from dinov.train.trainer import TrainConfig, Trainer, batches
@@ -113,14 +113,7 @@ def collect_regions(predictor, examples: Sequence[Scene], targets: Sequence[Scen
     of what it returns: a function of the predictor's Instances, best first, that keeps some of them, possibly
     with smaller masks; a region's fate depends only on better ones, so selecting once and applying a threshold
     afterwards is selecting at that threshold)."""
-    pool: dict[int, list[np.ndarray]] = defaultdict(list)
-    for scene in examples:
-        if len(scene.masks) == 0:
-            continue
-        encoded = predictor.encode_image(scene.image)
-        for c, e in zip(scene.classes.tolist(), predictor.encode_prompts(encoded, scene.masks)):
-            if len(pool[c]) < max_examples:
-                pool[c].append(e)
+    pool = example_pool(predictor, examples, max_per_class=max_examples)
     classes = sorted(pool)
     bank = [np.stack(pool[c]) for c in classes]
     collected = []
