@@ -226,6 +226,29 @@ def test_a_new_models_threshold_errs_no_more_than_the_served_model():
     assert none_allowed["wrong_per_image"] == 1.0 and not is_better(figures(0.0, 0.0), none_allowed)[0]
 
 
+def test_the_highest_threshold_within_one_standard_error_of_the_best_miou_is_chosen():
+    # four objects found exactly (scores 0.95-0.8); a fifth covered at 0.75 (IoU 0.6) and better at 0.2 (IoU 0.7)
+    image = np.zeros((40, 40, 3), np.uint8)
+    masks = np.zeros((5, 40, 40), bool)
+    for i in range(4):
+        masks[i, 2:7, 2 + 8 * i: 7 + 8 * i] = True
+    masks[4, 20:30, 10:20] = True
+    scene = Scene(image=image, masks=masks, classes=np.zeros(5, np.int64), boxes=np.zeros((5, 4), np.float32))
+    partial = [np.zeros((40, 40), bool) for _ in range(2)]
+    partial[0][20:26, 10:20] = True   # 60 of the 100 pixels
+    partial[1][20:27, 10:20] = True   # 70
+    regions = [SimpleNamespace(mask=masks[i], score=0.95 - 0.05 * i, class_index=0) for i in range(4)]
+    regions += [SimpleNamespace(mask=partial[0], score=0.75, class_index=0),
+                SimpleNamespace(mask=partial[1], score=0.2, class_index=0)]
+    predictor = TwoRegionPredictor(scene, partial[0])
+    predictor.regions = regions
+    collected = collect_regions(predictor, [scene], [scene])
+    assert figures_at(collected, 0.2, lowered_until_found=False)["miou"] == pytest.approx(0.94)
+    chosen = best_threshold_figures(collected, max_wrong_per_image=0.0, lowered_until_found=False)
+    # 0.94 at 0.2 is the best, 0.92 up to 0.75 is within its standard error (0.06): 0.75 is served
+    assert chosen["score_threshold"] == pytest.approx(0.75) and chosen["miou"] == pytest.approx(0.92)
+
+
 # --- jobs
 
 def settings(tmp_path) -> Settings:

@@ -150,6 +150,8 @@ def figures_at(collected: Sequence[TargetRegions], score_threshold: float, lower
         wrong += int((matched.max(1) < IOU_FOUND).sum()) if matched.shape[1] else int(kept.sum())
     best_arr = np.asarray(best, float)
     return {"miou": float(best_arr.mean()) if len(best_arr) else 0.0,
+            # the standard error of that mean: how far two thresholds' mIoU may differ by chance
+            "miou_se": float(best_arr.std(ddof=1) / np.sqrt(len(best_arr))) if len(best_arr) > 1 else 0.0,
             "found": float((best_arr >= IOU_FOUND).mean()) if len(best_arr) else 0.0,
             "wrong_per_image": wrong / max(1, len(collected)), "tasks": len(collected),
             "instances": len(best_arr), "score_threshold": float(score_threshold),
@@ -158,15 +160,19 @@ def figures_at(collected: Sequence[TargetRegions], score_threshold: float, lower
 
 def best_threshold_figures(collected: Sequence[TargetRegions], max_wrong_per_image: float,
                            lowered_until_found: bool) -> dict:
-    """The figures at the score threshold a new model is served with: the best mIoU among the thresholds that make
-    at most `max_wrong_per_image` wrong regions per image (the served model's count: a new model errs no more),
-    the highest such threshold on a tie (fewer regions for the same quality). When no threshold is within the
-    bound, the one with the fewest wrong regions (the better-or-not rule then rejects the model)."""
+    """The figures at the score threshold a new model is served with. Of the thresholds that make at most
+    `max_wrong_per_image` wrong regions per image (the served model's count: a new model errs no more), the highest
+    whose mIoU is within one standard error of the best of them (the one-standard-error rule: on a few validation
+    images a lower threshold's better mIoU is as likely chance, and its extra regions are where new tasks get
+    wrong ones). When no threshold is within the bound, the one with the fewest wrong regions (the
+    better-or-not rule then rejects the model)."""
     figures = [figures_at(collected, float(t), lowered_until_found) for t in THRESHOLDS]
     allowed = [f for f in figures if f["wrong_per_image"] <= max_wrong_per_image + 1e-9]
-    if allowed:
-        return max(allowed, key=lambda f: (round(f["miou"], 9), f["score_threshold"]))
-    return min(figures, key=lambda f: (f["wrong_per_image"], -f["miou"], -f["score_threshold"]))
+    if not allowed:
+        return min(figures, key=lambda f: (f["wrong_per_image"], -f["miou"], -f["score_threshold"]))
+    best = max(allowed, key=lambda f: (f["miou"], f["score_threshold"]))
+    close = [f for f in allowed if f["miou"] >= best["miou"] - best["miou_se"] - 1e-9]
+    return max(close, key=lambda f: f["score_threshold"])
 
 
 def is_better(before: dict, after: dict, min_tasks: int = MIN_VALIDATION_TASKS) -> tuple[bool, str]:
