@@ -142,7 +142,8 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     collected = collect(DINOvPredictor(trainer.model.eval(), device=device), train, val)
     if pinned is not None:  # the project's SCORE_THRESHOLD applies to the new model too
         after = figures_at(collected, pinned, lowered_until_found=False)
-    else:  # its own threshold: the best mIoU among those making no more wrong regions than the served model
+    else:  # its own: among the thresholds making no more wrong regions than the served model, the highest with
+        #   an mIoU within one standard error of their best
         after = best_threshold_figures(collected, before["wrong_per_image"], lowered_until_found=True)
     better, why = is_better(before, after)
     figures = {"before": before, "after": after, "steps": trainer.step, "train_tasks": len(train),
