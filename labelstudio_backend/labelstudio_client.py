@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jwt
@@ -225,6 +225,13 @@ class LabelStudioClient:
         if not isinstance(found, list):
             raise LabelStudioError(f"unexpected answer to the task list of project {project_id}: {str(found)[:200]}")
         return found
+
+    def task_pages(self, project_id: int, page_size: int) -> Iterator[list[dict]]:
+        """Every page of the project's tasks (task_page 1, 2, ... until one is empty)."""
+        page = 1
+        while tasks := self.task_page(project_id, page, page_size):
+            yield tasks
+            page += 1
 
     def export_tasks(self, project_id: int, task_ids: list[int]) -> list[dict]:
         """The tasks among task_ids that still exist, with their annotations (no predictions triggered)."""

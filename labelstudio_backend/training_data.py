@@ -36,15 +36,10 @@ class NotEnoughData(ValueError):
 def project_tasks(client: Any, project_id: int) -> list[dict]:
     """Every task of the project that has an annotation not cancelled, in task id order."""
     tasks: dict[int, dict] = {}
-    page = 1
-    while True:
-        found = client.task_page(project_id, page, PAGE_SIZE)
-        if not found:
-            break
-        for task in found:
+    for page in client.task_pages(project_id, PAGE_SIZE):
+        for task in page:
             if chosen_annotation(task) is not None:
                 tasks[int(task["id"])] = task
-        page += 1
     return [tasks[k] for k in sorted(tasks)]
 
 

@@ -122,14 +122,9 @@ def list_project_tasks(client: LabelStudioClient, project_id: int, page_size: in
     """
     found: dict[int, dict] = {}
     for attempt in range(passes):
-        page = 1
-        while True:
-            tasks = client.task_page(project_id, page, page_size)
-            if not tasks:
-                break
+        for tasks in client.task_pages(project_id, page_size):
             for task in tasks:
                 found[int(task["id"])] = listed_task(task)
-            page += 1
         if expected is None or len(found) >= expected:
             break
         logger.info("listed %d of %d tasks (tasks changed while listing); reading the pages again",
