@@ -233,7 +233,7 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "Password for basic auth (printable ASCII)."),
     SettingRow("MAX_REQUEST_BYTES", "max_request_bytes", "Largest request body; larger ones are answered 413."),
     SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
-    SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT | swinL (released weights, downloaded once into MODEL_DIR) | demo | a .pth/.safetensors path."),
+    SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT or swinL (released weights, downloaded once into MODEL_DIR), demo, or a .pth/.safetensors path."),
     SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
     SettingRow("MODEL_LOAD_RETRY_S", "model_load_retry_s", "Seconds before a failed model load is tried again; "
                "doubled after each failure, at most 300. /health answers 503 with the reason meanwhile."),
@@ -246,7 +246,7 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("ALLOW_OVERLAP", "allow_overlap", "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps "
                "the shared pixels.", True),
     SettingRow("POLYGON_TOLERANCE", "polygon_tolerance", "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", True),
-    SettingRow("REFERENCES", "references", "Which annotations are in-context examples: all | ground_truth | annotators.", True),
+    SettingRow("REFERENCES", "references", "Which annotations are in-context examples: all, ground_truth or annotators.", True),
     SettingRow("REFERENCE_ANNOTATORS", "reference_annotators", "Comma-separated annotator user ids, for REFERENCES=annotators.", True),
     SettingRow("MAX_EXAMPLES_PER_LABEL", "max_examples_per_label", "In-context examples per label (most recent first).", True),
     SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left "
@@ -270,7 +270,8 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
     SettingRow("TRAIN_STEPS", "train_steps", "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU."),
     SettingRow("TRAIN_MINUTES", "train_minutes", "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU."),
     SettingRow("TRAIN_PARAMETERS", "train_parameters", "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
-               "decoder frozen) | decoder+pixel_decoder | all."),
+               "decoder frozen), decoder+pixel_decoder or all. For kinds of objects the model never saw, all learns far more "
+               "per minute (BENCHMARKS.md, Start Training)."),
     SettingRow("TRAIN_EVERY_ANNOTATIONS", "train_every_annotations", "Also start a fine-tuning after this many new annotations (counted across "
                "workers and restarts, in MODEL_DIR's training store); 0: only on Start Training.", True),
     SettingRow("PROJECT_MODEL", "project_model", "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base "
