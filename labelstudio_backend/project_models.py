@@ -130,7 +130,7 @@ class ProjectModels:
         for path in folder.glob(f"project{int(project_id)}-*.safetensors") if folder.exists() else ():
             path.unlink(missing_ok=True)
         if active is not None:
-            self.loaded.put(active.checkpoint_id, None)  # frees the model (the LRU cache has no delete)
+            self.loaded.pop(active.checkpoint_id)  # frees the model
             self.runtime.batchers.pop(active.checkpoint_id)
         self.stale.pop(project_id, None)
 

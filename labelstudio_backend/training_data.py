@@ -21,10 +21,10 @@ from PIL import Image
 
 from dinov.data.labelstudio_export import REGION_KINDS, region_mask
 from dinov.data.scenes import Scene, masks_to_boxes
+from dinov.train.finetune import MIN_VALIDATION_TASKS  # the better-or-not rule's minimum, also the split's
 from labelstudio_backend.label_config import ParsedConfig
 
 MIN_TRAINING_TASKS = 3
-MIN_VALIDATION_TASKS = 3
 VALIDATION_FRACTION = 0.25
 PAGE_SIZE = 100
 
