@@ -165,6 +165,15 @@ def test_new_shape_kinds_never_appear_in_the_default_scenes():
     assert np.array_equal(generate_scene(3).image, generate_scene(3).image)
 
 
+def test_extra_scenes_hold_whole_objects_of_at_least_a_fifth_of_the_shorter_side():
+    # the smallest object, a cross of extent 0.2 * 160 px, covers (2/3 - 1/9) * 32^2 = 569 pixels; an object that
+    # another one hid in part (generate_scene allows it) or a smaller one would cover fewer
+    for seed in range(20):
+        scene = generate_extra_scene(seed, size=(160, 200), num_objects=(3, 5))
+        areas = scene.masks.reshape(len(scene.masks), -1).sum(1)
+        assert len(areas) >= 3 and areas.min() >= 550, (seed, areas)
+
+
 def two_region_scene() -> tuple[Scene, np.ndarray]:
     scene = Scene(image=np.zeros((20, 20, 3), np.uint8), masks=np.zeros((1, 20, 20), bool), classes=np.array([0]),
                   boxes=np.zeros((1, 4), np.float32))

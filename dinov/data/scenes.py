@@ -34,6 +34,10 @@ EXTRA_KINDS: tuple[str, ...] = ("hexagon", "cross")
 # and colours the 30 classes never use either: an orange hexagon, a white cross
 EXTRA_COLOURS: dict[str, tuple[int, int, int]] = {"hexagon": (235, 140, 30), "cross": (240, 240, 240)}
 CROSS_ARM = 1 / 3  # arm width of a cross, as a fraction of its extent
+# Extra scenes are what a project's annotators outline: objects apart (flat shapes of one colour that overlap show
+# no edge between them, so nobody could outline them separately) and large enough for a cross's arms to span a
+# few cells of the demo model's stride-4 masks.
+EXTRA_EXTENT = (0.20, 0.35)
 
 MIN_SIZE, MAX_SIZE = 128, 512
 MIN_EXTENT, MAX_EXTENT = 0.10, 0.35  # diameter or side, as a fraction of the shorter image side
@@ -242,14 +246,15 @@ def _resolve_count(rng: np.random.Generator, num_objects: int | tuple[int, int] 
 
 
 def place_objects(rng: np.random.Generator, size: tuple[int, int], labels: Sequence[int], *,
-                  min_visible: float = 0.5, max_tries: int = 100,
-                  kinds: Sequence[str] | None = None) -> tuple[list[np.ndarray], list[int]]:
+                  min_visible: float = 0.5, max_tries: int = 100, kinds: Sequence[str] | None = None,
+                  extent: tuple[float, float] = (MIN_EXTENT, MAX_EXTENT),
+                  max_cover: float = MAX_COVER) -> tuple[list[np.ndarray], list[int]]:
     """Place one object per label, in order; returns the whole shapes (bool [H, W]) and their labels.
 
-    Each object's size, rotation and position are drawn until it lies over earlier objects with at most
-    30 % of its own area and leaves every earlier object at least ``min_visible`` of its area visible;
-    an object that fails ``max_tries`` draws is left out. kinds: the kind of label i is kinds[i] (default: the
-    kind of class id i).
+    Each object's size (extent: its range as fractions of the shorter side), rotation and position are drawn until
+    it lies over earlier objects with at most ``max_cover`` of its own area and leaves every earlier object at least
+    ``min_visible`` of its area visible; an object that fails ``max_tries`` draws is left out. kinds: the kind of
+    label i is kinds[i] (default: the kind of class id i).
     """
     height, width = size
     shorter = min(height, width)
@@ -260,13 +265,13 @@ def place_objects(rng: np.random.Generator, size: tuple[int, int], labels: Seque
     for label in labels:
         kind = kinds[int(label)] if kinds is not None else KINDS[int(label) // len(COLOURS)]
         for _ in range(max_tries):
-            extent = rng.uniform(MIN_EXTENT, MAX_EXTENT) * shorter
+            side = rng.uniform(*extent) * shorter
             angle = rng.uniform(0, 2 * math.pi)
-            r = circumradius(kind, extent)
+            r = circumradius(kind, side)
             center = (rng.uniform(r, width - r), rng.uniform(r, height - r))
-            mask = shape_mask(kind, center, extent, angle, (height, width))
+            mask = shape_mask(kind, center, side, angle, (height, width))
             area = int(mask.sum())
-            if area == 0 or (mask & occupied).sum() > MAX_COVER * area:
+            if area == 0 or (mask & occupied).sum() > max_cover * area:
                 continue
             if any((v & ~mask).sum() < min_visible * s.sum() for v, s in zip(visible, shapes)):
                 continue
@@ -325,8 +330,8 @@ def generate_scene(seed: int, size: int | tuple[int, int] | None = None,
 def generate_extra_scene(seed: int, size: int | tuple[int, int] | None = None,
                          num_objects: int | tuple[int, int] | None = (2, 6),
                          kinds: Sequence[str] = EXTRA_KINDS) -> Scene:
-    """A scene of the extra kinds only (default: orange hexagons and white crosses), class i being kinds[i]; the
-    same background and placement rules as generate_scene, never used by it."""
+    """A scene of the extra kinds only (default: orange hexagons and white crosses), class i being kinds[i], never
+    used by generate_scene: its background, with objects that do not overlap, each 0.2-0.35 of the shorter side."""
     unknown = set(kinds) - set(EXTRA_KINDS)
     if not kinds or unknown:
         raise ValueError(f"kinds must be some of {EXTRA_KINDS}, got {list(kinds)}")
@@ -335,7 +340,7 @@ def generate_extra_scene(seed: int, size: int | tuple[int, int] | None = None,
     count = _resolve_count(rng, num_objects)
     image = _background(rng, height, width)
     labels = rng.integers(0, len(kinds), size=count)
-    shapes, kept = place_objects(rng, (height, width), labels, kinds=kinds)
+    shapes, kept = place_objects(rng, (height, width), labels, kinds=kinds, extent=EXTRA_EXTENT, max_cover=0.0)
     masks = visible_parts(shapes, (height, width))
     for mask, label in zip(masks, kept):
         image[mask] = EXTRA_COLOURS[kinds[label]]
