@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--tasks", type=int, default=12, help="annotated tasks of the project")
     parser.add_argument("--held-out", type=int, default=8, help="further scenes to measure on")
-    parser.add_argument("--size", type=int, default=192, help="scene side in pixels (height; width is 1.25x)")
+    parser.add_argument("--size", type=int, default=160, help="scene side in pixels (height; width is 1.25x)")
+    parser.add_argument("--project", type=int, default=1, help="the project id, which decides the split")
     parser.add_argument("--parameters", default="decoder")
     parser.add_argument("--lr", type=float, default=None, help="default: dinov.train.finetune's")
     parser.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed (batches, prompts, noise)")
@@ -52,7 +53,7 @@ def main() -> None:
 
     size = (args.size, int(args.size * 1.25))
     scenes = {1000 + i: generate_extra_scene(1000 + i, size=size, num_objects=(3, 5)) for i in range(args.tasks)}
-    train_ids, val_ids = split_tasks(list(scenes), project_id=1)
+    train_ids, val_ids = split_tasks(list(scenes), project_id=args.project)
     train, val = [scenes[t] for t in train_ids], [scenes[t] for t in val_ids]
     held_out = [generate_extra_scene(5000 + i, size=size, num_objects=(3, 5)) for i in range(args.held_out)]
     settings = Settings()

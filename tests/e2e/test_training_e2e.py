@@ -1,10 +1,9 @@
 """End to end: Start Training in a real Label Studio fine-tunes a project model that the backend then serves.
 
 Two classes of shapes the demo model never saw (orange hexagons and white crosses, in colours it never saw
-either), 16 annotated images (4 of them validate), the Train button (POST /api/ml/<id>/train). When the job
-ends the project's model_version changes and, when the job found the new model better on its validation tasks
-(mIoU up, no more wrong regions), the predictions of held-out tasks are better than before: mIoU up, at most one
-wrong region per image. Small step counts (TRAIN_STEPS) keep it within a few minutes on two CPU cores.
+either), 28 annotated images (7 of them validate), the Train button (POST /api/ml/<id>/train). When the job
+ends, the project's model_version changes and the predictions of 8 held-out tasks are better than the demo
+model's: mIoU up, no more wrong regions. TRAIN_STEPS keeps the job within a few minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ CONFIG = """<View>
   <BrushLabels name="tag" toName="image">{labels}</BrushLabels>
 </View>""".format(labels="".join(f'<Label value="{label}"/>' for label in LABELS))
 SIZE = (160, 200)
-ANNOTATED, HELD_OUT = 16, 4
+ANNOTATED, HELD_OUT = 28, 8
 
 
 def truth(scene) -> list[tuple[str, np.ndarray]]:
@@ -65,9 +64,9 @@ def predict(ls, pid: int, tasks: dict, names: list[str], other_than: str | None)
 
 @pytest.fixture(scope="module")
 def training_backend(backend_factory):
-    # the whole model: on the demo model, decoder-only fine-tuning needs more steps than a test can take
-    # (240 steps: about 2 minutes on one core)
-    return backend_factory(TRAIN_STEPS="240", TRAIN_MINUTES="4", TRAIN_PARAMETERS="all")
+    # The whole model: decoder-only fine-tuning of the demo model learns new shapes too slowly for a test. 480 steps
+    # take about 4 minutes on one core; the time bound is far above that, so that it never decides the step count.
+    return backend_factory(TRAIN_STEPS="480", TRAIN_MINUTES="10", TRAIN_PARAMETERS="all")
 
 
 def test_start_training_serves_a_better_project_model(ls, training_backend):
@@ -95,18 +94,9 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     def finished():
         job = requests.get(f"{backend.url}/training", params={"project": pid}, timeout=10).json()["job"]
         return job if job and job["state"] not in ("queued", "running") else None
-    job = wait_for(finished, timeout=300, interval=2, what="the training job to end")
-    assert job["state"] in ("done", "rejected"), f"{job['state']}: {job['message']}\n{backend.log_tail()}"
+    job = wait_for(finished, timeout=600, interval=2, what="the training job to end")
     figures = job["figures"]
-    if job["state"] == "rejected":
-        # Better or not at all: a model that is not better on the validation tasks is never served.
-        print(f"\nrejected: {job['message']}; validation {figures}")
-        assert not (figures["after"]["miou"] > figures["before"]["miou"]
-                    and figures["after"]["wrong_per_image"] <= figures["before"]["wrong_per_image"]), figures
-        assert job["message"], job
-        status = requests.get(f"{backend.url}/references", params={"project": pid}, timeout=10).json()["training"]
-        assert f"+p{pid}-" not in (status.get("served") or ""), status
-        return
+    assert job["state"] == "done", f"{job['state']}: {job['message']}; {figures}\n{backend.log_tail()}"
     assert figures["after"]["miou"] > figures["before"]["miou"] and figures["validation_tasks"] >= 3
     assert figures["after"]["wrong_per_image"] <= figures["before"]["wrong_per_image"], figures
 
@@ -119,10 +109,6 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     checkpoint = f"+p{pid}-{status['served'].rsplit('-', 1)[-1]}"  # model_version: dinov-demo-1a2b3c4d+p1-5e6f...
     assert checkpoint in after_version and checkpoint not in before_version, (before_version, after_version)
     after = held_out_quality(ls, tasks, scenes, held_out, after_version)
-    print(f"\nheld-out tasks: before {before}, after {after}; validation {figures}")
+    print(f"\nproject {pid}: held-out tasks: before {before}, after {after}; validation {figures}")
     assert after["miou"] > before["miou"], (before, after)
-    # Held-out wrong regions: the rule holds them to the served model's count on the validation tasks only. On
-    # new tasks the project model, finding two to three times as many objects, has made 0.1 to 0.75 wrong regions
-    # per image where the demo model, which finds few, made none (BENCHMARKS.md, Start Training): asserted here
-    # is the floor every pre-annotation e2e test holds, at most one per image (issue 12 stays open on "no more").
-    assert after["wrong_per_image"] <= 1.0, (before, after)
+    assert after["wrong_per_image"] <= before["wrong_per_image"], (before, after)
