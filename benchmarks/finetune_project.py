@@ -3,7 +3,11 @@ the two shape kinds the demo model never saw (orange hexagons, white crosses: di
 as the backend splits a project, trained and measured as the training job does (the job's own functions).
 
     python benchmarks/finetune_project.py --checkpoint demo --steps 300            # CPU, a few minutes
+    python benchmarks/finetune_project.py --tasks 28 --steps 480 --parameters all   # the end-to-end test's project
     python benchmarks/finetune_project.py --checkpoint swinT --device cuda --steps 1000 --size 512
+
+The scenes are those of tests/e2e/test_training_e2e.py: seeds 300, 301, ... for the annotated tasks (a scene's seed is
+its task id, which with --project decides the split), the next --held-out seeds for the held-out tasks.
 
 Prints the validation figures before and after (mIoU, found, wrong regions per image: the demo model at the threshold
 it is served with, the fine-tuned one at the threshold the job chooses on the validation split), the verdict of the better-or-not rule, the training time, and the same figures on held-out scenes.
@@ -40,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--tasks", type=int, default=12, help="annotated tasks of the project")
+    parser.add_argument("--first-seed", type=int, default=300, help="the first annotated scene's seed")
     parser.add_argument("--held-out", type=int, default=8, help="further scenes to measure on")
     parser.add_argument("--size", type=int, default=160, help="scene side in pixels (height; width is 1.25x)")
     parser.add_argument("--project", type=int, default=1, help="the project id, which decides the split")
@@ -52,10 +57,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     size = (args.size, int(args.size * 1.25))
-    scenes = {1000 + i: generate_extra_scene(1000 + i, size=size, num_objects=(3, 5)) for i in range(args.tasks)}
-    train_ids, val_ids = split_tasks(list(scenes), project_id=args.project)
+    seeds = range(args.first_seed, args.first_seed + args.tasks + args.held_out)
+    scenes = {seed: generate_extra_scene(seed, size=size, num_objects=(3, 5)) for seed in seeds}
+    train_ids, val_ids = split_tasks(list(seeds[: args.tasks]), project_id=args.project)
     train, val = [scenes[t] for t in train_ids], [scenes[t] for t in val_ids]
-    held_out = [generate_extra_scene(5000 + i, size=size, num_objects=(3, 5)) for i in range(args.held_out)]
+    held_out = [scenes[seed] for seed in seeds[args.tasks:]]
     settings = Settings()
     collect = served_collector(settings, num_labels=2)
 
