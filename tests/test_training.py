@@ -607,3 +607,30 @@ def test_a_training_store_file_of_an_earlier_release_keeps_its_jobs(tmp_path):
     db.close()
     with pytest.raises(StoreError, match="newer than this backend"):
         TrainingStore(path)
+
+
+def test_a_model_that_is_not_better_is_rejected_and_never_served(ls, tmp_path):
+    # The real job (a spawned child reading the project from Label Studio's API over HTTP, the demo model, two
+    # training steps) with a SCORE_THRESHOLD that no region reaches: both models find nothing on the validation
+    # tasks, mIoU 0 before and after, which is not better.
+    from doubles import CONFIG as COLOUR_CONFIG, brush, png, scene, settings_for
+
+    ls.add_project(5)
+    for tid in range(1, 9):
+        image, masks = scene(tid)
+        ls.add_task(5, tid, png(image), [[brush(masks["Red"], "Red", f"r{tid}"), brush(masks["Blue"], "Blue", f"b{tid}")]])
+    s = settings_for(ls, tmp_path, score_threshold=1.0, train_steps=2)
+    jobs = TrainingJobs(s)
+    try:
+        job = jobs.start(5, COLOUR_CONFIG, s, reason="START_TRAINING")
+        ended = wait_for(lambda: (j := jobs.store.job(job["job_id"]))["state"] not in ("queued", "running") and j,
+                         timeout=180)
+        assert ended["state"] == "rejected", ended
+        assert "mIoU is not higher" in ended["message"], ended["message"]
+        figures = ended["figures"]
+        assert figures["before"]["miou"] == figures["after"]["miou"] == 0.0 and figures["steps"] == 2
+        assert figures["train_tasks"] + figures["validation_tasks"] == 8 and figures["validation_tasks"] >= 3
+        assert jobs.store.active(5) is None
+        assert not list((s.model_dir / "project_models").glob("*.safetensors"))
+    finally:
+        jobs.shutdown()
