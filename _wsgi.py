@@ -42,7 +42,7 @@ def _build_app():
         logging.getLogger("dinov").error("invalid setting: %s", e)
         sys.exit(2)
     _configure_logging(settings.log_level)
-    from labelstudio_backend.server import create_app
+    from labelstudio_backend.http.app import create_app
 
     return create_app(settings=settings, syncer=_label_studio_syncer(settings))
 
@@ -51,7 +51,7 @@ def _label_studio_syncer(settings: Settings):
     """The reference sync from the Label Studio API, when the sync module and a connection are configured."""
     if not (settings.label_studio_url and settings.label_studio_api_key):
         return None
-    from labelstudio_backend.sync import make_syncer
+    from labelstudio_backend.references.sync import make_syncer
 
     return make_syncer(settings)
 
@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             runtime.shutdown()  # the model load and the queues end before the interpreter does
 
     if args.command == "leave-one-out":
-        from labelstudio_backend.backend import DINOvBackend
-        from labelstudio_backend.evaluation import leave_one_out
+        from labelstudio_backend.serving.backend import DINOvBackend
+        from labelstudio_backend.serving.leave_one_out import leave_one_out
 
         config = open(args.label_config).read() if args.label_config else None
         model = DINOvBackend(args.project, config, runtime=runtime)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     port = args.port or runtime.settings.port
-    from labelstudio_backend.auth import exposure_warning
+    from labelstudio_backend.http.auth import exposure_warning
 
     warning = exposure_warning([(args.host, port)], runtime.settings.basic_auth is not None)
     if warning:  # under gunicorn, gunicorn.conf.py says the same

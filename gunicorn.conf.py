@@ -8,7 +8,7 @@ from __future__ import annotations
 
 def when_ready(server) -> None:
     """Warn when the backend listens beyond loopback without basic auth (README: Deploy safely)."""
-    from labelstudio_backend.auth import exposure_warning
+    from labelstudio_backend.http.auth import exposure_warning
     from labelstudio_backend.settings import Settings, SettingsError
 
     try:

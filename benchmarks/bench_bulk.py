@@ -38,7 +38,7 @@ from dinov.predictor import DINOvPredictor  # noqa: E402
 from dinov.transforms import ResizeConfig  # noqa: E402
 from labelstudio_backend import bulk  # noqa: E402
 from labelstudio_backend.bulk import job as bulk_job  # noqa: E402
-from labelstudio_backend.regions import encode_rle  # noqa: E402
+from labelstudio_backend.labelstudio.regions import encode_rle  # noqa: E402
 from labelstudio_backend.settings import Settings  # noqa: E402
 
 MINI_CHECKPOINT = REPO_ROOT.parent / "shared" / "dinov_reference" / "miniT_ckpt.pth"

@@ -7,7 +7,7 @@ keypoint) reference into the object's mask by interactive segmentation on its ow
 the box and falls back to the filled box when the segmentation covers little of it. This measures the
 filled box, the raw segmentation and the backend's rule on generated scenes: each class's examples are the boxes of its
 instances in the pool scenes (4 per class); generic segmentation of the target scenes is scored as in
-dinov.evaluate (mIoU, found, AP50).
+dinov.eval.evaluate (mIoU, found, AP50).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import numpy as np
 
 from dinov.data.scenes import generate_scene
-from dinov.evaluate import POOL_SEED, TARGET_SEED
+from dinov.eval.evaluate import POOL_SEED, TARGET_SEED
 from dinov.metrics import InstanceEvaluator
 from dinov.predictor import DINOvPredictor
 from dinov.prompts import box_to_mask
 
 
 def box_segmentation(mask: np.ndarray | None, filled_box: np.ndarray) -> np.ndarray:
-    """The backend's rule for box references (labelstudio_backend.references.box_reference_mask)."""
-    from labelstudio_backend.references import box_reference_mask
+    """The backend's rule for box references (labelstudio_backend.references.sources.box_reference_mask)."""
+    from labelstudio_backend.references.sources import box_reference_mask
 
     return box_reference_mask(mask, filled_box)
 

@@ -3,7 +3,7 @@
     python benchmarks/class_matching.py --checkpoint demo --scenes 10
 
 For every true instance of held-out scenes (generic decoding against all 30 classes, 4 full-mask examples
-per class from other scenes, as `dinov.evaluate`), take the object query whose mask overlaps it best and
+per class from other scenes, as `dinov.eval.evaluate`), take the object query whose mask overlaps it best and
 report: how often its highest class is right; when wrong, whether the wrong class shares the colour or the
 kind; the rank of the right class; and the same with each class given by the target's OWN instances as
 examples (same-image prompts, what training without cross-image examples sees).
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from dinov.data.scenes import COLOURS, generate_scene
-from dinov.evaluate import POOL_SEED, TARGET_SEED
-from dinov.example_pool import example_pool
+from dinov.eval.evaluate import POOL_SEED, TARGET_SEED
+from dinov.eval.example_pool import example_pool
 from dinov.metrics import mask_iou
 from dinov.predictor import DINOvPredictor
 

@@ -33,8 +33,8 @@ from dinov.predictor import DINOvPredictor
 from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better
 from dinov.train.trainer import Trainer
 from labelstudio_backend.settings import Settings
-from labelstudio_backend.training_data import split_tasks
-from labelstudio_backend.training_job import served_collector, served_threshold
+from labelstudio_backend.training.data import split_tasks
+from labelstudio_backend.training.job import served_collector, served_threshold
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python benchmarks/load_test.py --app _wsgi:app           # the real demo model (DINOV_CHECKPOINT=demo, CPU)
     python benchmarks/load_test.py --requests 200 --json out.json
 
-Everything runs on 127.0.0.1: a fake Label Studio (tests/doubles.py: the API, the task images) and this backend
+Everything runs on 127.0.0.1: a fake Label Studio (tests/support/doubles.py: the API, the task images) and this backend
 (`gunicorn <app>`, 1 worker, --threads threads). No request leaves the machine: the hostile image URLs point at
 closed loopback ports or schemes the backend must refuse.
 

@@ -3,7 +3,7 @@
     python benchmarks/train_ablation.py --init runs/demo_9d4e02a.safetensors --steps 100 --scenes 10
 
 Every row fine-tunes the same starting weights for the same number of steps with the same seed, adding one
-change to the row above, then evaluates on held-out scenes (`dinov.evaluate`, 4 examples per class for the
+change to the row above, then evaluates on held-out scenes (`dinov.eval.evaluate`, 4 examples per class for the
 generic task) and measures how often the object query that overlaps an instance best carries its class
 (`benchmarks/class_matching.py`).
 """
@@ -26,7 +26,7 @@ from class_matching import diagnose  # noqa: E402
 
 from dinov.checkpoint import load_model  # noqa: E402
 from dinov.data.scenes import SceneDataset  # noqa: E402
-from dinov.evaluate import evaluate_predictor  # noqa: E402
+from dinov.eval.evaluate import evaluate_predictor  # noqa: E402
 from dinov.predictor import DINOvPredictor  # noqa: E402
 from dinov.train.trainer import TrainConfig, Trainer, batches  # noqa: E402
 

@@ -23,7 +23,7 @@ import numpy as np
 
 
 def train_in_child(steps: int) -> None:
-    """What labelstudio_backend.training_job does to the machine: nice, one thread, the trainer."""
+    """What labelstudio_backend.training.job does to the machine: nice, one thread, the trainer."""
     import torch
 
     from dinov.checkpoint import load_model

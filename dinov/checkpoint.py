@@ -304,7 +304,7 @@ def _mismatch_message(
 RELEASED_CHECKPOINTS = {"swinT": ("model_swinT.pth", "swin_t"), "swinL": ("model_swinL.pth", "swin_l")}
 DEMO_CHECKPOINT = Path(__file__).resolve().parent / "assets" / "demo.safetensors"
 CONFIG_METADATA_KEY = "dinov_config"
-# The checkpoint's default score threshold for generic segmentation (`python -m dinov.calibrate` writes it);
+# The checkpoint's default score threshold for generic segmentation (`python -m dinov.eval.calibrate` writes it);
 # files without it (the released checkpoints, older files) use the official demo's 0.12.
 SCORE_THRESHOLD_METADATA_KEY = "default_score_threshold"
 OFFICIAL_SCORE_THRESHOLD = 0.12

@@ -3,7 +3,7 @@
     with exclusive(cache_dir / "model_swinT.pth.lock"):
         ...  # one process at a time downloads the checkpoint (dinov.download)
     with exclusive(model_dir / "webhooks.lock"):
-        ...  # one gunicorn worker at a time applies the kept webhook events (labelstudio_backend.webhooks)
+        ...  # one gunicorn worker at a time applies the kept webhook events (labelstudio_backend.references.webhooks)
 
 The kernel releases the lock when its holder exits, however it exits (SIGKILL included), so a crashed process
 never leaves a stale lock behind. The lock file itself stays; it holds nothing.

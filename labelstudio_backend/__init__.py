@@ -20,8 +20,8 @@ from labelstudio_backend.settings import Settings, SettingsError  # noqa: E402
 
 
 def create_app(*args, **kwargs):
-    """labelstudio_backend.server.create_app, imported on first use (Flask is not needed by the rest)."""
-    from labelstudio_backend.server import create_app as _create_app
+    """labelstudio_backend.http.app.create_app, imported on first use (Flask is not needed by the rest)."""
+    from labelstudio_backend.http.app import create_app as _create_app
 
     return _create_app(*args, **kwargs)
 

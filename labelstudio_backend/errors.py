@@ -3,6 +3,7 @@
     BackendError      a request the backend cannot serve as given        -> 400
     ModelUnavailable  the model could not be loaded                      -> 503
     LabelStudioError  Label Studio is unreachable or refused a request   (bulk: exit 2; sync: logged)
+    BulkError         a batch job cannot run as asked                    (bulk: exit 2)
 
 ValueErrors raised elsewhere (bad config, region, image) answer 422 with their message.
 """
@@ -27,3 +28,7 @@ class LabelStudioError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class BulkError(ValueError):
+    """A batch job (bulk, deferred predictions) cannot run as asked; the message says what to change."""

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from labelstudio_backend.auth import validate_credentials
 from labelstudio_backend.url_policy import HostPolicy, URLRefused
 
 REFERENCE_MODES = ("all", "ground_truth", "annotators")
@@ -323,3 +322,18 @@ def _parse(name: str, raw: Any, source: str) -> Any:
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:
     if not ok:
         raise SettingsError(f"{name}={value!r} is not valid: expected {expected}")
+
+
+def validate_credentials(user: str, password: str) -> None:
+    """Raise ValueError unless `user` and `password` can travel in a basic auth header unchanged.
+
+    Label Studio's client (requests) encodes them as Latin-1; printable ASCII reads the same everywhere.
+    """
+    for name, value in (("BASIC_AUTH_USER", user), ("BASIC_AUTH_PASS", password)):
+        if not value:
+            raise ValueError(f"{name} is empty; set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if not all(0x20 <= ord(c) <= 0x7E for c in value):
+            raise ValueError(f"{name} must be printable ASCII (Label Studio sends it Latin-1 encoded, so other "
+                             "characters would not match)")
+    if ":" in user:
+        raise ValueError("BASIC_AUTH_USER must not contain ':' (basic auth separates user and password with it)")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything to check on a GPU machine in one run (at most about 5 minutes on an H100-class GPU), with a JSON
-# report: the tests marked `cuda`, bf16 vs float32 mask agreement, `dinov.bench --device cuda` for Swin-T and
+# report: the tests marked `cuda`, bf16 vs float32 mask agreement, `dinov.tools.bench --device cuda` for Swin-T and
 # Swin-L at 800x1333 batch 1 and 8, click latency with cached features, peak GPU memory.
 #
 #   bash scripts/gpu_check.sh [--out gpu_check.json]
@@ -19,4 +19,4 @@ echo "gpu_check: $("$PYTHON" -c 'import torch; print("torch", torch.__version__,
 if command -v nvidia-smi > /dev/null 2>&1; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 fi
-exec timeout 600 "$PYTHON" -m dinov.gpu_check "$@"
+exec timeout 600 "$PYTHON" -m dinov.tools.gpu_check "$@"

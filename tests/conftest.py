@@ -7,11 +7,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 
-from doubles import FakeLabelStudio  # noqa: E402 (after OMP_WAIT_POLICY)
+from tests.support.doubles import FakeLabelStudio  # noqa: E402 (after OMP_WAIT_POLICY)
+from tests.support.paths import REFERENCE_DIR  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The reference data lives in shared/ beside the checkout (see ../shared/dinov_reference/README.md).
-REFERENCE_DIR = Path(os.environ.get("DINOV_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "dinov_reference"))
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +21,7 @@ def reference_dir() -> Path:
 
 @pytest.fixture
 def ls():
-    """A fake Label Studio on 127.0.0.1 (tests/doubles.py)."""
+    """A fake Label Studio on 127.0.0.1 (tests/support/doubles.py)."""
     fake = FakeLabelStudio()
     yield fake
     fake.stop()

@@ -4,7 +4,7 @@ From scratch on generated scenes (the demo model's commands, from scratch and th
 are in BENCHMARKS.md):
 
     python -m dinov.train --config demo --data scenes --steps 800 --batch-classes 10 --out runs/demo --export runs/demo/demo.safetensors
-    python -m dinov.calibrate --checkpoint runs/demo/demo.safetensors --write   # its default score threshold
+    python -m dinov.eval.calibrate --checkpoint runs/demo/demo.safetensors --write   # its default score threshold
 
 Fine-tune a released checkpoint on a Label Studio export (or COCO instances) of a project:
 
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dataset = load_dataset(args.data, args.images, range(0, 1_000_000))
     if args.eval_scenes:
-        from dinov.evaluate import evaluate_model, format_report
+        from dinov.eval.evaluate import evaluate_model, format_report
 
         logger.info("evaluation before training:\n%s", format_report(evaluate_model(trainer.model, args.eval_scenes)))
     history = train(trainer, dataset, args.out)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                    metadata={"train_config": json.dumps(dataclasses.asdict(train_config)), "data": str(args.data)})
         logger.info("wrote %s", args.export)
     if args.eval_scenes:
-        from dinov.evaluate import evaluate_model, format_report
+        from dinov.eval.evaluate import evaluate_model, format_report
 
         logger.info("evaluation after training:\n%s", format_report(evaluate_model(trainer.model, args.eval_scenes)))
 

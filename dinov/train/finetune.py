@@ -21,10 +21,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from dinov.calibrate import THRESHOLDS
+from dinov.eval.calibrate import THRESHOLDS
 from dinov.config import DINOvConfig
 from dinov.data.scenes import Scene
-from dinov.example_pool import example_pool
+from dinov.eval.example_pool import example_pool
 from dinov.metrics import mask_iou
 from dinov.postprocess import official_threshold
 from dinov.train.trainer import TrainConfig, Trainer, batches

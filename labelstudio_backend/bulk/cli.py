@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Callable
 
 from labelstudio_backend.bulk.job import run_bulk
-from labelstudio_backend.bulk.options import BulkError, BulkOptions, parse_task_ids
+from labelstudio_backend.errors import BulkError
+from labelstudio_backend.bulk.options import BulkOptions, parse_task_ids
 from labelstudio_backend.errors import LabelStudioError, ModelUnavailable
-from labelstudio_backend.runtime import Predictor
+from labelstudio_backend.runtime.runtime import Predictor
 from labelstudio_backend.settings import Settings, SettingsError
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from labelstudio_backend.bulk.options import OFFLINE_PROJECT_ID, BulkError
-from labelstudio_backend.images import ImageLoader
-from labelstudio_backend.payload import task_id_of
+from labelstudio_backend.errors import BulkError
+from labelstudio_backend.bulk.options import OFFLINE_PROJECT_ID
+from labelstudio_backend.fetching.images import ImageLoader
+from labelstudio_backend.labelstudio.payload import task_id_of
 from labelstudio_backend.settings import Settings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")

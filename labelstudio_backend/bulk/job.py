@@ -15,26 +15,27 @@ import threading
 from dataclasses import replace
 from typing import Any, Callable
 
-from labelstudio_backend.backend import DINOvBackend
+from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.bulk.folder import (
     FolderImages, fill_store_from_export, folder_tasks, label_config_from_export, load_export,
 )
+from labelstudio_backend.errors import BulkError
 from labelstudio_backend.bulk.options import (
-    OFFLINE_PROJECT_ID, BulkError, BulkOptions, list_project_tasks, select_tasks,
+    OFFLINE_PROJECT_ID, BulkOptions, list_project_tasks, select_tasks,
 )
 from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource, pin_references, version_at_revision
-from labelstudio_backend.bulk.pipeline import BulkReport, Pipeline, Recorder, image_loader, progress_bar
-from labelstudio_backend.bulk.sinks import JsonSink, LabelStudioSink, Sink
-from labelstudio_backend.images import ImageLoader
-from labelstudio_backend.label_config import parse_label_config
-from labelstudio_backend.labelstudio_client import LabelStudioClient
-from labelstudio_backend.payload import utc_now
-from labelstudio_backend.project_models import serve_project_models, served_project_model
-from labelstudio_backend.runtime import Predictor, Runtime
+from labelstudio_backend.serving.task_batches import BulkReport, Pipeline, Recorder, image_loader, progress_bar
+from labelstudio_backend.serving.sinks import JsonSink, LabelStudioSink, Sink
+from labelstudio_backend.fetching.images import ImageLoader
+from labelstudio_backend.labelstudio.label_config import parse_label_config
+from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
+from labelstudio_backend.labelstudio.payload import utc_now
+from labelstudio_backend.serving.project_models import serve_project_models, served_project_model
+from labelstudio_backend.runtime.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.store.training import ActiveModel
-from labelstudio_backend.sync import sync_project
+from labelstudio_backend.references.sync import sync_project
 
 logger = logging.getLogger(__name__)
 

@@ -13,16 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from labelstudio_backend.labelstudio_client import LabelStudioClient
-from labelstudio_backend.payload import task_id_of
+from labelstudio_backend.errors import BulkError
+from labelstudio_backend.labelstudio.payload import task_key
+from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
+from labelstudio_backend.labelstudio.payload import task_id_of
 
 logger = logging.getLogger(__name__)
 
 OFFLINE_PROJECT_ID = 0          # the project id of the reference store built from an export
-
-
-class BulkError(ValueError):
-    """The job cannot run as asked; the message says what to change."""
 
 
 @dataclass
@@ -97,11 +95,6 @@ def select_tasks(tasks: Iterable[dict], model_version: str, only_unlabeled: bool
         else:
             selected.append(task)
     return selected, skipped
-
-
-def task_key(task: dict) -> Any:
-    """What identifies a task in the job's output: its image URL in folder mode, else its Label Studio id."""
-    return task["key"] if "key" in task else task.get("id")
 
 
 def listed_task(task: dict) -> dict:

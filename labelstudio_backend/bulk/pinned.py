@@ -2,7 +2,7 @@
 
 They go to MODEL_DIR/bulk/<job>.json and .npz; a rerun keeps them unless --refresh-references, so an annotation
 made overnight does not restart the job from zero. `PinnedSource` hands them to the backend as its reference
-source (labelstudio_backend.references.ReferenceSource).
+source (labelstudio_backend.references.sources.ReferenceSource).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
-from labelstudio_backend.backend import DINOvBackend
-from labelstudio_backend.payload import task_id_of, utc_now
-from labelstudio_backend.references import StoreReferences
+from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.labelstudio.payload import task_id_of, utc_now
+from labelstudio_backend.references.sources import StoreReferences
 
 logger = logging.getLogger(__name__)
 

@@ -35,19 +35,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from labelstudio_backend.backend import DINOvBackend
+from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.bulk.folder import FolderImages
 from labelstudio_backend.bulk.options import BulkOptions
 from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource
-from labelstudio_backend.bulk.pipeline import (
+from labelstudio_backend.serving.task_batches import (
     BulkReport, Recorder, failure_reason, finish_report, progress_bar, segment_batch,
 )
-from labelstudio_backend.bulk.sinks import Sink
-from labelstudio_backend.images import ImageLoader
-from labelstudio_backend.label_config import parse_label_config
-from labelstudio_backend.payload import task_id_of
-from labelstudio_backend.project_models import serve_sent_project_model
-from labelstudio_backend.runtime import Predictor, Runtime
+from labelstudio_backend.serving.sinks import Sink
+from labelstudio_backend.fetching.images import ImageLoader
+from labelstudio_backend.labelstudio.label_config import parse_label_config
+from labelstudio_backend.labelstudio.payload import task_id_of
+from labelstudio_backend.serving.project_models import serve_sent_project_model
+from labelstudio_backend.runtime.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel
 

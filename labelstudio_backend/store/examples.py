@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from labelstudio_backend.region_types import base_type
+from labelstudio_backend.labelstudio.region_types import base_type
 from labelstudio_backend.store.schema import StoreError
 
 # Bump when the way a region becomes a prompt mask changes: every cached prompt embedding is then computed again.

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from labelstudio_backend.payload import utc_now
+from labelstudio_backend.labelstudio.payload import utc_now
 from labelstudio_backend.store.schema import Database
 
 OPEN_STATES = ("queued", "running")

@@ -1,0 +1,1 @@
+"""Serving predictions: the backend's orchestration of a project's pre-annotation and interactive answers, instance selection, project models, batches of tasks, deferred predictions and the leave-one-out estimate."""

@@ -1,0 +1,40 @@
+"""bf16 autocast against float32 on the demo model and generated scenes (on the CPU here; on CUDA in gpu_check)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dinov.tools.precision import bf16_agreement, mask_iou
+from dinov.predictor import DINOvPredictor
+
+
+def _cpu_bf16_autocast_works() -> bool:
+    try:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
+    except (RuntimeError, TypeError):
+        return False
+
+
+@pytest.mark.skipif(not _cpu_bf16_autocast_works(), reason="this torch build has no bf16 autocast on the CPU")
+def test_bf16_masks_agree_with_float32_on_generated_scenes():
+    torch.set_num_threads(1)
+    predictor = DINOvPredictor.from_checkpoint("demo", device="cpu")
+    report = bf16_agreement(predictor, scenes=3)
+    for kind in ("click", "generic", "referring"):
+        assert report[kind]["n"] >= 3
+        assert report[kind]["mean_iou"] >= 0.95, report
+    # bf16 really ran: the features differ from float32 (else the comparison proves nothing)
+    half = DINOvPredictor(predictor.model, device="cpu", resize=predictor.resize)
+    half.autocast_dtype = torch.bfloat16
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    assert not torch.equal(half.encode_image(image).mask_features, predictor.encode_image(image).mask_features)
+
+
+def test_mask_iou():
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[1:3] = True
+    assert mask_iou(a, b) == pytest.approx(1 / 3)
+    assert mask_iou(None, None) == 1.0 and mask_iou(a, None) == 0.0
