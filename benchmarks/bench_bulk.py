@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -131,13 +130,13 @@ def main() -> int:
                                     score_threshold=0.3)
                 warm = bulk.BulkOptions(images=images, references=export, out=tmp / "warm.json", progress=False,
                                         batch_size=2, task_ids=None)
-                bulk.run_bulk(warm, settings, model_factory=lambda s: predictor)  # pins references, warms up
+                bulk.run_bulk(warm, settings, model_factory=lambda s, p=predictor: p)  # pins references, warms up
                 for batch in batch_sizes:
                     for count in workers:
                         out = tmp / f"{name.replace('/', '_')}-{batch}-{count}.json"
                         options = bulk.BulkOptions(images=images, references=export, out=out, progress=False,
                                                    batch_size=batch, workers=count)
-                        report = bulk.run_bulk(options, settings, model_factory=lambda s: predictor)
+                        report = bulk.run_bulk(options, settings, model_factory=lambda s, p=predictor: p)
                         assert report.done == args.images, report.summary()
                         rows.append((what, args.device, batch, count, report.images_per_second))
                         print(f"{what}: batch {batch}, workers {count}: {report.images_per_second:.2f} images/s",

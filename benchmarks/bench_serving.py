@@ -465,7 +465,7 @@ def print_table(report: dict) -> None:
           "first click, new image p50 / p95 | retrieve predictions | load |")
     print("|---|---|---|---|---|---|---|")
     for level in report["levels"]:
-        def cell(kind: str) -> str:
+        def cell(kind: str, level: dict = level) -> str:
             stats = level[kind]
             return f"{stats['p50_ms']:.0f} / {stats['p95_ms']:.0f} ms" if stats.get("n") else "-"
         retrieve = level["retrieve_predictions"]["images_per_s"]

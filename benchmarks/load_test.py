@@ -152,7 +152,7 @@ def build_requests(ls: FakeLabelStudio, task_ids: list[int], count: int, seed: i
     hostile = hostile_cases(ls, task_ids)
     h, w = SIZE
     out: list[Request] = []
-    for i in range(count):
+    for _ in range(count):
         roll = rng.random()
         if roll < 0.5:
             tid = rng.choice(task_ids)

@@ -414,11 +414,17 @@ def _infer_preset(state_dict: Mapping[str, Tensor], path: Path):
     )
 
 
+DIGEST_CACHE_MIN_BYTES = 64 * 1024 * 1024  # smaller files hash in well under a second
+
+
 def file_digest(path: Path) -> str:
-    """Short content hash of a checkpoint file, cached beside it (hashing Swin-L takes seconds)."""
+    """Short content hash of a checkpoint file. A large one's is cached beside it (hashing Swin-L takes seconds;
+    it lives in a folder the user chose, such as MODEL_DIR); a small one (the shipped demo, a project's delta) is
+    hashed each time, so that nothing is written into an installed package."""
     stat = path.stat()
     stamp = path.with_name(path.name + ".sha256")
-    if stamp.exists():
+    cached_beside = stat.st_size >= DIGEST_CACHE_MIN_BYTES
+    if cached_beside and stamp.exists():
         cached = stamp.read_text().split()
         if len(cached) == 3 and cached[1:] == [str(stat.st_size), str(int(stat.st_mtime))]:
             return cached[0]
@@ -427,8 +433,9 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     short = digest.hexdigest()[:12]
-    try:
-        stamp.write_text(f"{short} {stat.st_size} {int(stat.st_mtime)}")
-    except OSError:
-        pass  # a read-only model folder only costs the hash next time
+    if cached_beside:
+        try:
+            stamp.write_text(f"{short} {stat.st_size} {int(stat.st_mtime)}")
+        except OSError:
+            pass  # a read-only model folder only costs the hash next time
     return short

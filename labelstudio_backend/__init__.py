@@ -1,10 +1,13 @@
 """Label Studio ML backend for DINOv: pre-annotation from a project's own regions and interactive refinement.
 
-    from labelstudio_backend import create_app
+    from labelstudio_backend.http.app import create_app
     app = create_app()            # what `gunicorn _wsgi:app` serves
 
-See server.py (HTTP protocol), backend.py (DINOvBackend), settings.py (environment variables); the README's
-"How it works" names every module in the order a request meets them.
+Packages, lowest first (each imports only from those before it): labelstudio (Label Studio's formats), store
+(SQLite), fetching (images, the Label Studio API), runtime (what lives as long as the process), references
+(examples, webhook inbox, sync), serving (DINOvBackend), training (Start Training), bulk (batch jobs), http (the
+Flask app); settings.py, errors.py and url_policy.py are below them all. README "How it works" walks a request
+through them.
 """
 
 from __future__ import annotations
@@ -15,15 +18,3 @@ import os
 # idle OpenMP threads sleep instead of spinning, so that request threads, gunicorn and other processes
 # on the machine do not slow the model down (measured: up to 50x on 2 busy cores).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from labelstudio_backend.settings import Settings, SettingsError  # noqa: E402
-
-
-def create_app(*args, **kwargs):
-    """labelstudio_backend.http.app.create_app, imported on first use (Flask is not needed by the rest)."""
-    from labelstudio_backend.http.app import create_app as _create_app
-
-    return _create_app(*args, **kwargs)
-
-
-__all__ = ["Settings", "SettingsError", "create_app"]

@@ -1,7 +1,8 @@
 """Backend settings: one frozen dataclass, read from environment variables.
 
-Every field has a documented default (``SETTINGS_TABLE`` lists variable, default and meaning,
-the README's table is built from it). The fields marked per-project can be overridden for one
+Each setting is declared once, as a field made by ``setting(default, ENV_VAR, meaning)``; ``SETTINGS_TABLE`` lists
+variable, default and meaning from those fields, and the README's table is printed from it
+(scripts/settings_table.py). The fields marked per-project can be overridden for one
 Label Studio project through the "Extra params" JSON of the model connection, which Label Studio
 sends to ``/setup`` as ``extra_params``; the others are operator-only, because they decide what the
 backend may read (hosts, files, sizes) or how it runs.
@@ -28,57 +29,123 @@ class SettingsError(ValueError):
     """A setting has a value the backend cannot use; the message names the variable."""
 
 
+def setting(default: Any, env: str, meaning: str, per_project: bool = False, secret: bool = False) -> Any:
+    """A Settings field: its default, the environment variable that sets it, what it means (the README's
+    table), whether a project's extra_params may override it, and whether it is kept out of repr()."""
+    return field(default=default, repr=not secret,
+                 metadata={"env": env, "meaning": meaning, "per_project": per_project})
+
+
 @dataclass(frozen=True)
 class Settings:
     # Connection to Label Studio and serving.
-    label_studio_url: str = ""
-    label_studio_api_key: str = field(default="", repr=False)
-    model_dir: Path = Path("./model_dir")
-    port: int = 9090
-    workers: int = 1
-    threads: int = 8
-    basic_auth_user: str = ""
-    basic_auth_pass: str = field(default="", repr=False)
-    max_request_bytes: int = 32 * 1024 * 1024
-    log_level: str = "INFO"
+    label_studio_url: str = setting("", "LABEL_STUDIO_URL",
+        "Label Studio's base URL as the backend reaches it, e.g. http://label-studio:8080. Needed for "
+        "uploaded, local-storage and cloud-storage images and for the reference sync.")
+    label_studio_api_key: str = setting("", "LABEL_STUDIO_API_KEY",
+        "A legacy API token (sent as `Token <key>`) or a personal access token (a JWT, exchanged at "
+        "/api/token/refresh/ for a Bearer access token). LABEL_STUDIO_ACCESS_TOKEN is read too.", secret=True)
+    model_dir: Path = setting(Path("./model_dir"), "MODEL_DIR",
+        "Where the reference store (SQLite), downloaded checkpoints, per-project settings and the image "
+        "cache live.")
+    port: int = setting(9090, "PORT",
+        "Port of `python _wsgi.py` and scripts/start.sh.")
+    workers: int = setting(1, "WORKERS",
+        "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU.")
+    threads: int = setting(8, "THREADS",
+        "Threads per worker; model work is serialised per device.")
+    basic_auth_user: str = setting("", "BASIC_AUTH_USER",
+        "With BASIC_AUTH_PASS: every endpoint but /health requires HTTP basic auth; give Label Studio the "
+        "same in the model connection (README: Deploy safely). Printable ASCII, no ':'.")
+    basic_auth_pass: str = setting("", "BASIC_AUTH_PASS",
+        "Password for basic auth (printable ASCII).", secret=True)
+    max_request_bytes: int = setting(32 * 1024 * 1024, "MAX_REQUEST_BYTES",
+        "Largest request body; larger ones are answered 413.")
+    log_level: str = setting("INFO", "LOG_LEVEL",
+        "DEBUG, INFO, WARNING or ERROR.")
     # The model.
-    checkpoint: str = "demo"
-    device: str = "auto"
-    model_load_retry_s: float = 5.0
+    checkpoint: str = setting("demo", "DINOV_CHECKPOINT",
+        "swinT or swinL (released weights, downloaded once into MODEL_DIR), demo, or a .pth/.safetensors "
+        "path.")
+    device: str = setting("auto", "DEVICE",
+        "auto (CUDA when available), cuda, cuda:<i> or cpu.")
+    model_load_retry_s: float = setting(5.0, "MODEL_LOAD_RETRY_S",
+        "Seconds before a failed model load is tried again; doubled after each failure, at most 300. "
+        "/health answers 503 with the reason meanwhile.")
     # Background work.
-    work_queue_size: int = 64
+    work_queue_size: int = setting(64, "WORK_QUEUE_SIZE",
+        "Jobs that may wait in each background queue (model loading, webhooks, syncs, reference "
+        "embedding, estimates, deferred predictions); a full queue answers 503 with Retry-After.")
     # Pre-annotation (per project).
     # None: the checkpoint's own calibrated threshold (0.12, the official demo's, for the released ones).
-    score_threshold: float | None = None
-    max_instances_per_label: int = 20
-    min_area: int = 16
-    allow_overlap: bool = False
-    polygon_tolerance: float = 1.5
-    references: str = "all"
-    reference_annotators: tuple[str, ...] = ()
-    max_examples_per_label: int = 16
-    predict_time_budget: float = 80.0
+    score_threshold: float | None = setting(None, "SCORE_THRESHOLD",
+        "Minimum instance score kept by pre-annotation. Unset: the checkpoint's own default (stored in "
+        "its metadata, calibrated for the demo model; 0.12, the official demo's, for swinT/swinL).", per_project=True)
+    max_instances_per_label: int = setting(20, "MAX_INSTANCES_PER_LABEL",
+        "At most this many regions per label and image.", per_project=True)
+    min_area: int = setting(16, "MIN_AREA",
+        "Drop predicted regions smaller than this many pixels.", per_project=True)
+    allow_overlap: bool = setting(False, "ALLOW_OVERLAP",
+        "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps the "
+        "shared pixels.", per_project=True)
+    polygon_tolerance: float = setting(1.5, "POLYGON_TOLERANCE",
+        "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", per_project=True)
+    references: str = setting("all", "REFERENCES",
+        "Which annotations are in-context examples: all, ground_truth or annotators.", per_project=True)
+    reference_annotators: tuple[str, ...] = setting((), "REFERENCE_ANNOTATORS",
+        "Comma-separated annotator user ids, for REFERENCES=annotators.", per_project=True)
+    max_examples_per_label: int = setting(16, "MAX_EXAMPLES_PER_LABEL",
+        "In-context examples per label (most recent first).", per_project=True)
+    predict_time_budget: float = setting(80.0, "PREDICT_TIME_BUDGET",
+        "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left over "
+        "are answered [] (Label Studio stores nothing for them) and finished in the background, which "
+        "posts their predictions through the API.", per_project=True)
     # Interactive refinement (per project).
-    interactive_mode: str = "object"
+    interactive_mode: str = setting("object", "INTERACTIVE_MODE",
+        "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.", per_project=True)
     # What the backend may read (operator only).
-    allowed_hosts: tuple[str, ...] = ()
-    local_files_root: Path | None = None
-    max_image_bytes: int = 64 * 1024 * 1024
-    max_image_pixels: int = 64_000_000
-    image_cache_mb: int = 2048
-    fetch_timeout: float = 30.0
-    verify_ssl: bool = True
-    feature_cache_size: int = 8
+    allowed_hosts: tuple[str, ...] = setting((), "ALLOWED_HOSTS",
+        "Comma-separated extra hosts task images may come from: a name (any address), *.domain or * "
+        "(public addresses only), an IP or CIDR (addresses inside it). Label Studio's origin and the "
+        "presigned URLs it redirects to (public addresses) are always allowed.")
+    local_files_root: Path | None = setting(None, "LOCAL_FILES_DOCUMENT_ROOT",
+        "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it from "
+        "Label Studio.")
+    max_image_bytes: int = setting(64 * 1024 * 1024, "MAX_IMAGE_BYTES",
+        "Largest image download or local file, in bytes.")
+    max_image_pixels: int = setting(64_000_000, "MAX_IMAGE_PIXELS",
+        "Largest image, width x height, checked from its header before decoding.")
+    image_cache_mb: int = setting(2048, "IMAGE_CACHE_MB",
+        "Size bound of the downloaded-image cache in MODEL_DIR.")
+    fetch_timeout: float = setting(30.0, "FETCH_TIMEOUT",
+        "Seconds for a whole image download (redirects and every read) or one API request.")
+    verify_ssl: bool = setting(True, "VERIFY_SSL",
+        "Verify TLS certificates when fetching.")
+    feature_cache_size: int = setting(8, "FEATURE_CACHE_SIZE",
+        "Encoded images kept per process, so the next click on the same image costs only the decoder.")
     # Encodings of concurrent requests collected into one batch (None: 5 ms on CUDA, 0 = off on the CPU).
-    batch_window_ms: float | None = None
-    max_batch: int = 8
+    batch_window_ms: float | None = setting(None, "BATCH_WINDOW_MS",
+        "How long the first of several concurrent image encodings waits for others to share one batch. "
+        "Unset: 5 ms on CUDA (a batch of 8 costs little more than one image), 0 (off) on the CPU.")
+    max_batch: int = setting(8, "MAX_BATCH",
+        "Most images encoded in one batch.")
     # Fine-tuning per project ("Start Training").
-    train_steps: int = 0        # 0: 300 on CPU, 1000 on a GPU
-    train_minutes: float = 0.0  # 0: 10 on CPU, 15 on a GPU
-    train_parameters: str = "decoder"
-    train_every_annotations: int = 0
-    project_model: str = "active"
-    project_models_in_memory: int = 2
+    train_steps: int = setting(0, "TRAIN_STEPS",
+        "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU.")
+    train_minutes: float = setting(0.0, "TRAIN_MINUTES",
+        "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU.")
+    train_parameters: str = setting("decoder", "TRAIN_PARAMETERS",
+        "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
+        "decoder frozen), decoder+pixel_decoder or all. For kinds of objects the model never saw, all "
+        "learns far more per minute (BENCHMARKS.md, Start Training).")
+    train_every_annotations: int = setting(0, "TRAIN_EVERY_ANNOTATIONS",
+        "Also start a fine-tuning after this many new annotations (counted across workers and restarts, "
+        "in MODEL_DIR's training store); 0: only on Start Training.", per_project=True)
+    project_model: str = setting("active", "PROJECT_MODEL",
+        "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base model (a "
+        "rollback that keeps the checkpoint).", per_project=True)
+    project_models_in_memory: int = setting(2, "PROJECT_MODELS_IN_MEMORY",
+        "Fine-tuned project models kept loaded per worker (each is a copy of the base model).")
 
     def __post_init__(self) -> None:
         _check(self.batch_window_ms is None or self.batch_window_ms >= 0, "BATCH_WINDOW_MS", self.batch_window_ms,
@@ -142,7 +209,7 @@ class Settings:
         return self.model_dir / "references.sqlite3"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read every setting from `environ` (default: os.environ); unset variables keep their defaults."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -155,7 +222,7 @@ class Settings:
             values[row.field] = _parse(row.field, raw, row.env)
         return cls(**values)
 
-    def with_overrides(self, params: Mapping[str, Any] | str | None) -> "Settings":
+    def with_overrides(self, params: Mapping[str, Any] | str | None) -> Settings:
         """A copy with the per-project fields of `params` (the backend's extra_params) applied.
 
         Keys are the field names or the environment variable names, in any case:
@@ -190,18 +257,13 @@ def parse_extra_params(params: Mapping[str, Any] | str | None) -> dict[str, Any]
 
 @dataclass(frozen=True)
 class SettingRow:
-    """One line of the settings table: the variable, the Settings field it sets, what it means, and whether
-    extra_params may override it per project. The default is read from the dataclass, never repeated here."""
+    """One line of the settings table, read from a Settings field's declaration."""
 
     env: str
     field: str
     meaning: str
-    per_project: bool = False
-
-    @property
-    def default(self) -> str:
-        """The field's default as the README shows it ("(empty)" for an empty string, tuple or None)."""
-        return describe_default(_FIELD_DEFAULTS[self.field])
+    per_project: bool
+    default: str  # as the README shows it ("(empty)" for an empty string, tuple or None)
 
 
 def describe_default(value: Any) -> str:
@@ -217,72 +279,13 @@ def describe_default(value: Any) -> str:
     return str(value)
 
 
-SETTINGS_TABLE: tuple[SettingRow, ...] = (
-    SettingRow("LABEL_STUDIO_URL", "label_studio_url", "Label Studio's base URL as the backend reaches it, e.g. http://label-studio:8080. Needed for "
-               "uploaded, local-storage and cloud-storage images and for the reference sync."),
-    SettingRow("LABEL_STUDIO_API_KEY", "label_studio_api_key", "A legacy API token (sent as `Token <key>`) or a personal access token (a JWT, exchanged at "
-               "/api/token/refresh/ for a Bearer access token). LABEL_STUDIO_ACCESS_TOKEN is read too."),
-    SettingRow("MODEL_DIR", "model_dir", "Where the reference store (SQLite), downloaded checkpoints, per-project settings and the "
-               "image cache live."),
-    SettingRow("PORT", "port", "Port of `python _wsgi.py` and scripts/start.sh."),
-    SettingRow("WORKERS", "workers", "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU."),
-    SettingRow("THREADS", "threads", "Threads per worker; model work is serialised per device."),
-    SettingRow("BASIC_AUTH_USER", "basic_auth_user", "With BASIC_AUTH_PASS: every endpoint but /health requires HTTP basic "
-               "auth; give Label Studio the same in the model connection (README: Deploy safely). Printable ASCII, no ':'."),
-    SettingRow("BASIC_AUTH_PASS", "basic_auth_pass", "Password for basic auth (printable ASCII)."),
-    SettingRow("MAX_REQUEST_BYTES", "max_request_bytes", "Largest request body; larger ones are answered 413."),
-    SettingRow("LOG_LEVEL", "log_level", "DEBUG, INFO, WARNING or ERROR."),
-    SettingRow("DINOV_CHECKPOINT", "checkpoint", "swinT or swinL (released weights, downloaded once into MODEL_DIR), demo, or a .pth/.safetensors path."),
-    SettingRow("DEVICE", "device", "auto (CUDA when available), cuda, cuda:<i> or cpu."),
-    SettingRow("MODEL_LOAD_RETRY_S", "model_load_retry_s", "Seconds before a failed model load is tried again; "
-               "doubled after each failure, at most 300. /health answers 503 with the reason meanwhile."),
-    SettingRow("WORK_QUEUE_SIZE", "work_queue_size", "Jobs that may wait in each background queue (model loading, "
-               "webhooks, syncs, reference embedding, estimates, background predictions); a full queue answers 503 "
-               "with Retry-After."),
-    SettingRow("SCORE_THRESHOLD", "score_threshold", "Minimum instance score kept by pre-annotation. Unset: the checkpoint's own default (stored in its metadata, calibrated for the demo model; 0.12, the official demo's, for swinT/swinL).", True),
-    SettingRow("MAX_INSTANCES_PER_LABEL", "max_instances_per_label", "At most this many regions per label and image.", True),
-    SettingRow("MIN_AREA", "min_area", "Drop predicted regions smaller than this many pixels.", True),
-    SettingRow("ALLOW_OVERLAP", "allow_overlap", "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps "
-               "the shared pixels.", True),
-    SettingRow("POLYGON_TOLERANCE", "polygon_tolerance", "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", True),
-    SettingRow("REFERENCES", "references", "Which annotations are in-context examples: all, ground_truth or annotators.", True),
-    SettingRow("REFERENCE_ANNOTATORS", "reference_annotators", "Comma-separated annotator user ids, for REFERENCES=annotators.", True),
-    SettingRow("MAX_EXAMPLES_PER_LABEL", "max_examples_per_label", "In-context examples per label (most recent first).", True),
-    SettingRow("PREDICT_TIME_BUDGET", "predict_time_budget", "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left "
-               "over are answered [] (Label Studio stores nothing for them) and finished in the background, which posts their predictions through the API.", True),
-    SettingRow("INTERACTIVE_MODE", "interactive_mode", "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.",
-               True),
-    SettingRow("ALLOWED_HOSTS", "allowed_hosts", "Comma-separated extra hosts task images may come from: a name (any address), "
-               "*.domain or * (public addresses only), an IP or CIDR (addresses inside it). Label Studio's origin and the "
-               "presigned URLs it redirects to (public addresses) are always allowed."),
-    SettingRow("LOCAL_FILES_DOCUMENT_ROOT", "local_files_root", "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it "
-               "from Label Studio."),
-    SettingRow("MAX_IMAGE_BYTES", "max_image_bytes", "Largest image download or local file, in bytes."),
-    SettingRow("MAX_IMAGE_PIXELS", "max_image_pixels", "Largest image, width x height, checked from its header before decoding."),
-    SettingRow("IMAGE_CACHE_MB", "image_cache_mb", "Size bound of the downloaded-image cache in MODEL_DIR."),
-    SettingRow("FETCH_TIMEOUT", "fetch_timeout", "Seconds for a whole image download (redirects and every read) or one API "
-               "request."),
-    SettingRow("VERIFY_SSL", "verify_ssl", "Verify TLS certificates when fetching."),
-    SettingRow("FEATURE_CACHE_SIZE", "feature_cache_size", "Encoded images kept per process, so the next click on the same image costs only the decoder."),
-    SettingRow("BATCH_WINDOW_MS", "batch_window_ms", "How long the first of several concurrent image encodings waits for others to share one batch. Unset: 5 ms on CUDA (a batch of 8 costs little more than one image), 0 (off) on the CPU."),
-    SettingRow("MAX_BATCH", "max_batch", "Most images encoded in one batch."),
-    SettingRow("TRAIN_STEPS", "train_steps", "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU."),
-    SettingRow("TRAIN_MINUTES", "train_minutes", "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU."),
-    SettingRow("TRAIN_PARAMETERS", "train_parameters", "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
-               "decoder frozen), decoder+pixel_decoder or all. For kinds of objects the model never saw, all learns far more "
-               "per minute (BENCHMARKS.md, Start Training)."),
-    SettingRow("TRAIN_EVERY_ANNOTATIONS", "train_every_annotations", "Also start a fine-tuning after this many new annotations (counted across "
-               "workers and restarts, in MODEL_DIR's training store); 0: only on Start Training.", True),
-    SettingRow("PROJECT_MODEL", "project_model", "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base "
-               "model (a rollback that keeps the checkpoint).", True),
-    SettingRow("PROJECT_MODELS_IN_MEMORY", "project_models_in_memory", "Fine-tuned project models kept loaded per worker (each is a copy of the base model)."),
-)
-
+SETTINGS_TABLE: tuple[SettingRow, ...] = tuple(
+    SettingRow(f.metadata["env"], f.name, f.metadata["meaning"], f.metadata["per_project"], describe_default(f.default))
+    for f in dataclasses.fields(Settings))
 PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_project)
 _PER_PROJECT_KEYS = {key: row.field for row in SETTINGS_TABLE if row.per_project
                      for key in (row.field, row.env.lower())}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
 def _parse(name: str, raw: Any, source: str) -> Any:

@@ -110,7 +110,8 @@ def check_url(raw: str) -> CheckedURL:
             raise URLRefused(f"{shown}: {parsed.host!r} is not a valid IPv6 address") from None
     elif not host or not _HOST_NAME.match(host):
         raise URLRefused(f"{shown}: {parsed.host!r} is not a valid host name")
-    port = parsed.port if parsed.port is not None else DEFAULT_PORTS[parsed.scheme]
+    scheme = parsed.scheme or ""
+    port = parsed.port if parsed.port is not None else DEFAULT_PORTS[scheme]
     if not 1 <= port <= 65535:
         raise URLRefused(f"{shown}: port {port} is not a TCP port")
     target = parsed.path or "/"
@@ -118,7 +119,7 @@ def check_url(raw: str) -> CheckedURL:
         target = "/" + target
     if parsed.query is not None:
         target += "?" + parsed.query
-    return CheckedURL(parsed.scheme, host, port, target)
+    return CheckedURL(scheme, host, port, target)
 
 
 def shown_url(raw: Any) -> str:
@@ -136,7 +137,7 @@ def system_resolver(host: str, port: int) -> list[str]:
     """Every address `host` resolves to, as the operating system's connect() would reach it (this is where
     2130706433, 0x7f.1 and 0177.0.0.1 become 127.0.0.1)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
@@ -192,7 +193,7 @@ class HostPolicy:
 
     @classmethod
     def from_settings(cls, label_studio_url: str, allowed_hosts: Iterable[str],
-                      resolver: Resolver | None = None) -> "HostPolicy":
+                      resolver: Resolver | None = None) -> HostPolicy:
         origin = None
         if label_studio_url:
             try:

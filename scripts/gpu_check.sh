@@ -3,7 +3,7 @@
 # report: the tests marked `cuda`, bf16 vs float32 mask agreement, `dinov.tools.bench --device cuda` for Swin-T and
 # Swin-L at 800x1333 batch 1 and 8, click latency with cached features, peak GPU memory.
 #
-#   bash scripts/gpu_check.sh [--out gpu_check.json]
+#   bash scripts/gpu_check.sh [--out report.json]                  # default: MODEL_DIR/gpu_check.json
 #   bash scripts/gpu_check.sh --dry-run [--out dry.json]      # the same steps on the CPU at small sizes (~1 min)
 #
 # Uses $PYTHON, else the project's .venv, else python3; installs nothing (a GPU machine may be offline).

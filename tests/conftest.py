@@ -11,7 +11,6 @@ from tests.support.doubles import FakeLabelStudio  # noqa: E402 (after OMP_WAIT_
 from tests.support.paths import REFERENCE_DIR  # noqa: E402
 
 
-
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not (REFERENCE_DIR / "miniT_io.pt").exists():

@@ -131,7 +131,8 @@ def click_latency(device: str, size: tuple[int, int], clicks: int, dtype: str) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="CPU, small sizes, one repeat: checks the wiring")
-    parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--out", default=str(Path(os.environ.get("MODEL_DIR", "model_dir")) / "gpu_check.json"),
+                        help="the JSON report (default: MODEL_DIR/gpu_check.json)")
     parser.add_argument("--skip-tests", action="store_true", help="leave out pytest -m cuda")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     report["all_steps_ok"] = all(step["ok"] for step in report["steps"].values()) and \
         (args.skip_tests or (report.get("cuda_tests") or {}).get("exit_code") in (0, 5) and
          not (report.get("cuda_tests") or {}).get("failures") and not (report.get("cuda_tests") or {}).get("errors"))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))
     summary = {name: (goal["measured"], goal["met"]) for name, goal in report["goals"].items()}
     print(json.dumps({"out": args.out, "elapsed_s": report["elapsed_s"], "all_steps_ok": report["all_steps_ok"],

@@ -35,11 +35,11 @@ from __future__ import annotations
 from labelstudio_backend.bulk.cli import StopOnSigint, main
 from labelstudio_backend.bulk.folder import FolderImages, label_config_from_export
 from labelstudio_backend.bulk.job import run_bulk
-from labelstudio_backend.errors import BulkError
 from labelstudio_backend.bulk.options import BulkOptions, parse_task_ids, select_tasks
 from labelstudio_backend.bulk.pinned import PinnedReferences
-from labelstudio_backend.serving.task_batches import MAX_WRITE_FAILURES, BulkReport
+from labelstudio_backend.errors import BulkError
 from labelstudio_backend.serving.sinks import JsonSink, LabelStudioSink
+from labelstudio_backend.serving.task_batches import MAX_WRITE_FAILURES, BulkReport
 
 __all__ = ["BulkError", "BulkOptions", "BulkReport", "FolderImages", "JsonSink", "LabelStudioSink",
            "MAX_WRITE_FAILURES", "PinnedReferences", "StopOnSigint", "label_config_from_export", "main",

@@ -9,12 +9,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from types import FrameType
+from typing import Any, Callable
 
 from labelstudio_backend.bulk.job import run_bulk
-from labelstudio_backend.errors import BulkError
 from labelstudio_backend.bulk.options import BulkOptions, parse_task_ids
-from labelstudio_backend.errors import LabelStudioError, ModelUnavailable
+from labelstudio_backend.errors import BulkError, LabelStudioError, ModelUnavailable
 from labelstudio_backend.runtime.runtime import Predictor
 from labelstudio_backend.settings import Settings, SettingsError
 
@@ -96,23 +96,22 @@ class StopOnSigint:
 
     def __init__(self, stop: threading.Event):
         self.stop = stop
-        self.previous = None
+        self.previous: Any = None  # the SIGINT handler this one replaced
 
-    def __enter__(self):
+    def __enter__(self) -> StopOnSigint:
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.stop.is_set():
             raise KeyboardInterrupt
         self.stop.set()
         logger.warning("Ctrl-C: stopping after the current batch (Ctrl-C again to stop at once)")
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-        return False
 
 
 def main(argv: list[str] | None = None, model_factory: Callable[[Settings], Predictor] | None = None) -> int:

@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from labelstudio_backend.errors import BulkError
 from labelstudio_backend.bulk.options import OFFLINE_PROJECT_ID
+from labelstudio_backend.errors import BulkError
 from labelstudio_backend.fetching.images import ImageLoader
 from labelstudio_backend.labelstudio.payload import task_id_of
 from labelstudio_backend.settings import Settings
@@ -96,7 +96,7 @@ def label_config_from_export(tasks: list[dict]) -> str:
         raise BulkError("the export's annotations have no labeled brush, polygon, rectangle, keypoint or ellipse "
                         "regions; pass --label-config with the project's labeling config")
     image = next(iter(to_names))
-    data = next((t.get("data") for t in tasks if isinstance(t.get("data"), dict)), {}) or {}
+    data: dict = next((t["data"] for t in tasks if isinstance(t.get("data"), dict)), {})
     value = image if image in data else next((k for k, v in data.items() if isinstance(v, str)), "image")
     if not any(kind in ("brushlabels", "polygonlabels", "rectanglelabels") for kind, _, _ in controls):
         labels = dict.fromkeys(label for found in controls.values() for label in found)
@@ -147,7 +147,8 @@ def folder_tasks(images_dir: Path, image_key: str, url_prefix: str, export: list
                 break
             except FileNotFoundError:
                 continue
-    tasks, files = [], {}
+    tasks: list[dict] = []
+    files: dict[str, str] = {}
     for path in sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         relative = path.relative_to(images_dir).as_posix()
         url = url_prefix + relative

@@ -15,27 +15,34 @@ import threading
 from dataclasses import replace
 from typing import Any, Callable
 
-from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.bulk.folder import (
-    FolderImages, fill_store_from_export, folder_tasks, label_config_from_export, load_export,
+    FolderImages,
+    fill_store_from_export,
+    folder_tasks,
+    label_config_from_export,
+    load_export,
 )
-from labelstudio_backend.errors import BulkError
 from labelstudio_backend.bulk.options import (
-    OFFLINE_PROJECT_ID, BulkOptions, list_project_tasks, select_tasks,
+    OFFLINE_PROJECT_ID,
+    BulkOptions,
+    list_project_tasks,
+    select_tasks,
 )
 from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource, pin_references, version_at_revision
-from labelstudio_backend.serving.task_batches import BulkReport, Pipeline, Recorder, image_loader, progress_bar
-from labelstudio_backend.serving.sinks import JsonSink, LabelStudioSink, Sink
+from labelstudio_backend.errors import BulkError
 from labelstudio_backend.fetching.images import ImageLoader
-from labelstudio_backend.labelstudio.label_config import parse_label_config
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
+from labelstudio_backend.labelstudio.label_config import parse_label_config
 from labelstudio_backend.labelstudio.payload import utc_now
-from labelstudio_backend.serving.project_models import serve_project_models, served_project_model
+from labelstudio_backend.references.sync import sync_project
 from labelstudio_backend.runtime.runtime import Predictor, Runtime
+from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.serving.project_models import serve_project_models, served_project_model
+from labelstudio_backend.serving.sinks import JsonSink, LabelStudioSink, Sink
+from labelstudio_backend.serving.task_batches import BulkReport, Pipeline, Recorder, image_loader, progress_bar
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.store.training import ActiveModel
-from labelstudio_backend.references.sync import sync_project
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +63,13 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
     if options.images is not None and (options.references is None or options.out is None):
         raise BulkError("--images needs --references <Label Studio JSON export> and --out <file.json>")
 
+    project: dict = {}
     if options.project is not None:
         client = client or LabelStudioClient.from_settings(settings)
-        project = client.project(options.project)
-        if project is None:
+        found = client.project(options.project)
+        if found is None:
             raise BulkError(f"project {options.project} does not exist in Label Studio at {client.base_url}")
+        project = found
         label_config = options.label_config or project.get("label_config")
         store = ReferenceStore(settings.db_path)
         images: Any = ImageLoader(settings, client=client)
@@ -68,6 +77,8 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         project_id = int(options.project)
         report.mode, report.project = "label_studio", project_id
     else:
+        assert options.images is not None and options.references is not None  # checked above
+        client = None  # folder mode: no Label Studio
         export = load_export(options.references)
         label_config = options.label_config or label_config_from_export(export)
         job = "images-" + hashlib.sha1(f"{options.images.resolve()}|{options.references.resolve()}".encode()
@@ -75,10 +86,13 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         store = ReferenceStore(settings.model_dir / "bulk" / f"{job}.references.sqlite3")
         project_id = OFFLINE_PROJECT_ID
         report.mode = "folder"
+    if not label_config:
+        raise BulkError("no labeling config: the project has none, or pass --label-config")
     config = parse_label_config(label_config)
     report.job = job
 
     if options.images is not None:
+        assert options.references is not None  # checked above
         reference_dirs = tuple(options.reference_images) or (str(options.images), str(options.references.parent))
         tasks, files = folder_tasks(options.images, config.value_key, options.url_prefix, export, reference_dirs)
         images = FolderImages(settings, files, reference_dirs)
@@ -93,8 +107,8 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         if project_settings.project_model != "base":  # PROJECT_MODEL=base, also from --extra-params: the base
             serve_project_models(runtime, build_project)  # the project's fine-tuned model, when it has an active one
         backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings)
-        project_model = served_project_model(backend.runtime)
-        report.model, report.checkpoint = ("project" if project_model else "base"), backend.runtime.checkpoint_id
+        project_model = served_project_model(backend.model)
+        report.model, report.checkpoint = ("project" if project_model else "base"), backend.model.checkpoint_id
         logger.info("predicting with the %s model %s", report.model, report.checkpoint)
         job_path = settings.model_dir / "bulk" / f"{job}.json"
         pinned = None if options.refresh_references else PinnedReferences.load(job_path)
@@ -103,7 +117,7 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
                         pinned.model_version)
             pinned = None
         if pinned is None:
-            if options.project is not None:
+            if client is not None:
                 sync_project(store, client.base_url, client.api_key, project_id, client=client)
             pinned = pin_references(backend, config.output_labels)
             if not pinned.examples:
@@ -121,11 +135,12 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
         pinned_backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=project_settings,
                                       references=PinnedSource(pinned, project_settings.max_examples_per_label))
 
-        if options.project is not None:
+        if client is not None:
             tasks = list_project_tasks(client, project_id, options.page_size, expected=project.get("task_number"))
             sink: Sink = (JsonSink(options.out, project_mode=True) if options.out
                           else LabelStudioSink(client, project_id))
         else:
+            assert options.out is not None  # checked above
             sink = JsonSink(options.out, project_mode=False, image_key=config.value_key)
         report.out = str(options.out) if options.out else None
         report.tasks_listed = len(tasks)

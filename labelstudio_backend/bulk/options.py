@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from labelstudio_backend.errors import BulkError
-from labelstudio_backend.labelstudio.payload import task_key
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
-from labelstudio_backend.labelstudio.payload import task_id_of
+from labelstudio_backend.labelstudio.payload import task_id_of, task_key
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +83,8 @@ def select_tasks(tasks: Iterable[dict], model_version: str, only_unlabeled: bool
     A listed task carries "labeled" (it has a non-cancelled annotation) and "versions" (the model versions of
     its predictions); `done` holds the keys (task ids) written before by this job to a file.
     """
-    selected, skipped = [], Counter()
+    selected: list[dict] = []
+    skipped: Counter[str] = Counter()
     for task in tasks:
         if not in_ranges(task.get("id"), ranges):
             skipped["outside --task-ids"] += 1
@@ -114,7 +114,7 @@ def list_project_tasks(client: LabelStudioClient, project_id: int, page_size: in
     when fewer tasks than the project's count were seen, the pages are read again (at most `passes` times).
     """
     found: dict[int, dict] = {}
-    for attempt in range(passes):
+    for _ in range(passes):
         for tasks in client.task_pages(project_id, page_size):
             for task in tasks:
                 found[int(task["id"])] = listed_task(task)

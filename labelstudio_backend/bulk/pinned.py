@@ -17,9 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.errors import BulkError
 from labelstudio_backend.labelstudio.payload import task_id_of, utc_now
 from labelstudio_backend.references.sources import StoreReferences
+from labelstudio_backend.serving.backend import DINOvBackend
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,13 @@ def pin_references(backend: DINOvBackend, labels: Sequence[str], attempts: int =
     Per label, enough examples are kept that leaving out any one task's own (as the server does for the task
     it predicts) still leaves MAX_EXAMPLES_PER_LABEL. If the store changes while we read it, read again.
     """
-    references = StoreReferences(backend.runtime, backend.project_id, backend.settings)
-    store, project_id = backend.runtime.store, backend.project_id
+    project_id = backend.project_id
+    if project_id is None:
+        raise BulkError("references are pinned for a project; the backend has none")
+    references = StoreReferences(backend.runtime, backend.model, project_id, backend.settings)
+    store = backend.runtime.store
     per_label = backend.settings.max_examples_per_label
-    for attempt in range(attempts):
+    for _ in range(attempts):
         revision = store.revision(project_id)
         examples = references.examples(labels, per_label=1_000_000)
         chosen = []
@@ -123,7 +127,7 @@ def pin_references(backend: DINOvBackend, labels: Sequence[str], attempts: int =
         if store.revision(project_id) == revision:
             break
         logger.info("the references changed while being pinned; reading them again")
-    checkpoint = backend.runtime.checkpoint_id
+    checkpoint = backend.model.checkpoint_id
     kept = [(e, vectors[e.embedding_key(checkpoint)]) for e in chosen if e.embedding_key(checkpoint) in vectors]
     dim = next((len(v) for _, v in kept), 0)
     return PinnedReferences(
@@ -135,5 +139,5 @@ def pin_references(backend: DINOvBackend, labels: Sequence[str], attempts: int =
 
 def version_at_revision(backend: DINOvBackend, revision: int) -> str:
     """The model_version the backend would name at another reference revision (same checkpoint and settings)."""
-    live = backend.runtime.store.revision(backend.project_id)
+    live = backend.runtime.store.revision(backend.project_id) if backend.project_id is not None else 0
     return backend.model_version.replace(f"-refs{live}-", f"-refs{revision}-")

@@ -35,19 +35,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.bulk.folder import FolderImages
 from labelstudio_backend.bulk.options import BulkOptions
 from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource
-from labelstudio_backend.serving.task_batches import (
-    BulkReport, Recorder, failure_reason, finish_report, progress_bar, segment_batch,
-)
-from labelstudio_backend.serving.sinks import Sink
 from labelstudio_backend.fetching.images import ImageLoader
 from labelstudio_backend.labelstudio.label_config import parse_label_config
 from labelstudio_backend.labelstudio.payload import task_id_of
-from labelstudio_backend.serving.project_models import serve_sent_project_model
 from labelstudio_backend.runtime.runtime import Predictor, Runtime
+from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.serving.project_models import serve_sent_project_model
+from labelstudio_backend.serving.sinks import Sink
+from labelstudio_backend.serving.task_batches import (
+    BulkReport,
+    Recorder,
+    failure_reason,
+    finish_report,
+    progress_bar,
+    segment_batch,
+)
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel
 
@@ -91,10 +96,11 @@ class Segmenter:
             serve_sent_project_model(runtime, project_model, delta, Path(self.folder.name), build_project)
         self.backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=settings,
                                     references=PinnedSource(pinned, settings.max_examples_per_label))
-        self.backend.runtime.load_model()  # the project's model too
-        served = self.backend.runtime.checkpoint_id
+        self.backend.model.load_model()  # the project's model too
+        served = self.backend.model.checkpoint_id
         if served != pinned.checkpoint:
-            why = runtime.project_models.stale.get(project_id) if project_model is not None else None
+            models = runtime.project_models
+            why = models.stale.get(project_id) if models is not None and project_model is not None else None
             raise RuntimeError(f"this Ray worker's model is {served}, the references were pinned with "
                                f"{pinned.checkpoint}: {why or 'every node needs the driver DINOV_CHECKPOINT'}")
         self.config = parse_label_config(label_config)
@@ -158,7 +164,7 @@ def run_on_ray(options: BulkOptions, settings: Settings, label_config: str, proj
                     f"the project's model {project_model.checkpoint_id}" if project_model else "the base model")
         delta = Path(project_model.path).read_bytes() if project_model is not None else b""
         folder = images if isinstance(images, FolderImages) else None
-        dataset = ray.data.from_items([{"task": json.dumps(task)} for task in tasks])
+        dataset: ray.data.Dataset = ray.data.from_items([{"task": json.dumps(task)} for task in tasks])
         dataset = dataset.map_batches(
             ImageFetcher, batch_size=options.batch_size, batch_format="numpy", num_cpus=0.5,
             fn_constructor_kwargs={"settings": settings, "label_config": label_config, "folder": folder,

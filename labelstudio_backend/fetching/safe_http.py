@@ -68,18 +68,18 @@ class PinnedAdapter(HTTPAdapter):
         request.headers["Host"] = url.netloc
         *others, last = destination.addresses
         for address in others:
-            request.pinned = (destination, address)  # read by get_connection_with_tls_context
+            setattr(request, "pinned", (destination, address))  # read by get_connection_with_tls_context
             try:
                 return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=None)
             except requests.ConnectionError as e:
                 if not _connect_failed(e):
                     raise
                 # nothing was sent to this address: try the next one
-        request.pinned = (destination, last)
+        setattr(request, "pinned", (destination, last))
         return super().send(request, stream=stream, timeout=timeout, verify=verify, cert=cert, proxies=None)
 
     def get_connection_with_tls_context(self, request: requests.PreparedRequest, verify: bool | str,
-                                        proxies: Any = None, cert: Any = None):
+                                        proxies: Any = None, cert: Any = None) -> Any:
         pinned = getattr(request, "pinned", None)
         if pinned is None:  # only send() above prepares requests for this adapter
             raise URLRefused("internal error: a request reached PinnedAdapter without a checked destination")
@@ -133,7 +133,7 @@ def fetch(session: requests.Session, url: str | CheckedURL, *, policy: HostPolic
         if on_label_studio and label_studio_headers is not None:
             headers.update(label_studio_headers())
         request = requests.Request("GET", checked.url, headers=headers).prepare()
-        request.allow_public = public_ok  # read by PinnedAdapter, which makes the decision that connects
+        setattr(request, "allow_public", public_ok)  # read by PinnedAdapter, which makes the decision that connects
         remaining = _remaining(deadline, original, timeout)
         try:
             response = session.send(request, stream=True, timeout=(remaining, remaining), verify=verify,

@@ -1,67 +1,61 @@
-"""The training side of the HTTP API and of /metrics.
+"""The training side of the HTTP API.
 
     GET  /training?project=<id>                          the latest job (state, progress, figures) and the
                                                          active checkpoint
     POST /training?project=<id>&action=start|cancel|rollback
 
-`install(app, runtime, registry)` adds the route, the training state to GET /references, and the metrics
-dinov_training_state{project,state}, dinov_training_progress{project} and dinov_training_miou{project,model}.
+`training_blueprint(runtime)` is registered by create_app, which also wires the runtime's training jobs and project
+models; `training_status` is also shown under "training" in GET /references.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-from flask import Flask, jsonify, request
-from prometheus_client.core import GaugeMetricFamily
+from flask import Blueprint, Response, jsonify, request
 
 from labelstudio_backend.errors import BackendError
 from labelstudio_backend.labelstudio.payload import parse_project_id
-from labelstudio_backend.serving.project_models import ProjectModels
 from labelstudio_backend.runtime.runtime import Runtime
-from labelstudio_backend.store.training import STATES
-from labelstudio_backend.training.scheduler import TrainingJobs
 
 logger = logging.getLogger(__name__)
 
 
-def install_training(runtime: Runtime) -> None:
-    """Give the runtime its training jobs and per-project models (what the backend and the bulk job use)."""
-    runtime.training = TrainingJobs(runtime.settings,
-                                    submit=lambda fn, *args: runtime.queues["training"].submit(None, fn, *args))
-    runtime.project_models = ProjectModels(runtime, runtime.training.store)
-
-
 def training_status(runtime: Runtime, project_id: int) -> dict:
     """The latest job of the project, the active checkpoint, and why a stored one is not served (if so)."""
+    if runtime.training is None:
+        return {"job": None, "enabled": False}
     status = runtime.training.status(project_id)
     job = status["job"]
     if job is not None and job["state"] == "running" and job["steps"]:
         job["progress"] = round(job["step"] / job["steps"], 3)
-    runtime.project_models.active(project_id)  # refreshes `stale`
-    status["served"] = runtime.for_project(project_id).checkpoint_id
-    status["needs_training"] = runtime.project_models.stale.get(project_id)
+    status["served"] = runtime.model_for(project_id).checkpoint_id
+    if runtime.project_models is not None:
+        runtime.project_models.active(project_id)  # refreshes `stale`
+        status["needs_training"] = runtime.project_models.stale.get(project_id)
     return status
 
 
-def install(app: Flask, runtime: Runtime, registry: Any) -> None:
-    registry.register(_TrainingCollector(runtime))
+def training_blueprint(runtime: Runtime) -> Blueprint:
+    routes = Blueprint("training", __name__)
 
-    @app.route("/training", methods=["GET", "POST"])
-    def training():
+    @routes.route("/training", methods=["GET", "POST"])
+    def training() -> tuple[Response, int]:
         project_id = parse_project_id(request.args.get("project"))
         runtime.known_projects.add(project_id)
+        jobs = runtime.training
+        if jobs is None:
+            raise BackendError("training is not available in this process")
         if request.method == "POST":
             action = request.args.get("action", "")
             if action == "start":
                 record = runtime.projects.load(project_id)
-                runtime.training.start(project_id, record.get("label_config"),
-                                       runtime.projects.settings_for(project_id), reason="POST /training")
+                jobs.start(project_id, record.get("label_config"), runtime.projects.settings_for(project_id),
+                           reason="POST /training")
             elif action == "cancel":
-                runtime.training.cancel(project_id, "cancelled through POST /training")
+                jobs.cancel(project_id, "cancelled through POST /training")
             elif action == "rollback":
-                previous = runtime.training.store.clear_active(project_id)
+                previous = jobs.store.clear_active(project_id)
                 logger.info("project %s rolled back to the base model (was %s)", project_id,
                             previous.checkpoint_id if previous else "the base model already")
             else:
@@ -69,37 +63,4 @@ def install(app: Flask, runtime: Runtime, registry: Any) -> None:
         answer = {"project": project_id, **training_status(runtime, project_id)}
         return jsonify(answer), (202 if request.method == "POST" else 200)
 
-
-class _TrainingCollector:
-    """Training state per project, read from the training store at scrape time."""
-
-    def __init__(self, runtime: Runtime):
-        self.runtime = runtime
-
-    def describe(self):
-        return []
-
-    def collect(self):
-        state = GaugeMetricFamily("dinov_training_state", "1 for the state of the project's latest training job",
-                                  labels=["project", "state"])
-        progress = GaugeMetricFamily("dinov_training_progress", "Steps done / steps of the running job",
-                                     labels=["project"])
-        miou = GaugeMetricFamily("dinov_training_miou", "Validation mIoU of the latest finished job",
-                                 labels=["project", "model"])
-        try:
-            for project_id in self.runtime.training.store.projects():
-                job = self.runtime.training.store.latest_job(project_id)
-                if job is None:
-                    continue
-                for name in STATES:
-                    state.add_metric([str(project_id), name], 1.0 if job["state"] == name else 0.0)
-                if job["steps"]:
-                    progress.add_metric([str(project_id)], job["step"] / job["steps"])
-                for model in ("before", "after"):
-                    if model in job["figures"]:
-                        miou.add_metric([str(project_id), model], float(job["figures"][model]["miou"]))
-        except Exception:  # a scrape never fails because of training
-            logger.debug("no training metrics", exc_info=True)
-        yield state
-        yield progress
-        yield miou
+    return routes

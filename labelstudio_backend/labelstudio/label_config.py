@@ -127,5 +127,5 @@ def _parse_cached(config: str) -> ParsedConfig:
         "(KeyPointLabels and EllipseLabels are used as prompts only)")
 
 
-def _task_id(task) -> str:
+def _task_id(task: object) -> str:
     return str(task.get("id")) if isinstance(task, dict) else "?"

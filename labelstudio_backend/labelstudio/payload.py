@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def annotation_task_pairs(data: dict) -> list[tuple[dict, dict]]:
 
 def utc_now() -> str:
     """The current time as ISO 8601 UTC to the second, e.g. '2024-05-01T12:00:00+00:00'."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_json(path: Path, record: dict) -> None:

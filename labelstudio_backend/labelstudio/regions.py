@@ -176,13 +176,13 @@ def region_to_prompt(region: dict, size: tuple[int, int]) -> RegionPrompt:
         w0, h0 = region_size(region)
         mask = decode_rle(value["rle"], w0, h0)
         if (h0, w0) != (height, width):  # drawn on a differently sized copy of the image
-            mask = np.array(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+            mask = np.array(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
         return RegionPrompt(kind, label, True, mask=mask)
 
     if kind == "bitmasklabels":
         mask = decode_bitmask(value.get("imageDataURL"), rid)
         if mask.shape != (height, width):
-            mask = np.array(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+            mask = np.array(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
         return RegionPrompt(kind, label, True, mask=mask)
 
     if kind == "polygonlabels":

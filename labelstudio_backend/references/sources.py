@@ -24,7 +24,7 @@ from labelstudio_backend.errors import ModelUnavailable
 from labelstudio_backend.labelstudio.label_config import parse_label_config
 from labelstudio_backend.labelstudio.payload import task_id_of
 from labelstudio_backend.labelstudio.regions import region_to_prompt
-from labelstudio_backend.runtime.runtime import Runtime
+from labelstudio_backend.runtime.runtime import Runtime, ServedModel
 from labelstudio_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -57,12 +57,12 @@ def box_reference_mask(segmented: np.ndarray | None, filled_box: np.ndarray, min
 class StoreReferences:
     """The project's current examples in the runtime's reference store, embedded on demand.
 
-    project_id None (a call without a project) has no examples; settings are the project's (per-label count,
-    REFERENCES filter).
+    project_id None (a call without a project) has no examples; model is the one that serves the project (its
+    checkpoint id keys the embeddings); settings are the project's (per-label count, REFERENCES filter).
     """
 
-    def __init__(self, runtime: Runtime, project_id: int | None, settings: Settings):
-        self.runtime, self.project_id, self.settings = runtime, project_id, settings
+    def __init__(self, runtime: Runtime, model: ServedModel, project_id: int | None, settings: Settings):
+        self.runtime, self.model, self.project_id, self.settings = runtime, model, project_id, settings
 
     def revision(self) -> int:
         return self.runtime.store.revision(self.project_id) if self.project_id is not None else 0
@@ -84,7 +84,7 @@ class StoreReferences:
             return {}
         examples = self.examples(labels, exclude_task_id=exclude_task_id)
         vectors = self.embed(examples)
-        checkpoint = self.runtime.checkpoint_id
+        checkpoint = self.model.checkpoint_id
         banks: dict[str, list[np.ndarray]] = defaultdict(list)
         for example in examples:
             vector = vectors.get(example.embedding_key(checkpoint))
@@ -102,7 +102,7 @@ class StoreReferences:
         (grouped by image, one encode_prompts call per image). Examples whose image or region fails are left
         out and not retried for a while."""
         found, missing = self._cached(examples)
-        checkpoint = self.runtime.checkpoint_id
+        checkpoint = self.model.checkpoint_id
         for (url, task_id), group in missing.items():
             found.update(self._embed_image_group(url, task_id, group, checkpoint))
         return found
@@ -110,8 +110,8 @@ class StoreReferences:
     def _cached(self, examples: Sequence) -> tuple[dict[str, np.ndarray], dict[tuple[str, int | None], list]]:
         """The embeddings found in the process cache or the store, and the examples still to embed by image."""
         runtime = self.runtime
-        runtime.load_model()  # the checkpoint id is part of the key
-        checkpoint = runtime.checkpoint_id
+        self.model.load_model()  # the checkpoint id is part of the key
+        checkpoint = self.model.checkpoint_id
         found: dict[str, np.ndarray] = {}
         missing: dict[tuple[str, int | None], list] = defaultdict(list)
         for example in examples:
@@ -130,7 +130,7 @@ class StoreReferences:
     def _embed_image_group(self, url: str, task_id: int | None, group: list, checkpoint: str) -> dict[str, np.ndarray]:
         runtime = self.runtime
         try:
-            encoded = runtime.encode(url, task_id)
+            encoded = self.model.encode(url, task_id)
         except ModelUnavailable:
             raise
         except Exception as e:
@@ -159,9 +159,8 @@ class StoreReferences:
             owners.append(example.annotation_id)
         if not masks:
             return {}
-        predictor = runtime.load_model()
-        with runtime.device_lock:
-            vectors = np.asarray(predictor.encode_prompts(encoded, np.stack(masks)), dtype=np.float32)
+        predictor = self.model.load_model()
+        vectors = np.asarray(predictor.encode_prompts(encoded, np.stack(masks)), dtype=np.float32)
         found = {}
         for key, owner, vector in zip(keys, owners, vectors):
             runtime.store.put_embedding(key, vector, project_id=self.project_id, annotation_id=owner)
@@ -182,13 +181,12 @@ class StoreReferences:
             return prompt.mask
         if not prompt.positive:
             return None
-        predictor = self.runtime.load_model()
-        with self.runtime.device_lock:
-            if prompt.box is not None:
-                result = predictor.segment_interactive(encoded, boxes=np.array([prompt.box]))
-            else:
-                result = predictor.segment_interactive(encoded, points=np.array([prompt.point]),
-                                                       point_labels=np.array([1]))
+        predictor = self.model.load_model()
+        if prompt.box is not None:
+            result = predictor.segment_interactive(encoded, boxes=np.array([prompt.box]))
+        else:
+            result = predictor.segment_interactive(encoded, points=np.array([prompt.point]),
+                                                   point_labels=np.array([1]))
         best = getattr(result, "best", None)
         mask = None if best is None else np.asarray(best.mask, dtype=bool)
         if prompt.box is not None:
@@ -210,4 +208,6 @@ def _embed_project(runtime: Runtime, project_id: int, labels: Sequence[str] | No
         if not config:
             return  # no /setup yet: the labels are unknown; the first prediction names them
         labels = parse_label_config(config).output_labels
-    StoreReferences(runtime, project_id, runtime.projects.settings_for(project_id)).banks(labels)
+    # with the model that serves the project, so that /predict finds the embeddings under its checkpoint id
+    StoreReferences(runtime, runtime.model_for(project_id), project_id,
+                    runtime.projects.settings_for(project_id)).banks(labels)

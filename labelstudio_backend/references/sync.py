@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from labelstudio_backend.errors import LabelStudioError
@@ -141,7 +141,7 @@ def sync_project(
     Raises labelstudio_backend.errors.LabelStudioError when Label Studio is unreachable or refuses the token.
     """
     started = time.monotonic()
-    began_at = datetime.now(timezone.utc)
+    began_at = datetime.now(UTC)
     project_id = int(project_id)
     if page_size < 1:
         raise ValueError(f"page_size must be at least 1, got {page_size}")

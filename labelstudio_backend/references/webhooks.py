@@ -17,16 +17,16 @@ webhooks queue, so that no event is lost to a crash, a restart or a slow store.
 from __future__ import annotations
 
 import logging
-import threading
+from collections.abc import Sequence
 from typing import Any
 
-from dinov.file_lock import exclusive
 from labelstudio_backend.errors import BackendError
 from labelstudio_backend.labelstudio.label_config import LabelConfigError, parse_label_config
 from labelstudio_backend.labelstudio.payload import annotation_task_pairs, parse_project_id
+from labelstudio_backend.runtime.kept_work import drain_kept
 from labelstudio_backend.runtime.runtime import Runtime
-from labelstudio_backend.store.work import StoredEvent
 from labelstudio_backend.runtime.work_queues import QueueClosed, QueueFull
+from labelstudio_backend.store.work import StoredEvent
 
 logger = logging.getLogger(__name__)
 
@@ -62,31 +62,31 @@ class WebhookInbox:
 
     def drain(self) -> int:
         """Apply every kept event, oldest first; returns how many were applied."""
+        store = self.runtime.store
+        return drain_kept(self.lock_path, lambda: store.next_events(limit=100), self._apply_events,
+                          retry=self.schedule, retry_after_s=RETRY_PAUSE_S)
+
+    def _apply_events(self, events: Sequence[StoredEvent]) -> tuple[int, bool]:
+        """Apply events in order: (applied, whether to stop and retry later: an event failed for a reason that
+        may pass, and the events after it must not overtake it)."""
         store, applied = self.runtime.store, 0
-        with exclusive(self.lock_path):
-            while True:
-                events = store.next_events(limit=100)
-                if not events:
-                    return applied
-                for event in events:
-                    try:
-                        self.apply(event)
-                    except ValueError as error:  # the payload itself is bad: trying again cannot help
-                        logger.error("webhook event %s (%s, project %s) dropped: %s", event.id, event.event,
-                                     event.project_id, error)
-                    except Exception as error:  # the store is busy, a disk is full: tried again
-                        attempts = store.event_failed(event.id, f"{type(error).__name__}: {error}")
-                        if attempts < MAX_ATTEMPTS:
-                            logger.warning("webhook event %s (%s, project %s) failed (attempt %d), retried in %.0f s: "
-                                           "%s", event.id, event.event, event.project_id, attempts, RETRY_PAUSE_S,
-                                           error)
-                            _later(RETRY_PAUSE_S, self.schedule)
-                            return applied
-                        logger.error("webhook event %s (%s, project %s) dropped after %d attempts: %s; the next sync "
-                                     "repairs the references", event.id, event.event, event.project_id, attempts,
-                                     error)
-                    store.finish_event(event.id)
-                    applied += 1
+        for event in events:
+            try:
+                self.apply(event)
+            except ValueError as error:  # the payload itself is bad: trying again cannot help
+                logger.error("webhook event %s (%s, project %s) dropped: %s", event.id, event.event,
+                             event.project_id, error)
+            except Exception as error:  # the store is busy, a disk is full: tried again
+                attempts = store.event_failed(event.id, f"{type(error).__name__}: {error}")
+                if attempts < MAX_ATTEMPTS:
+                    logger.warning("webhook event %s (%s, project %s) failed (attempt %d), retried in %.0f s: %s",
+                                   event.id, event.event, event.project_id, attempts, RETRY_PAUSE_S, error)
+                    return applied, True
+                logger.error("webhook event %s (%s, project %s) dropped after %d attempts: %s; the next sync "
+                             "repairs the references", event.id, event.event, event.project_id, attempts, error)
+            store.finish_event(event.id)
+            applied += 1
+        return applied, False
 
     def apply(self, stored: StoredEvent) -> None:
         """What an event changes: the store, the project records; follow-up work goes to its queue."""
@@ -114,8 +114,9 @@ class WebhookInbox:
                 runtime.training.start(pid, _config(runtime, pid, data), runtime.projects.settings_for(pid), event)
         elif event == "PROJECT_DELETED":
             runtime.store.delete_project(pid)
-            if runtime.project_models is not None:  # its fine-tuned checkpoints go with it
+            if runtime.training is not None:  # its running job stops
                 runtime.training.cancel(pid, "the project was deleted")
+            if runtime.project_models is not None:  # its fine-tuned checkpoints go with it
                 runtime.project_models.delete_project(pid)
             runtime.forget_project(pid)
         elif event == "PROJECT_UPDATED":
@@ -159,9 +160,3 @@ def _image_key(label_config: str | None) -> str | None:
         return parse_label_config(label_config).value_key
     except LabelConfigError:
         return None
-
-
-def _later(seconds: float, fn) -> None:
-    timer = threading.Timer(seconds, fn)
-    timer.daemon = True
-    timer.start()

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from labelstudio_backend.runtime.bounded import PROJECTS_MAX, LRUCache
 from labelstudio_backend.labelstudio.payload import read_json, utc_now, write_json
+from labelstudio_backend.runtime.bounded import PROJECTS_MAX, LRUCache
 from labelstudio_backend.settings import Settings, parse_extra_params
 
 

@@ -11,6 +11,11 @@ long estimate never holds up webhook processing: model (loading, retried with ba
 webhooks, sync, embeddings (references embedded ahead of time), estimates, predictions (tasks deferred by
 /predict). Every in-memory cache and set has a bound (bounded.py).
 
+The parts that higher packages build are typed here as Protocols and wired in one place (http/app.py
+create_app): `training` (training.scheduler.TrainingJobs), `project_models` (serving.project_models.ProjectModels)
+and `deferred` (serving.deferred.DeferredPredictions). `model_for(project_id)` is the model that serves a project:
+the base model (this runtime) or the project's fine-tuned one.
+
 Objects of labelstudio_backend.serving.backend.DINOvBackend are made per request and use one Runtime.
 """
 
@@ -24,15 +29,17 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from labelstudio_backend.runtime.batching import EncodeBatcher
-from labelstudio_backend.runtime.bounded import PROJECTS_MAX, BoundedSet, LRUCache
 from labelstudio_backend.errors import ModelUnavailable
 from labelstudio_backend.fetching.images import ImageLoader
-from labelstudio_backend.runtime.model_loader import Backoff, LoadStatus, ModelLoader
 from labelstudio_backend.labelstudio.payload import utc_now
+from labelstudio_backend.runtime.batching import EncodeBatcher
+from labelstudio_backend.runtime.bounded import PROJECTS_MAX, BoundedSet, LRUCache
+from labelstudio_backend.runtime.model_loader import Backoff, LoadStatus, ModelLoader
 from labelstudio_backend.runtime.projects import ProjectRecords
-from labelstudio_backend.settings import Settings
 from labelstudio_backend.runtime.work_queues import QueueClosed, QueueFull, QueueSpec, WorkQueues
+from labelstudio_backend.settings import Settings
+from labelstudio_backend.store import ReferenceStore
+from labelstudio_backend.store.training import ActiveModel, TrainingStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ FAILED_REFERENCES_MAX = 10_000  # failed references remembered at most (the olde
 EMBEDDING_MEMORY_CACHE_SIZE = 4096  # prompt embeddings kept in memory (the store keeps all of them)
 MAX_LOAD_RETRY_S = 300.0  # the longest pause between two attempts to load the model
 CUDA_BATCH_WINDOW_MS = 5.0  # on a GPU, concurrent encodings wait this long to share one batch
-QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "predictions", "training")
+QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "deferred", "training")
 
 
 class Predictor(Protocol):
@@ -53,7 +60,57 @@ class Predictor(Protocol):
     def encode_prompts(self, encoded: Any, masks: np.ndarray) -> np.ndarray: ...
     def segment_generic(self, encoded: Any, classes: Sequence[np.ndarray], score_threshold: float | None = ...,
                         max_instances: int = ..., max_examples: int = ...) -> list: ...
-    def segment_interactive(self, encoded: Any, points=None, point_labels=None, boxes=None, stroke=None) -> Any: ...
+    def segment_interactive(self, encoded: Any, points: np.ndarray | None = None,
+                            point_labels: np.ndarray | None = None, boxes: np.ndarray | None = None,
+                            stroke: np.ndarray | None = None) -> Any: ...
+
+
+class ServedModel(Protocol):
+    """The model that serves a project: the base model (the Runtime itself) or a project's fine-tuned one
+    (serving.project_models.ProjectModel). Its checkpoint id keys the feature cache, embeddings and model_version."""
+
+    @property
+    def checkpoint_id(self) -> str: ...
+    @property
+    def model_name(self) -> str: ...
+    @property
+    def active(self) -> ActiveModel | None: ...
+    def load_model(self, timeout: float | None = None) -> Predictor: ...
+    def encode(self, url: str, task_id: int | None) -> Any: ...
+    def remember_encoded(self, url: str, encoded: Any) -> None: ...
+
+
+class ProjectModelSource(Protocol):
+    """Each project's active fine-tuned model (serving.project_models.ProjectModels)."""
+
+    stale: dict[int, str]
+
+    def model_for(self, project_id: int) -> ServedModel | None: ...
+    def active(self, project_id: int) -> ActiveModel | None: ...
+    def delete_project(self, project_id: int) -> None: ...
+
+
+class TrainingScheduler(Protocol):
+    """Start Training's jobs per project (training.scheduler.TrainingJobs)."""
+
+    store: TrainingStore
+
+    def start(self, project_id: int, label_config: str | None, settings: Settings, reason: str) -> dict: ...
+    def count_annotations(self, project_id: int, count: int, label_config: str | None,
+                          settings: Settings) -> None: ...
+    def cancel(self, project_id: int, why: str) -> list[int]: ...
+    def status(self, project_id: int) -> dict: ...
+    def wait(self, project_id: int, timeout: float) -> dict | None: ...
+    def shutdown(self) -> None: ...
+
+
+class DeferredPredictions(Protocol):
+    """Where /predict hands the tasks that did not fit into PREDICT_TIME_BUDGET (serving.deferred)."""
+
+    def claimed(self, project_id: int, model_version: str) -> frozenset[int]: ...
+    def defer(self, project_id: int, label_config: str | None, tasks: list[dict], model_version: str) -> list: ...
+    def schedule(self) -> None: ...
+    def close(self) -> None: ...
 
 
 def default_model_factory(settings: Settings) -> Predictor:
@@ -85,7 +142,8 @@ class Runtime:
     """
 
     def __init__(self, settings: Settings, model_factory: Callable[[Settings], Predictor] | None = None,
-                 store: Any = None, images: Any = None, syncer: Callable[[int], Any] | None = None):
+                 store: ReferenceStore | None = None, images: ImageLoader | None = None,
+                 syncer: Callable[[int], Any] | None = None):
         self.settings = settings
         self.model_factory = model_factory or default_model_factory
         self.images = images or ImageLoader(settings)
@@ -99,23 +157,25 @@ class Runtime:
             lambda: self.model_factory(self.settings),
             f"loading DINOV_CHECKPOINT={settings.checkpoint} on DEVICE={settings.device}",
             Backoff(initial=settings.model_load_retry_s, maximum=max(MAX_LOAD_RETRY_S, settings.model_load_retry_s)))
-        self.features = LRUCache(settings.feature_cache_size)             # feature_key -> encoded image
+        self.features: LRUCache[tuple[str, str], Any] = LRUCache(settings.feature_cache_size)  # -> encoded image
         # checkpoint id -> the encoder of its model's requests: the base model's and those of the loaded project
         # models (requests alternating between them keep their batchers)
         self.batchers: LRUCache[str, EncodeBatcher] = LRUCache(max(1, settings.project_models_in_memory) + 1)
         self._batchers_lock = threading.Lock()
-        self.embeddings = LRUCache(EMBEDDING_MEMORY_CACHE_SIZE)           # embedding key -> vector
-        self._failed_refs = BoundedSet(FAILED_REFERENCES_MAX, ttl=FAILED_REFERENCE_RETRY_S)
+        self.embeddings: LRUCache[str, np.ndarray] = LRUCache(EMBEDDING_MEMORY_CACHE_SIZE)  # embedding key -> vector
+        self._failed_refs: BoundedSet[str] = BoundedSet(FAILED_REFERENCES_MAX, ttl=FAILED_REFERENCE_RETRY_S)
         self._syncs: LRUCache[int, Future] = LRUCache(PROJECTS_MAX)       # project -> its latest sync
         self.last_sync: LRUCache[int, str] = LRUCache(PROJECTS_MAX)       # project -> when this process synced it
         self.sync_errors: LRUCache[int, str] = LRUCache(PROJECTS_MAX)     # project -> why its last sync failed
         self.known_projects: BoundedSet[int] = BoundedSet(PROJECTS_MAX)   # projects /metrics reports
         self._task_seconds: float | None = None  # moving average of one pre-annotated task, for the time budget
         self.on_task_failed: Callable[[str], None] = lambda reason: None  # the server counts these
-        self.on_references_changed: Callable[[int], None] = lambda project_id: None  # the server embeds ahead
-        self.deferral: Deferral | None = None  # None: tasks over the time budget are left for the next call
-        self.training: Any = None        # labelstudio_backend.training.scheduler.TrainingJobs (the server installs it)
-        self.project_models: Any = None  # labelstudio_backend.serving.project_models.ProjectModels (likewise)
+        self.on_references_changed: Callable[[int], object] = lambda project_id: None  # the server embeds ahead
+        self.on_tasks_predicted: Callable[[str, int], None] = lambda mode, count: None  # the server counts these
+        # Wired by create_app (and the bulk job for project models); None: that capability is off.
+        self.deferred: DeferredPredictions | None = None  # None: tasks over the budget wait for the next call
+        self.training: TrainingScheduler | None = None
+        self.project_models: ProjectModelSource | None = None
 
     # --- the model
 
@@ -140,11 +200,6 @@ class Runtime:
         if model is None:
             raise ModelUnavailable(self.loader.status().reason or "the model is not loaded")
         return model
-
-    @property
-    def predictor(self) -> Predictor:
-        """The loaded predictor (load_model on first use)."""
-        return self.load_model()
 
     def model_status(self) -> LoadStatus:
         return self.loader.status()
@@ -177,12 +232,17 @@ class Runtime:
         """The lock that serialises model work on the predictor's device."""
         return DEVICE_LOCKS[str(getattr(self.loader.model, "device", self.settings.device))]
 
-    def for_project(self, project_id: int | None) -> Any:
-        """The runtime as the project sees it: a view with the project's fine-tuned model when it has an active
-        one (labelstudio_backend.serving.project_models), else this runtime (the base model)."""
+    @property
+    def active(self) -> ActiveModel | None:
+        """The base model is no project's checkpoint (ServedModel)."""
+        return None
+
+    def model_for(self, project_id: int | None) -> ServedModel:
+        """The model that serves the project: its fine-tuned one when it has an active one that can be served
+        (serving.project_models), else the base model (this runtime)."""
         if project_id is None or self.project_models is None:
             return self
-        return self.project_models.view(project_id) or self
+        return self.project_models.model_for(project_id) or self
 
     # --- the feature cache
 
@@ -232,13 +292,11 @@ class Runtime:
     # --- the reference store and its sync
 
     @property
-    def store(self) -> Any:
+    def store(self) -> ReferenceStore:
         """The ReferenceStore (opened on first use, in the worker that uses it: never before gunicorn forks)."""
         if self._store is None:
             with self._store_lock:
                 if self._store is None:
-                    from labelstudio_backend.store import ReferenceStore
-
                     self.settings.model_dir.mkdir(parents=True, exist_ok=True)
                     self._store = ReferenceStore(self.settings.db_path)
         return self._store
@@ -257,6 +315,8 @@ class Runtime:
         return future
 
     def _sync(self, project_id: int) -> Any:
+        if self.syncer is None:
+            return None
         try:
             report = self.syncer(project_id)
         except Exception as error:  # kept for /references; the store is as it was (sync.py changes nothing then)
@@ -311,15 +371,7 @@ class Runtime:
         """Stop retrying the model load, cancel queued work, wait up to `timeout` s for running jobs. Kept work
         (webhook events, deferred tasks) stays in the store for the next start."""
         self.loader.close()
-        if self.deferral is not None:
-            self.deferral.close()
+        if self.deferred is not None:
+            self.deferred.close()
         self.queues.shutdown(timeout)
 
-
-class Deferral(Protocol):
-    """Where /predict hands the tasks that did not fit into PREDICT_TIME_BUDGET (the server installs
-    labelstudio_backend.serving.deferred.BackgroundPredictions as runtime.deferral)."""
-
-    def claimed(self, project_id: int, model_version: str) -> frozenset[int]: ...
-    def defer(self, project_id: int, label_config: str | None, tasks: list[dict], model_version: str) -> list: ...
-    def close(self) -> None: ...

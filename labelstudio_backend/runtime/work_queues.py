@@ -25,7 +25,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -218,7 +218,7 @@ class WorkQueues:
         except KeyError:
             raise KeyError(f"no work queue named {name!r}; the queues are {', '.join(self._queues)}") from None
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[WorkQueue]:
         return iter(self._queues.values())
 
     def stats(self) -> dict[str, dict[str, Any]]:

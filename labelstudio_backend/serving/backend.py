@@ -4,7 +4,6 @@ the work is done by the runtime (model, caches), a reference source, instances (
     backend = DINOvBackend(project_id=3, label_config=xml, runtime=runtime)
     backend.setup()                                   # -> model_version
     backend.predict(tasks, context=None)              # one prediction per task, in task order
-    backend.fit("ANNOTATION_UPDATED", webhook_payload)
 
 Objects of this class are cheap and made per request; what lives as long as the process is the Runtime.
 
@@ -27,17 +26,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from labelstudio_backend.errors import BackendError, ModelUnavailable
-from labelstudio_backend.serving.instances import (
-    Instance, SelectionRules, build_prediction, empty_prediction, select_instances, similar_to_drawn,
-)
 from labelstudio_backend.labelstudio.label_config import LabelConfigError, ParsedConfig, parse_label_config
 from labelstudio_backend.labelstudio.payload import parse_project_id, task_id_of
-from labelstudio_backend.references.sources import ReferenceSource, StoreReferences, embed_ahead
 from labelstudio_backend.labelstudio.regions import RegionPrompt, region_to_prompt
+from labelstudio_backend.references.sources import ReferenceSource, StoreReferences, embed_ahead
 from labelstudio_backend.runtime.runtime import Runtime
-from labelstudio_backend.settings import PER_PROJECT_FIELDS, Settings
-from labelstudio_backend.references.webhooks import WebhookInbox
 from labelstudio_backend.runtime.work_queues import QueueClosed, QueueFull
+from labelstudio_backend.serving.instances import (
+    LabeledMask,
+    SelectionRules,
+    build_prediction,
+    empty_prediction,
+    select_instances,
+    similar_to_drawn,
+)
+from labelstudio_backend.settings import PER_PROJECT_FIELDS, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ FIRST_SYNC_WAIT_S = 20.0       # how long the first prediction of a project wait
 
 
 class DINOvBackend:
-    """Label Studio ML backend model class: setup / predict / fit, per project.
+    """Label Studio ML backend model class: setup / predict, per project (webhook events go to the inbox).
 
     Args:
         project_id: Label Studio's project ('<id>.<created>', an id, or None for a call without one).
@@ -61,7 +64,8 @@ class DINOvBackend:
         if runtime is None:
             raise BackendError("DINOvBackend needs a Runtime (create_app builds one)")
         self.project_id = parse_project_id(project_id) if project_id not in (None, "") else None
-        self.runtime = runtime.for_project(self.project_id)  # the project's fine-tuned model, when it has one
+        self.runtime = runtime
+        self.model = runtime.model_for(self.project_id)  # the project's fine-tuned model, when it has one
         if label_config is None and self.project_id is not None:
             label_config = runtime.projects.load(self.project_id).get("label_config")
         self.label_config = label_config
@@ -72,7 +76,7 @@ class DINOvBackend:
 
     def _configure(self, settings: Settings, references: ReferenceSource | None = None) -> None:
         self.settings = settings
-        self.references = references or StoreReferences(self.runtime, self.project_id, settings)
+        self.references = references or StoreReferences(self.runtime, self.model, self.project_id, settings)
 
     # --- label-studio-ml interface
 
@@ -82,21 +86,25 @@ class DINOvBackend:
             raise LabelConfigError("no labeling config: Label Studio sends it with /setup and /predict")
         return parse_label_config(self.label_config)
 
+    def check_label_config(self) -> None:
+        """Raise LabelConfigError when the project's labeling config is missing or unusable."""
+        _ = self.parsed_label_config
+
     @property
     def model_version(self) -> str:
         """Names the checkpoint, the reference revision and the per-project settings, so that new examples or
         settings make Label Studio ask for new predictions."""
         tuned = {name: getattr(self.settings, name) for name in sorted(PER_PROJECT_FIELDS)}
         digest = hashlib.sha1(json.dumps(tuned, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        return f"dinov-{self.runtime.model_name}-refs{self.references.revision()}-{digest}"
+        return f"dinov-{self.model.model_name}-refs{self.references.revision()}-{digest}"
 
     def setup(self, extra_params: Any = None) -> str:
         """Remember the project's config and extra_params, start its reference sync, return model_version."""
         if self.label_config:
-            self.parsed_label_config  # a config this backend cannot use is refused here, where LS shows it
+            self.check_label_config()  # a config this backend cannot use is refused here, where LS shows it
         if self.project_id is not None:
             self.runtime.projects.save(self.project_id, extra_params, self.label_config)
-            self.runtime = self.runtime.for_project(self.project_id)  # PROJECT_MODEL may have changed
+            self.model = self.runtime.model_for(self.project_id)  # PROJECT_MODEL may have changed
             settings = self.runtime.projects.settings_for(self.project_id)
             self._configure(settings, None if self._default_references else self.references)
             try:
@@ -118,13 +126,10 @@ class DINOvBackend:
         if isinstance(context, dict) and context.get("result"):
             if len(tasks) != 1:
                 raise BackendError(f"an interactive call must carry exactly one task, got {len(tasks)}")
+            self.runtime.on_tasks_predicted("interactive", 1)
             return [self.predict_interactive(tasks[0], context["result"], config)]
+        self.runtime.on_tasks_predicted("batch", len(tasks))
         return self.predict_tasks(tasks, config)
-
-    def fit(self, event: str, data: dict, **kwargs: Any) -> dict:
-        """Keep a webhook event in the store, to be applied in order by the webhooks queue (webhooks.py): kept
-        before the answer, so that no event is lost to a crash or a restart."""
-        return WebhookInbox(self.runtime).receive(event, data)
 
     # --- pre-annotation
 
@@ -140,36 +145,32 @@ class DINOvBackend:
         budget = self.settings.predict_time_budget
         left = lambda: budget - (time.perf_counter() - started)  # noqa: E731
         self._wait_for_first_sync(min(FIRST_SYNC_WAIT_S, budget / 4))
-        self.runtime.load_model(timeout=max(0.0, left()))  # ModelUnavailable (503, with the reason) otherwise
+        self.model.load_model(timeout=max(0.0, left()))  # ModelUnavailable (503, with the reason) otherwise
         version = self.model_version
         labels = config.output_labels
-        deferral = self.runtime.deferral
-        claimed = deferral.claimed(self.project_id, version) if deferral and self.project_id is not None else None
-        open_tasks = [t for t in tasks if not (claimed and task_id_of(t.get("id")) in claimed)]
-        if open_tasks and not self._references_ready(labels, left() - self.runtime.task_seconds):
+        results: list[dict | list] = [[] for _ in tasks]  # [] for a task: Label Studio stores nothing for it
+        # Tasks that a background run of an earlier call predicts (or has just posted) are left to it.
+        claimed = self._claimed(version)
+        open_indices = [i for i, task in enumerate(tasks) if task_id_of(task.get("id")) not in claimed]
+        if open_indices and not self._references_ready(labels, left() - self.runtime.task_seconds):
             logger.warning("project %s: the references are not embedded yet; deferring %d tasks", self.project_id,
-                           len(open_tasks))
-            self.defer_tasks(open_tasks, version)
-            return [[] for _ in tasks]
-        results: list[dict | list] = []
+                           len(open_indices))
+            self.defer_tasks([tasks[i] for i in open_indices], version)
+            return results
         computed = 0
-        for index, task in enumerate(tasks):
-            if claimed and task_id_of(task.get("id")) in claimed:
-                results.append([])  # a background run of an earlier call predicts (or just posted) it
-                continue
+        for position, index in enumerate(open_indices):
+            task = tasks[index]
             elapsed = time.perf_counter() - started
             pace = max(self.runtime.task_seconds, elapsed / computed if computed else 0.0)
             if elapsed + pace > budget:
                 logger.warning("project %s: time budget of %.0f s reached after %d of %d tasks; deferring the rest",
-                               self.project_id, budget, index, len(tasks))
-                self.defer_tasks([t for t in tasks[index:] if not (claimed and task_id_of(t.get("id")) in claimed)],
-                                 version)
-                results.extend([] for _ in tasks[index:])
+                               self.project_id, budget, position, len(open_indices))
+                self.defer_tasks([tasks[i] for i in open_indices[position:]], version)
                 break
             computed += 1
             task_started = time.perf_counter()
             try:
-                results.append(self.preannotate(task, config, labels, version))
+                results[index] = self.preannotate(task, config, labels, version)
             except ModelUnavailable:
                 raise
             except Exception as e:  # a bad image, a huge one, an out-of-memory: this task only
@@ -177,10 +178,17 @@ class DINOvBackend:
                 logger.warning("project %s task %s: no prediction: %s", self.project_id, task.get("id"), e,
                                exc_info=not expected)
                 self.runtime.on_task_failed(type(e).__name__)
-                results.append(empty_prediction(version))
+                results[index] = empty_prediction(version)
             else:
                 self.runtime.record_task_seconds(time.perf_counter() - task_started)
         return results
+
+    def _claimed(self, version: str) -> frozenset[int]:
+        """Task ids of the project kept for (or just posted by) the background predictions of this version."""
+        deferred = self.runtime.deferred
+        if deferred is None or self.project_id is None:
+            return frozenset()
+        return deferred.claimed(self.project_id, version)
 
     def _references_ready(self, labels: Sequence[str], wait_s: float) -> bool:
         """Whether the references are embedded; if not, their embedding is queued and waited for `wait_s` s."""
@@ -198,14 +206,14 @@ class DINOvBackend:
 
     def defer_tasks(self, tasks: list[dict], model_version: str) -> list[list]:
         """`[]` for each task that did not fit into PREDICT_TIME_BUDGET (Label Studio stores nothing for it);
-        the runtime's deferral predicts them in the background and posts them (without one, or without a
-        project, the next "Retrieve predictions" asks again)."""
-        deferral = self.runtime.deferral
-        if deferral is None or self.project_id is None:
+        the runtime's deferred predictions predict them in the background and post them (without them, or
+        without a project, the next "Retrieve predictions" asks again)."""
+        deferred = self.runtime.deferred
+        if deferred is None or self.project_id is None:
             logger.warning("%d tasks left without prediction; the next \"Retrieve predictions\" asks again",
                            len(tasks))
             return [[] for _ in tasks]
-        return deferral.defer(self.project_id, self.label_config, tasks, model_version)
+        return deferred.defer(self.project_id, self.label_config, tasks, model_version)
 
     def _wait_for_first_sync(self, timeout: float) -> None:
         if self.project_id is None:
@@ -227,15 +235,13 @@ class DINOvBackend:
         banks = self.references.banks(labels, exclude_task_id=task_id)
         if not banks:
             return empty_prediction(version)
-        encoded = self.runtime.encode(config.image_url(task), task_id)
+        encoded = self.model.encode(config.image_url(task), task_id)
         bank_labels = list(banks)
         s = self.settings
-        predictor = self.runtime.load_model()
-        with self.runtime.device_lock:
-            found = predictor.segment_generic(
-                encoded, [banks[label] for label in bank_labels], score_threshold=s.score_threshold,
-                max_instances=s.max_instances_per_label * len(bank_labels), max_examples=s.max_examples_per_label)
-        instances = (Instance(bank_labels[i.class_index], i.mask, float(i.score)) for i in found)
+        found = self.model.load_model().segment_generic(
+            encoded, [banks[label] for label in bank_labels], score_threshold=s.score_threshold,
+            max_instances=s.max_instances_per_label * len(bank_labels), max_examples=s.max_examples_per_label)
+        instances = (LabeledMask(bank_labels[i.class_index], i.mask, float(i.score)) for i in found)
         kept = select_instances(instances, SelectionRules.from_settings(s))
         return build_prediction(kept, config, version, s.polygon_tolerance, s.min_area)
 
@@ -246,7 +252,7 @@ class DINOvBackend:
         INTERACTIVE_MODE=similar every object like it."""
         if not isinstance(drawn, list) or not all(isinstance(r, dict) for r in drawn):
             raise BackendError("context.result must be a list of regions")
-        encoded = self.runtime.encode(config.image_url(task), task_id_of(task.get("id")))
+        encoded = self.model.encode(config.image_url(task), task_id_of(task.get("id")))
         size = tuple(encoded.image_size)
         prompts: list[RegionPrompt] = [region_to_prompt(region, size) for region in drawn
                                        if region.get("to_name") in (None, config.image_name)]
@@ -263,30 +269,27 @@ class DINOvBackend:
         if not any(point_labels) and not boxes and stroke is None:
             raise BackendError("only negative clicks were drawn; add a positive click, a box or a stroke")
 
-        predictor = self.runtime.load_model()
-        with self.runtime.device_lock:
-            result = predictor.segment_interactive(
-                encoded, points=np.array(points) if points else None,
-                point_labels=np.array(point_labels) if points else None,
-                boxes=np.array(boxes) if boxes else None, stroke=stroke)
+        result = self.model.load_model().segment_interactive(
+            encoded, points=np.array(points) if points else None,
+            point_labels=np.array(point_labels) if points else None,
+            boxes=np.array(boxes) if boxes else None, stroke=stroke)
         best = getattr(result, "best", None)
         version = self.model_version
         if best is None or not np.asarray(best.mask).any():
             return empty_prediction(version)
-        obj = Instance(label, np.asarray(best.mask, dtype=bool), min(max(float(best.predicted_iou), 0.0), 1.0))
+        obj = LabeledMask(label, np.asarray(best.mask, dtype=bool), min(max(float(best.predicted_iou), 0.0), 1.0))
         if self.settings.interactive_mode == "object":
             return build_prediction([obj], config, version, self.settings.polygon_tolerance)
         negatives = [p for p, positive in zip(points, point_labels) if not positive]
         return self._all_similar(encoded, obj, negatives, config, version)
 
-    def _all_similar(self, encoded: Any, obj: Instance, negatives: list, config: ParsedConfig, version: str) -> dict:
+    def _all_similar(self, encoded: Any, obj: LabeledMask, negatives: list, config: ParsedConfig, version: str) -> dict:
         """Every object in the image like the one drawn: generic segmentation with its mask as the example."""
         s = self.settings
-        predictor = self.runtime.load_model()
-        with self.runtime.device_lock:
-            example = np.asarray(predictor.encode_prompts(encoded, obj.mask[None]), dtype=np.float32)
-            found = predictor.segment_generic(encoded, [example], score_threshold=s.score_threshold,
-                                              max_instances=s.max_instances_per_label, max_examples=1)
-        instances = [Instance(obj.label, np.asarray(i.mask, dtype=bool), float(i.score)) for i in found]
+        predictor = self.model.load_model()
+        example = np.asarray(predictor.encode_prompts(encoded, obj.mask[None]), dtype=np.float32)
+        found = predictor.segment_generic(encoded, [example], score_threshold=s.score_threshold,
+                                          max_instances=s.max_instances_per_label, max_examples=1)
+        instances = [LabeledMask(obj.label, np.asarray(i.mask, dtype=bool), float(i.score)) for i in found]
         kept = select_instances(similar_to_drawn(instances, obj, negatives), SelectionRules.from_settings(s))
         return build_prediction(kept, config, version, s.polygon_tolerance, s.min_area)

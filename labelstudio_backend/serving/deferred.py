@@ -1,12 +1,12 @@
-"""Background predictions of /predict: when a "Retrieve predictions" call brings more tasks than fit into
+"""Deferred predictions of /predict: when a "Retrieve predictions" call brings more tasks than fit into
 PREDICT_TIME_BUDGET, the backend answers [] for the rest (stored as nothing) and hands them here. They are kept in
-the store (store/work.py) before the answer, predicted by the predictions queue with the bulk pipeline and
-posted through the Label Studio API; a restart resumes what a crash interrupted.
+the store (store/work.py) before the answer, predicted by the "deferred" queue with the task batches of
+task_batches.py and posted through the Label Studio API; a restart resumes what a crash interrupted.
 
-    runtime.deferral = BackgroundPredictions(runtime)     # what the server installs (install())
-    deferral.defer(project_id, label_config, tasks, model_version) -> [[] per task]
-    deferral.claimed(project_id, model_version)           -> task ids kept, or posted in the last CLAIM_TTL_S
-    deferral.schedule()                                   # at start: resume what is kept
+    runtime.deferred = StoreDeferredPredictions(runtime)   # what create_app wires
+    deferred.defer(project_id, label_config, tasks, model_version) -> [[] per task]
+    deferred.claimed(project_id, model_version)           -> task ids kept, or posted in the last CLAIM_TTL_S
+    deferred.schedule()                                   # at start: resume what is kept
 
 - One process at a time drains the kept tasks (a file lock in MODEL_DIR): gunicorn workers never predict the same
   task twice, and on a CPU only one of them holds the model for background work.
@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 
-from dinov.file_lock import exclusive
-from labelstudio_backend.serving.backend import DINOvBackend
-from labelstudio_backend.serving.task_batches import BulkReport, Pipeline, Recorder, image_loader
-from labelstudio_backend.serving.sinks import DONE, EXISTS, LabelStudioSink, Outcome
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
 from labelstudio_backend.labelstudio.payload import task_id_of, utc_now
+from labelstudio_backend.runtime.kept_work import drain_kept
 from labelstudio_backend.runtime.runtime import Runtime
+from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.serving.sinks import DONE, EXISTS, LabelStudioSink, Outcome
+from labelstudio_backend.serving.task_batches import BulkReport, Pipeline, Recorder, image_loader
 from labelstudio_backend.store.work import DeferredTask
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,13 @@ BATCH_TASKS = 32  # tasks taken from the store at a time
 RETRY_PAUSE_S = 30.0  # after a batch that posted nothing (Label Studio down), the next attempt waits this long
 
 
-class BackgroundPredictions:
-    """The runtime's deferral: keeps deferred tasks in the store, predicts and posts them in the predictions queue."""
+class StoreDeferredPredictions:
+    """The runtime's deferred predictions: kept in the store, predicted and posted by the "deferred" queue."""
 
     def __init__(self, runtime: Runtime):
         self.runtime = runtime
         self.client = getattr(runtime.images, "client", None) or LabelStudioClient.from_settings(runtime.settings)
-        self.lock_path = runtime.settings.model_dir / "background.lock"
+        self.lock_path = runtime.settings.model_dir / "deferred.lock"
         self.stop = threading.Event()
 
     @property
@@ -72,7 +73,7 @@ class BackgroundPredictions:
     def schedule(self) -> None:
         """Make sure a drain is pending (one is enough: it takes every kept task)."""
         if self.configured:
-            self.runtime.try_submit("predictions", "drain", self.drain)
+            self.runtime.try_submit("deferred", "drain", self.drain)
 
     def close(self) -> None:
         """Stop after the current batch (the process is stopping; what is left stays kept)."""
@@ -80,31 +81,25 @@ class BackgroundPredictions:
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until no task is kept or being predicted (tests)."""
-        queue = self.runtime.queues["predictions"]
+        queue = self.runtime.queues["deferred"]
         return queue.wait_idle(timeout) and self.runtime.store.background_counts()["pending"] == 0
 
     def drain(self) -> int:
         """Predict and post every kept task, batch by batch; returns how many were posted."""
-        store, posted = self.runtime.store, 0
-        with exclusive(self.lock_path):
-            store.prune_posted()
-            while not self.stop.is_set():
-                batch = store.pending_tasks(limit=BATCH_TASKS)
-                if not batch:
-                    return posted
-                try:
-                    done, settled = self._run(batch)
-                except Exception:  # the model, the config: counted as a failed attempt of each task
-                    logger.exception("background predictions of project %s failed", batch[0].project_id)
-                    done, settled = 0, 0
-                posted += done
-                if not settled:  # nothing posted nor given up: Label Studio is down; try again later
-                    logger.warning("background predictions: nothing posted; next attempt in %.0f s", RETRY_PAUSE_S)
-                    timer = threading.Timer(RETRY_PAUSE_S, self.schedule)
-                    timer.daemon = True
-                    timer.start()
-                    return posted
-        return posted
+        store = self.runtime.store
+        return drain_kept(self.lock_path, lambda: store.pending_tasks(limit=BATCH_TASKS), self._run_batch,
+                          retry=self.schedule, retry_after_s=RETRY_PAUSE_S, stop=self.stop, on_start=store.prune_posted)
+
+    def _run_batch(self, batch: Sequence[DeferredTask]) -> tuple[int, bool]:
+        """(posted, whether to try again later: nothing was posted nor given up, so Label Studio is down)."""
+        try:
+            done, settled = self._run(list(batch))
+        except Exception:  # the model, the config: counted as a failed attempt of each task
+            logger.exception("deferred predictions of project %s failed", batch[0].project_id)
+            done, settled = 0, 0
+        if not settled:
+            logger.warning("deferred predictions: nothing posted; next attempt in %.0f s", RETRY_PAUSE_S)
+        return done, not settled
 
     def _run(self, batch: list[DeferredTask]) -> tuple[int, int]:
         """Predict and post one batch (one project and model version); (posted, settled) counts."""
@@ -120,7 +115,7 @@ class BackgroundPredictions:
             elif not outcome.reason.startswith(("writing the prediction failed", "not written")):
                 dropped.append(int(task["id"]))  # the task itself cannot be predicted (a write that failed: kept)
 
-        report = BulkReport(job=f"background-{project_id}", project=project_id, model_version=version,
+        report = BulkReport(job=f"deferred-{project_id}", project=project_id, model_version=version,
                             selected=len(batch), started_at=utc_now())
         try:
             backend = DINOvBackend(project_id, first.label_config, runtime=self.runtime)
@@ -138,15 +133,7 @@ class BackgroundPredictions:
             store.tasks_failed(project_id, version, sorted(unsettled))
         if posted and report.seconds > 0:  # the pace /predict's budget counts on stays current when all is deferred
             self.runtime.record_task_seconds(report.seconds / len(posted))
-        logger.info("project %s: background predictions of %d kept tasks: %d posted, %d failed, %d given up in "
+        logger.info("project %s: deferred predictions of %d kept tasks: %d posted, %d failed, %d given up in "
                     "%.1f s", project_id, len(batch), len(posted), len(unsettled), len(dropped), report.seconds)
         return len(posted), len(posted) + len(dropped)
 
-
-def install(runtime: Runtime) -> BackgroundPredictions:
-    """Make this process's /predict finish deferred tasks in the background (runtime.deferral), and resume the
-    tasks a previous process kept."""
-    deferral = BackgroundPredictions(runtime)
-    runtime.deferral = deferral
-    deferral.schedule()
-    return deferral

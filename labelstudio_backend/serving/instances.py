@@ -1,4 +1,4 @@
-"""Instance selection and region building: pure functions over typed values.
+"""LabeledMask selection and region building: pure functions over typed values.
 
     instances (label, mask, score) --select_instances--> kept --build_prediction--> {"result", "score", ...}
 
@@ -23,8 +23,9 @@ SAME_OBJECT_IOU = 0.5      # a found instance overlapping the drawn object more 
 
 
 @dataclass(frozen=True)
-class Instance:
-    """One segmented object: its label, bool mask [H, W] and score in [0, 1]."""
+class LabeledMask:
+    """One segmented object with its label's name: bool mask [H, W] and score in [0, 1] (dinov.predictor.Instance
+    is the model's, with a class index and a box)."""
 
     label: str
     mask: np.ndarray
@@ -44,13 +45,13 @@ class SelectionRules:
         return cls(settings.max_instances_per_label, settings.min_area, settings.allow_overlap)
 
 
-def select_instances(instances: Iterable[Instance], rules: SelectionRules) -> list[Instance]:
+def select_instances(instances: Iterable[LabeledMask], rules: SelectionRules) -> list[LabeledMask]:
     """Best score first: at most rules.max_per_label per label; no region with COVERED_FRACTION of its pixels
     inside better regions of its label (or of any label, when labels may not overlap): that is an object already
     found, or a part of one (Mask2Former's overlap rule); no pixel shared between labels unless allowed (the better
     instance keeps it); at least rules.min_area pixels (and at least 1) after that. Returns the kept instances,
     best first."""
-    kept: list[Instance] = []
+    kept: list[LabeledMask] = []
     counts: dict[str, int] = defaultdict(int)
     claimed: np.ndarray | None = None
     own: dict[str, np.ndarray] = {}
@@ -69,14 +70,14 @@ def select_instances(instances: Iterable[Instance], rules: SelectionRules) -> li
             mask = mask & ~(claimed & ~own.get(label, np.zeros_like(mask)))
         if int(mask.sum()) < max(1, rules.min_area):
             continue
-        kept.append(Instance(label, mask, instance.score))
+        kept.append(LabeledMask(label, mask, instance.score))
         counts[label] += 1
         claimed |= mask
         own[label] = own.get(label, np.zeros_like(mask)) | mask
     return kept
 
 
-def similar_to_drawn(found: Iterable[Instance], drawn: Instance, negatives: Sequence) -> list[Instance]:
+def similar_to_drawn(found: Iterable[LabeledMask], drawn: LabeledMask, negatives: Sequence) -> list[LabeledMask]:
     """INTERACTIVE_MODE=similar: the found instances that contain no negative click (x, y pixels), plus the
     drawn object itself unless one of them is it."""
     similar = [f for f in found if not any(point_in_mask(f.mask, *point) for point in negatives)]
@@ -90,7 +91,7 @@ def empty_prediction(model_version: str) -> dict:
     return {"result": [], "score": 0.0, "model_version": model_version}
 
 
-def build_prediction(kept: Sequence[Instance], config: ParsedConfig, model_version: str, polygon_tolerance: float,
+def build_prediction(kept: Sequence[LabeledMask], config: ParsedConfig, model_version: str, polygon_tolerance: float,
                      min_area: int = 0) -> dict:
     """Label Studio's prediction {"result": regions, "score": mean instance score, "model_version"}; each
     instance becomes regions of the output control of its label (polygon_tolerance, min_area: pixels)."""

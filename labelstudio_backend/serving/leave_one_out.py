@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from dinov.metrics import iou
-from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.labelstudio.payload import task_id_of, utc_now
-from labelstudio_backend.references.sources import StoreReferences
 from labelstudio_backend.labelstudio.regions import RegionError, region_to_prompt
+from labelstudio_backend.references.sources import StoreReferences
+from labelstudio_backend.serving.backend import DINOvBackend
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def leave_one_out(backend: DINOvBackend, max_tasks: int | None = 50) -> dict:
         raise BackendError("leave_one_out needs a project")
     config = backend.parsed_label_config
     labels = config.output_labels
-    references = StoreReferences(backend.runtime, backend.project_id, backend.settings)  # every example, not a pin
+    references = StoreReferences(backend.runtime, backend.model, backend.project_id, backend.settings)  # every example, not a pin
     examples = references.examples(labels, per_label=1_000_000)
     by_task: dict[Any, list] = defaultdict(list)
     for example in examples:
@@ -52,7 +52,7 @@ def leave_one_out(backend: DINOvBackend, max_tasks: int | None = 50) -> dict:
         try:
             task = {"id": task_id, "data": {config.value_key: url}}
             prediction = backend.preannotate(task, config, labels, "leave-one-out")
-            encoded = backend.runtime.encode(url, task_id_of(task_id))
+            encoded = backend.model.encode(url, task_id_of(task_id))
         except ModelUnavailable:
             raise
         except Exception as e:

@@ -1,14 +1,14 @@
-"""Serving per-project fine-tuned models: the runtime as one project sees it.
+"""Serving per-project fine-tuned models.
 
     models = ProjectModels(runtime, training_store)
-    view = models.view(project_id)     # None: the project is served by the base model
-    view.load_model(), view.checkpoint_id, view.encode(url, task_id)   # the project's model; the rest is the runtime's
+    model = models.model_for(project_id)   # None: the project is served by the base model
+    model.load_model(), model.checkpoint_id, model.encode(url, task_id)   # a ServedModel, as the base model is
 
 The active checkpoint of a project is a delta file (dinov.delta) recorded in the training store, which every
 worker reads, so all of them serve the same one. Its models are loaded on demand (the base model's weights
 copied, the delta applied) and at most PROJECT_MODELS_IN_MEMORY stay loaded. A delta trained on another base
 checkpoint than the one loaded is not served: the project falls back to the base and its status says it needs
-training again. The view's checkpoint_id names the delta, so feature, embedding and model_version keys of the
+training again. A project model's checkpoint_id names the delta, so feature, embedding and model_version keys of the
 base model are never reused for it.
 """
 
@@ -22,7 +22,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from labelstudio_backend.runtime.runtime import LRUCache, Predictor, Runtime
+from labelstudio_backend.runtime.bounded import LRUCache
+from labelstudio_backend.runtime.runtime import Predictor, Runtime, ServedModel
 from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
 
 logger = logging.getLogger(__name__)
@@ -65,9 +66,9 @@ def serve_sent_project_model(runtime: Runtime, active: ActiveModel, delta: bytes
     return local
 
 
-def served_project_model(runtime: Any) -> ActiveModel | None:
-    """The project checkpoint that a runtime as a project sees it (Runtime.for_project) serves; None: the base."""
-    return runtime.active if isinstance(runtime, ProjectView) else None
+def served_project_model(model: ServedModel) -> ActiveModel | None:
+    """The project checkpoint that a served model (Runtime.model_for) is; None: the base model."""
+    return model.active
 
 
 class ProjectModels:
@@ -82,7 +83,7 @@ class ProjectModels:
     def __init__(self, runtime: Runtime, store: TrainingStore,
                  build: Callable[[Any, ActiveModel], Predictor] = build_project_predictor):
         self.runtime, self.store, self.build = runtime, store, build
-        self.loaded = LRUCache(max(1, runtime.settings.project_models_in_memory))  # checkpoint_id -> predictor
+        self.loaded: LRUCache[str, Predictor] = LRUCache(max(1, runtime.settings.project_models_in_memory))
         self._lock = threading.Lock()
         self.stale: dict[int, str] = {}  # project -> why its checkpoint is not served
 
@@ -118,9 +119,9 @@ class ProjectModels:
                     logger.info("project %s: model %s loaded", active.project_id, active.checkpoint_id)
         return found
 
-    def view(self, project_id: int) -> ProjectView | None:
+    def model_for(self, project_id: int) -> ProjectModel | None:
         active = self.active(project_id)
-        return ProjectView(self.runtime, self, active) if active is not None else None
+        return ProjectModel(self.runtime, self, active) if active is not None else None
 
     def delete_project(self, project_id: int) -> None:
         """The project is gone: its checkpoints, its jobs and its active record go with it."""
@@ -135,27 +136,24 @@ class ProjectModels:
         self.stale.pop(project_id, None)
 
 
-class ProjectView:
-    """The runtime as one project with a fine-tuned model sees it: its model, checkpoint id and feature-cache
-    keys; everything else (store, caches, images, locks, background work) is the runtime's."""
+class ProjectModel:
+    """A project's fine-tuned model as a ServedModel: its predictor, checkpoint id and feature-cache keys (the
+    caches, store and queues stay the runtime's)."""
 
     def __init__(self, runtime: Runtime, models: ProjectModels, active: ActiveModel):
-        self._runtime, self._models, self.active = runtime, models, active
+        self._runtime, self._models, self._active = runtime, models, active
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runtime, name)
+    @property
+    def active(self) -> ActiveModel:
+        return self._active
 
     def load_model(self, timeout: float | None = None) -> Predictor:
         self._runtime.load_model(timeout)  # the base (its ModelUnavailable while it loads), then the project's
-        return self._models.predictor(self.active)
-
-    @property
-    def predictor(self) -> Predictor:
-        return self.load_model()
+        return self._models.predictor(self._active)
 
     @property
     def checkpoint_id(self) -> str:
-        return self.active.checkpoint_id
+        return self._active.checkpoint_id
 
     @property
     def model_name(self) -> str:

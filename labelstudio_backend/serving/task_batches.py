@@ -19,12 +19,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from labelstudio_backend.serving.backend import DINOvBackend
-from labelstudio_backend.serving.sinks import DONE, EXISTS, FAILED, Outcome, Sink
 from labelstudio_backend.errors import BulkError, LabelStudioError, ModelUnavailable
 from labelstudio_backend.labelstudio.label_config import ParsedConfig
 from labelstudio_backend.labelstudio.payload import task_id_of, task_key
-from labelstudio_backend.runtime.runtime import Runtime
+from labelstudio_backend.runtime.runtime import Runtime, ServedModel
+from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.serving.sinks import DONE, EXISTS, FAILED, Outcome, Sink
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,14 @@ class TaskResult:
     reason: str = ""
 
 
-def encode_batch(runtime: Runtime, images: Sequence[np.ndarray]) -> list[Any]:
+def encode_batch(model: ServedModel, images: Sequence[np.ndarray]) -> list[Any]:
     """Encoded images in one model call when the predictor can batch; one image failing does not fail the
     others (they are encoded one by one then). A failed image's entry is its exception."""
-    predictor = runtime.load_model()
+    predictor = model.load_model()
     batched = getattr(predictor, "encode_images", None)
     if batched is not None and len(images) > 1:
         try:
-            with runtime.device_lock:
-                return list(batched(list(images), batch_size=len(images)))
+            return list(batched(list(images), batch_size=len(images)))
         except ModelUnavailable:
             raise
         except Exception as e:
@@ -55,8 +54,7 @@ def encode_batch(runtime: Runtime, images: Sequence[np.ndarray]) -> list[Any]:
     encoded: list[Any] = []
     for image in images:
         try:
-            with runtime.device_lock:
-                encoded.append(predictor.encode_image(image))
+            encoded.append(predictor.encode_image(image))
         except ModelUnavailable:
             raise
         except Exception as e:
@@ -67,8 +65,8 @@ def encode_batch(runtime: Runtime, images: Sequence[np.ndarray]) -> list[Any]:
 def segment_batch(backend: DINOvBackend, config: ParsedConfig, model_version: str,
                   items: Sequence[tuple[dict, np.ndarray]]) -> list[TaskResult]:
     """A TaskResult per (task, RGB image [H, W, 3] uint8): encoded as a batch, segmented one by one."""
-    runtime = backend.runtime
-    encoded = encode_batch(runtime, [image for _, image in items]) if items else []
+    model = backend.model
+    encoded = encode_batch(model, [image for _, image in items]) if items else []
     labels = config.output_labels
     results: list[TaskResult] = []
     for (task, _), enc in zip(items, encoded):
@@ -76,7 +74,7 @@ def segment_batch(backend: DINOvBackend, config: ParsedConfig, model_version: st
             results.append(TaskResult(None, failure_reason(enc)))
             continue
         try:
-            runtime.remember_encoded(config.image_url(task), enc)  # preannotate finds it there
+            model.remember_encoded(config.image_url(task), enc)  # preannotate finds it there
             results.append(TaskResult(backend.preannotate(task, config, labels, model_version)))
         except ModelUnavailable:
             raise
@@ -284,11 +282,11 @@ def image_loader(runtime: Runtime, config: ParsedConfig) -> Callable[[dict], np.
 
 
 class _NoBar:
-    def __enter__(self):
+    def __enter__(self) -> None:
         return None
 
-    def __exit__(self, *exc):
-        return False
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def progress_bar(total: int, enabled: bool) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from labelstudio_backend.labelstudio.region_types import base_type
@@ -90,8 +90,8 @@ def normalize_timestamp(value: Any) -> str | None:
     else:
         raise StoreError(f"timestamp must be an ISO 8601 string, got {type(value).__name__}")
     if moment.tzinfo is None:  # Label Studio writes UTC; a naive value is taken as UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def as_id(value: Any, what: str) -> int:
@@ -157,9 +157,8 @@ def annotation_rows(task: dict, annotation: dict, image_key: str | None = None) 
     result = annotation.get("result") or []
     if not isinstance(result, list):
         raise StoreError(f"annotation {annotation.get('id')}: 'result' must be a list of regions")
-    updated_at = normalize_timestamp(annotation.get("updated_at") or annotation.get("created_at"))
-    if updated_at is None:
-        updated_at = normalize_timestamp(datetime.now(timezone.utc))
+    updated_at = normalize_timestamp(annotation.get("updated_at") or annotation.get("created_at")) \
+        or normalize_timestamp(datetime.now(UTC)) or ""
     completed_by = _user_id(annotation.get("completed_by"))
     ground_truth = int(bool(annotation.get("ground_truth")))
 

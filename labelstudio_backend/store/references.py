@@ -13,7 +13,15 @@ from typing import Literal
 
 from labelstudio_backend.store.embeddings import EmbeddingCache
 from labelstudio_backend.store.examples import (
-    ROW_COLUMNS, Example, Row, annotation_rows, as_id, example_from_row, normalize_timestamp, row_order, row_values,
+    ROW_COLUMNS,
+    Example,
+    Row,
+    annotation_rows,
+    as_id,
+    example_from_row,
+    normalize_timestamp,
+    row_order,
+    row_values,
 )
 from labelstudio_backend.store.schema import StoreError, chunks
 from labelstudio_backend.store.work import WorkStore
@@ -176,7 +184,8 @@ class ReferenceStore(EmbeddingCache, WorkStore):
         project_id = as_id(project_id, "project_id")
         if per_label < 1:
             raise ValueError(f"per_label must be at least 1, got {per_label}")
-        where, params = ["project_id = ?"], [project_id]
+        where: list[str] = ["project_id = ?"]
+        params: list[int | str] = [project_id]
         if labels is not None:
             labels = list(labels)
             if not labels:

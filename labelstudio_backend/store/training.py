@@ -87,7 +87,7 @@ class TrainingStore(Database):
             cursor = db.execute("INSERT INTO jobs (project_id, reason, state, steps, worker_pid, created_at, "
                                 "updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
                                 (int(project_id), reason, int(steps), os.getpid(), now, now))
-            return int(cursor.lastrowid)
+            return int(cursor.lastrowid or 0)  # set by every INSERT
 
     def update_job(self, job_id: int, only_open: bool = True, **fields: Any) -> bool:
         """Set fields of a job; with only_open (the default) only while it is queued or running, so that a job
@@ -119,7 +119,8 @@ class TrainingStore(Database):
         args: tuple = ()
         if project_id is not None:
             query, args = query + " AND project_id = ?", (int(project_id),)
-        return [_job(row) for row in self.connection().execute(query + " ORDER BY job_id", args)]
+        rows = self.connection().execute(query + " ORDER BY job_id", args).fetchall()
+        return [job for job in map(_job, rows) if job is not None]
 
     def projects(self) -> list[int]:
         return [int(r[0]) for r in self.connection().execute(

@@ -67,7 +67,7 @@ class WorkStore(Database):
                 "INSERT INTO webhook_events (project_id, event, payload, received_at) VALUES (?, ?, ?, ?)",
                 (int(project_id), str(event), text, time.time()),
             )
-            return int(cursor.lastrowid)
+            return int(cursor.lastrowid or 0)  # set by every INSERT
 
     def next_events(self, limit: int = 100) -> list[StoredEvent]:
         rows = self.connection().execute(

@@ -101,7 +101,7 @@ def task_scene(task: dict, config: ParsedConfig, images: Any) -> Scene:
         h, w = size or (height, width)
         mask = region_mask(kind, value, h, w)
         if mask.shape != (height, width):  # annotated on another size of the same image
-            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
         if mask.any():
             masks.append(mask)
             classes.append(class_ids[label])

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from labelstudio_backend.settings import Settings
@@ -32,7 +33,7 @@ class JobSpec:
     label_config: str
 
 
-def checkpoint_dir(settings: Settings):
+def checkpoint_dir(settings: Settings) -> Path:
     return settings.model_dir / "project_models"
 
 
@@ -40,15 +41,15 @@ def served_collector(settings: Settings, num_labels: int) -> Callable:
     """collect(predictor, examples, targets): dinov.train.finetune.collect_regions with what pre-annotation does to
     the regions (the project's instance count, overlap and minimum-area rules), so that the figures are those of
     the predictions annotators would get."""
-    from dinov.predictor import Instance as Region
+    from dinov.predictor import Instance
     from dinov.train.finetune import collect_regions
-    from labelstudio_backend.serving.instances import Instance, SelectionRules, select_instances
+    from labelstudio_backend.serving.instances import LabeledMask, SelectionRules, select_instances
 
     rules = SelectionRules.from_settings(settings)
 
     def select(found: list) -> list:
-        kept = select_instances([Instance(str(r.class_index), r.mask, r.score) for r in found], rules)
-        return [Region(mask=k.mask, score=k.score, class_index=int(k.label), box=(0, 0, 0, 0)) for k in kept]
+        kept = select_instances([LabeledMask(str(r.class_index), r.mask, r.score) for r in found], rules)
+        return [Instance(mask=k.mask, score=k.score, class_index=int(k.label), box=(0, 0, 0, 0)) for k in kept]
 
     def collect(predictor: Any, examples: list, targets: list) -> list:
         return collect_regions(predictor, examples, targets, settings.max_examples_per_label,
@@ -89,8 +90,8 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better
     from dinov.train.trainer import Trainer
     from labelstudio_backend.fetching.images import ImageLoader
-    from labelstudio_backend.labelstudio.label_config import parse_label_config
     from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
+    from labelstudio_backend.labelstudio.label_config import parse_label_config
     from labelstudio_backend.training.data import project_tasks, split_tasks, task_scene
 
     torch.set_num_threads(1)

@@ -15,13 +15,13 @@ finished job, so it stays intact.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import multiprocessing
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from dinov.file_lock import exclusive
 from labelstudio_backend.errors import BackendError
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import TrainingStore, training_db
@@ -91,14 +91,8 @@ class TrainingJobs:
         job = self.store.job(spec.job_id)
         if job is None or job["state"] != "queued":
             return  # cancelled while it waited
-        lock_path = self.settings.model_dir / "training.lock"
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_path, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one job at a time across this MODEL_DIR's workers
-            try:
-                self._run_child(spec)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive(self.settings.model_dir / "training.lock"):  # one job at a time across MODEL_DIR's workers
+            self._run_child(spec)
 
     def _run_child(self, spec: JobSpec) -> None:
         if not self.store.update_job(spec.job_id, state="running", message="starting"):

@@ -3,10 +3,17 @@
 import numpy as np
 import pytest
 
-from dinov.eval.calibrate import best_f1_threshold
-from dinov.checkpoint import (OFFICIAL_SCORE_THRESHOLD, SCORE_THRESHOLD_METADATA_KEY, load_model, model_name,
-                              read_safetensors_metadata, save_model, write_metadata)
+from dinov.checkpoint import (
+    OFFICIAL_SCORE_THRESHOLD,
+    SCORE_THRESHOLD_METADATA_KEY,
+    load_model,
+    model_name,
+    read_safetensors_metadata,
+    save_model,
+    write_metadata,
+)
 from dinov.config import demo
+from dinov.eval.calibrate import best_f1_threshold
 from dinov.metrics import covers_another, wrong_regions
 from dinov.modeling.dinov import build_dinov
 from dinov.predictor import DINOvPredictor

@@ -137,7 +137,7 @@ def test_backend_serves_a_click_and_a_preannotation_on_cuda(tmp_path):
                                              "project": {"id": 1, "label_config": config}})
         assert hook.status_code == 200
         runtime.background.submit(lambda: None).result(timeout=120)
-        assert runtime.predictor.device.type == torch.device(DEVICE).type
+        assert runtime.load_model().device.type == torch.device(DEVICE).type
         target = {"id": 2, "data": {"image": "/data/local-files/?d=1.png"}}
         body = {"tasks": [target], "project": "1.1", "label_config": config, "params": {"context": None}}
         answer = client.post("/predict", json=body)

@@ -5,7 +5,6 @@ fed the recorded pixel-decoder outputs; every recorded head output must agree to
 """
 import json
 from pathlib import Path
-from typing import Dict, List
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ PREFIX = "model.sem_seg_head.predictor."
 SIZE_DIVISIBILITY = 32
 
 
-def head_from_overrides(overrides: Dict) -> DINOvHead:
+def head_from_overrides(overrides: dict) -> DINOvHead:
     dec, enc = overrides["DECODER"], overrides["ENCODER"]
     return DINOvHead(
         hidden_dim=dec["HIDDEN_DIM"], num_queries=dec["NUM_OBJECT_QUERIES"], nheads=dec["NHEADS"],

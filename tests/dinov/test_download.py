@@ -1,4 +1,3 @@
-from tests.support.paths import REPO_ROOT
 import os
 import signal
 import socket
@@ -8,7 +7,6 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
 
@@ -20,6 +18,7 @@ from dinov.download import (
     checkpoint_url,
     download_checkpoint,
 )
+from tests.support.paths import REPO_ROOT
 
 NAME = "model_swinT.pth"
 PAYLOAD = os.urandom(300 * 1024 + 17)
@@ -28,15 +27,15 @@ PAYLOAD = os.urandom(300 * 1024 + 17)
 class FileServer:
     """127.0.0.1 server for a few files, with single-range support ("bytes=N-") and knobs for failures."""
 
-    def __init__(self, files: Dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
-        self.requests: List[Dict[str, str]] = []  # headers of every GET, in order
+        self.requests: list[dict[str, str]] = []  # headers of every GET, in order
         self.ignore_range = False
-        self.cut_after: Optional[int] = None  # send only this many body bytes of the next response, then drop
+        self.cut_after: int | None = None  # send only this many body bytes of the next response, then drop
         self.chunk_delay = 0.0  # seconds between 16 KiB chunks of a body (a slow link)
         self.omit_length = False  # no Content-Length: the body ends when the connection closes
-        self.announced_total: Optional[int] = None  # the total a 206's Content-Range claims instead of the real one
-        self.lie_length: Optional[int] = None  # the Content-Length sent instead of the real one
+        self.announced_total: int | None = None  # the total a 206's Content-Range claims instead of the real one
+        self.lie_length: int | None = None  # the Content-Length sent instead of the real one
         self.bytes_sent = 0
         server = self
 

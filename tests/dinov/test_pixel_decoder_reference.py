@@ -116,7 +116,7 @@ def test_high2low_is_low2high_with_levels_reversed():
     for k in [k for k in state if k.startswith("input_proj.0.")]:
         state[k], state[k.replace(".0.", ".2.", 1)] = state[k.replace(".0.", ".2.", 1)], state[k]
     state["transformer.level_embed"] = state["transformer.level_embed"].flip(0)
-    heads, levels, points = 8, 4, 4
+    heads, levels = 8, 4
     for k in list(state):
         if ".sampling_offsets." in k or ".attention_weights." in k:
             t = state[k]

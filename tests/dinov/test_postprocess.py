@@ -10,7 +10,12 @@ from dinov.modeling.box_ops import point_boxes
 from dinov.modeling.dinov_head import DINOvHead
 from dinov.modeling.prompt_encoder import PromptContent
 from dinov.postprocess import (
-    MaskResizer, filter_generic, filter_referring, official_threshold, select_generic, upsample_masks,
+    MaskResizer,
+    filter_generic,
+    filter_referring,
+    official_threshold,
+    select_generic,
+    upsample_masks,
 )
 
 PREFIX = "model.sem_seg_head.predictor."

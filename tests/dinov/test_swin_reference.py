@@ -1,6 +1,5 @@
 import json
 from pathlib import Path
-from typing import Dict, Tuple
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ def normalise_and_pad(image: torch.Tensor, divisor: int = 32) -> torch.Tensor:
     return F.pad(x, (0, -w % divisor, 0, -h % divisor))[None]
 
 
-def manifest_backbone(reference_dir: Path, name: str) -> Dict[str, Tuple[int, ...]]:
+def manifest_backbone(reference_dir: Path, name: str) -> dict[str, tuple[int, ...]]:
     manifest = json.loads((reference_dir / name).read_text())["state_dict"]
     return {
         k[len(BACKBONE_PREFIX):]: tuple(v["shape"]) for k, v in manifest.items() if k.startswith(BACKBONE_PREFIX)

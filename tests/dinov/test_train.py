@@ -2,7 +2,6 @@
 export runs end to end."""
 
 import numpy as np
-import pytest
 import torch
 
 from dinov.checkpoint import load_model, save_model

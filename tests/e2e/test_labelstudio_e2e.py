@@ -14,9 +14,9 @@ import requests
 from dinov.checkpoint import DEMO_CHECKPOINT
 from dinov.data.scenes import class_id, class_names, generate_scene
 from dinov.metrics import iou as mask_iou
-from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.references.sync import sync_project
+from labelstudio_backend.store import ReferenceStore
 
 from .conftest import E2E_CHECKPOINT
 from .labelstudio import (

@@ -13,9 +13,10 @@ import time
 import pytest
 import requests
 
+from tests.support.listeners import RecordingListener  # tests/ is on sys.path (rootdir conftest)
+
 from .labelstudio import brush_region, keypoint_region, wait_for
 from .test_labelstudio_e2e import _require_demo_model, config, square_image
-from tests.support.listeners import RecordingListener  # tests/ is on sys.path (rootdir conftest)
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ import json
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +36,7 @@ from PIL import Image
 from labelstudio_backend.labelstudio.regions import encode_rle, region_to_mask
 from labelstudio_backend.settings import Settings
 
-_EPOCH = datetime(2024, 5, 1, 10, tzinfo=timezone.utc)  # the fake Label Studio's clock starts here
+_EPOCH = datetime(2024, 5, 1, 10, tzinfo=UTC)  # the fake Label Studio's clock starts here
 TOKEN = "bulk0123456789abcdef0123456789abcdef0123"  # the fake Label Studio's legacy token
 SIZE = (40, 56)  # (height, width) of the fake Label Studio's scenes
 GREY, RED, BLUE = (128, 128, 128), (230, 20, 20), (20, 20, 230)

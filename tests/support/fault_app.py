@@ -16,8 +16,8 @@ import os
 import time
 
 from labelstudio_backend.http.app import create_app
-from labelstudio_backend.settings import Settings
 from labelstudio_backend.references.webhooks import WebhookInbox
+from labelstudio_backend.settings import Settings
 from tests.support.doubles import ColourPredictor
 
 

@@ -9,7 +9,6 @@ kill with SIGKILL (as the kernel's OOM killer or a node failure would) and start
 
 from __future__ import annotations
 
-from tests.support.paths import REPO_ROOT
 import os
 import signal
 import sys
@@ -21,7 +20,7 @@ from typing import Any
 import requests
 
 from tests.e2e.labelstudio import ServerProcess, free_port
-
+from tests.support.paths import REPO_ROOT
 
 
 class Backend:
@@ -38,7 +37,7 @@ class Backend:
         self.process: ServerProcess | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 60.0, healthy: bool = True) -> "Backend":
+    def start(self, timeout: float = 60.0, healthy: bool = True) -> Backend:
         """Start gunicorn; return once /health answers (200 unless healthy=False, then any answer)."""
         self.starts += 1
         argv = [sys.executable, "-m", "gunicorn", self.app, "--bind", f"127.0.0.1:{self.port}",

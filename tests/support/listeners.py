@@ -70,7 +70,7 @@ class RecordingListener:
         while not self._stop.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -108,7 +108,7 @@ class RecordingListener:
         self._sock.close()
         self._thread.join(2)
 
-    def __enter__(self) -> "RecordingListener":
+    def __enter__(self) -> RecordingListener:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,7 +146,7 @@ def tls_server_context(hostname: str, directory) -> tuple[ssl.SSLContext, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -16,17 +16,31 @@ import pytest
 from PIL import Image
 
 import tests.support.doubles as doubles
-from tests.support.doubles import (
-    CONFIG, TOKEN, ColourPredictor, brush, make_project, masks_by_label, png, scene, settings_for,
-)
 from labelstudio_backend import bulk
-from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.bulk import (
-    BulkError, BulkOptions, JsonSink, PinnedReferences, label_config_from_export, parse_task_ids, run_bulk,
+    BulkError,
+    BulkOptions,
+    JsonSink,
+    PinnedReferences,
+    label_config_from_export,
+    parse_task_ids,
+    run_bulk,
     select_tasks,
 )
 from labelstudio_backend.runtime.runtime import Runtime
+from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.settings import Settings
+from tests.support.doubles import (
+    CONFIG,
+    TOKEN,
+    ColourPredictor,
+    brush,
+    make_project,
+    masks_by_label,
+    png,
+    scene,
+    settings_for,
+)
 
 
 def run(ls, tmp_path, model=None, **options) -> bulk.BulkReport:
@@ -88,7 +102,7 @@ def test_bulk_predicts_what_the_server_predicts(ls, tmp_path):
     report = run(ls, tmp_path, batch_size=2)
     settings = settings_for(ls, tmp_path)
     runtime = Runtime(settings, model_factory=lambda s: ColourPredictor())
-    runtime.predictor
+    runtime.load_model()
     server = DINOvBackend(3, CONFIG, runtime=runtime)  # the server's model class over the same store
     assert server.model_version == report.model_version
     tasks = [{"id": t["id"], "data": t["data"]} for t in ls.tasks.values()]
@@ -278,7 +292,7 @@ def test_json_sink_refuses_a_foreign_file(tmp_path):
 # --- Ray ------------------------------------------------------------------------------------------------------
 
 def test_ray_mode_gives_the_same_predictions_as_local_mode(ls, tmp_path):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import ray.cloudpickle
 
     make_project(ls, unlabeled=5, broken=(12,))
@@ -336,7 +350,7 @@ def activate_project_model(settings) -> tuple[Path, object]:
 
 
 def test_ray_mode_serves_the_project_model_as_local_mode_does(ls, tmp_path):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     import ray.cloudpickle
 
     from labelstudio_backend.bulk.ray_mode import init_ray
@@ -397,9 +411,9 @@ def test_a_ray_worker_whose_base_is_not_the_project_models_refuses_to_start(ls, 
                          checkpoint_id="fake-ckpt+p3-0a1b2c3d", base_digest="fake-ckpt", score_threshold=0.3, job_id=1)
     worker = Segmenter(settings, CONFIG, 3, pinned, lambda s: ColourPredictor(), project_model=active,
                        delta=b"a delta", build_project=build)  # as an actor: in a process of its own
-    assert worker.backend.runtime.checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
-    assert worker.backend.runtime.active.path.startswith(worker.folder.name)  # the bytes sent, in a file of its own
-    assert Path(worker.backend.runtime.active.path).read_bytes() == b"a delta"
+    assert worker.backend.model.checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
+    assert worker.backend.model.active.path.startswith(worker.folder.name)  # the bytes sent, in a file of its own
+    assert Path(worker.backend.model.active.path).read_bytes() == b"a delta"
 
     other = ActiveModel(**{**active.__dict__, "base_digest": "another-base"})
     with pytest.raises(RuntimeError, match="pinned with fake-ckpt\\+p3-0a1b2c3d: its checkpoint was trained on base "

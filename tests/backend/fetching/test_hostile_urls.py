@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.doubles import SIZE, ColourPredictor, brush
 from labelstudio_backend.fetching.images import ImageError, ImageHostError, ImageLoader, ImageTooLargeError
 from labelstudio_backend.http.app import create_app
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store import ReferenceStore
-from tests.support.listeners import RecordingListener, http_reply, routes
 from tests.backend.fetching.test_image_limits import bomb_png
+from tests.support.doubles import SIZE, ColourPredictor, brush
+from tests.support.listeners import RecordingListener, http_reply, routes
 
 TOKEN = "hostile0123456789abcdef0123456789abcdef0"
 CONFIG = """<View>

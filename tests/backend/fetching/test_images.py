@@ -13,7 +13,11 @@ import requests_mock
 from PIL import Image
 
 from labelstudio_backend.fetching.images import (
-    ImageAuthError, ImageError, ImageHostError, ImageLoader, ImageTooLargeError,
+    ImageAuthError,
+    ImageError,
+    ImageHostError,
+    ImageLoader,
+    ImageTooLargeError,
 )
 from labelstudio_backend.settings import Settings
 

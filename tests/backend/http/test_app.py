@@ -21,12 +21,12 @@ import requests
 import requests_mock
 from PIL import Image
 
-from tests.support.doubles import ColourPredictor
 from labelstudio_backend.fetching.images import ImageLoader
-from labelstudio_backend.labelstudio.regions import encode_rle, region_to_mask
 from labelstudio_backend.http.app import create_app
+from labelstudio_backend.labelstudio.regions import encode_rle, region_to_mask
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store import ReferenceStore
+from tests.support.doubles import ColourPredictor
 
 LS = "http://ls.test:8080"
 SIZE = (64, 96)  # (height, width)
@@ -190,7 +190,7 @@ def test_health(backend):
     assert response.status_code == 200
     assert response.json["status"] == "UP" and response.json["model_class"] == "DINOvBackend"
     assert response.json["webhooks"] == {"pending": 0} and set(response.json["queues"]) == {
-        "model", "webhooks", "sync", "embeddings", "estimates", "predictions", "training"}
+        "model", "webhooks", "sync", "embeddings", "estimates", "deferred", "training"}
     assert backend.client.get("/").status_code == 200
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from tests.support.paths import REPO_ROOT
 import base64
 
 import pytest
 
 from labelstudio_backend.http.auth import AuthFailed, BasicAuth, exposed_addresses, exposure_warning
 from labelstudio_backend.settings import validate_credentials
+from tests.support.paths import REPO_ROOT
 
 
 def basic(raw: bytes | str) -> str:
@@ -93,7 +93,6 @@ def test_exposure_warning_only_without_credentials():
 def test_gunicorn_warns_at_start_when_listening_beyond_loopback_without_credentials(monkeypatch):
     import importlib.util
     import socket
-    from pathlib import Path
     from types import SimpleNamespace
 
     spec = importlib.util.spec_from_file_location("gunicorn_conf", REPO_ROOT / "gunicorn.conf.py")

@@ -8,8 +8,15 @@ from label_studio_sdk.converter import brush
 
 from labelstudio_backend.labelstudio.label_config import Control
 from labelstudio_backend.labelstudio.regions import (
-    RegionError, decode_rle, encode_rle, is_positive, mask_to_regions, rectangle_corners, region_label,
-    region_to_mask, region_to_prompt,
+    RegionError,
+    decode_rle,
+    encode_rle,
+    is_positive,
+    mask_to_regions,
+    rectangle_corners,
+    region_label,
+    region_to_mask,
+    region_to_prompt,
 )
 
 BRUSH = Control("mask", "brushlabels", ("cat", "dog"), False)

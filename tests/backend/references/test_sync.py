@@ -10,11 +10,11 @@ import pytest
 import requests
 import requests_mock
 
-from tests.support.doubles import TOKEN, brush, make_project, scene
 from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient, is_personal_access_token
-from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.references.sync import sync_project
+from labelstudio_backend.store import ReferenceStore
+from tests.support.doubles import TOKEN, brush, make_project, scene
 
 LS = "http://ls.example:8080"
 

@@ -8,8 +8,8 @@ import pytest
 
 from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
-from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.references.sync import sync_project
+from labelstudio_backend.store import ReferenceStore
 from tests.support.doubles import TOKEN, FakeLabelStudio, make_project
 
 PROJECT = 3

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from labelstudio_backend.runtime.batching import EncodeBatcher
 from dinov.checkpoint import load_model
 from dinov.predictor import DINOvPredictor
 from dinov.transforms import InputError, ResizeConfig
+from labelstudio_backend.runtime.batching import EncodeBatcher
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 
-from tests.support.doubles import CONFIG, ColourPredictor, make_project, masks_by_label, settings_for
-from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.http.app import create_app
-from labelstudio_backend.store import ReferenceStore
 from labelstudio_backend.references.sync import make_syncer
+from labelstudio_backend.serving.backend import DINOvBackend
+from labelstudio_backend.store import ReferenceStore
+from tests.support.doubles import CONFIG, ColourPredictor, make_project, masks_by_label, settings_for
 
 
 def test_large_retrieve_predictions_finishes_in_the_background(ls, tmp_path):
@@ -54,7 +54,7 @@ def test_large_retrieve_predictions_finishes_in_the_background(ls, tmp_path):
     assert 1 <= len(answered) < len(tasks) and all(r == [] for r in first[len(answered):])
     second = retrieve([t for t in tasks if t["id"] not in answered])  # "Retrieve predictions" again
     assert all(r == [] for r in second)  # all owned by the background run
-    assert runtime.deferral.wait(timeout=60)
+    assert runtime.deferred.wait(timeout=60)
     for tid, masks in truth.items():
         (prediction,) = ls.of_task(tid)
         assert prediction["model_version"] == version
@@ -84,7 +84,7 @@ def test_kept_tasks_are_resumed_and_what_label_studio_has_is_not_posted_again(ls
     ls.predictions.append({"task": 10, "result": [], "score": 0.0, "model_version": version})
     app = create_app(lambda s: ColourPredictor(), settings, store=store, syncer=make_syncer(settings, store))
     runtime = app.extensions["dinov"]  # creating the app resumes the kept tasks
-    assert runtime.deferral.wait(timeout=60)
+    assert runtime.deferred.wait(timeout=60)
     assert {t: len(ls.of_task(t)) for t in (10, 11, 12, 13)} == {10: 1, 11: 1, 12: 1, 13: 1}
     assert store.background_counts() == {"pending": 0, "posted": 4}
     assert store.claimed_task_ids(3, version) == {10, 11, 12, 13}  # a "Retrieve predictions" now answers []
@@ -94,12 +94,12 @@ def test_kept_tasks_are_resumed_and_what_label_studio_has_is_not_posted_again(ls
 def test_tasks_that_cannot_be_predicted_are_given_up_not_kept_forever(ls, tmp_path):
     make_project(ls, unlabeled=2, broken=(11,))
     app, runtime, store = background_app(ls, tmp_path)
-    runtime.deferral.defer(3, "<View><Image name=", [{"id": 10, "data": ls.tasks[10]["data"]}], "v-bad-config")
-    runtime.deferral.defer(3, CONFIG, [{"id": 11, "data": ls.tasks[11]["data"]}], "v-broken-image")
+    runtime.deferred.defer(3, "<View><Image name=", [{"id": 10, "data": ls.tasks[10]["data"]}], "v-bad-config")
+    runtime.deferred.defer(3, CONFIG, [{"id": 11, "data": ls.tasks[11]["data"]}], "v-broken-image")
     deadline = time.monotonic() + 30
     while store.background_counts()["pending"] and time.monotonic() < deadline:
-        runtime.deferral.schedule()  # (the retry pause is 30 s; ask again at once)
-        runtime.queues["predictions"].wait_idle(10)
+        runtime.deferred.schedule()  # (the retry pause is 30 s; ask again at once)
+        runtime.queues["deferred"].wait_idle(10)
     assert store.background_counts()["pending"] == 0
     assert store.claimed_task_ids(3, "v-bad-config") == frozenset() == store.claimed_task_ids(3, "v-broken-image")
     assert ls.of_task(10) == [] and ls.of_task(11) == []

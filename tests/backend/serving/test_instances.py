@@ -1,10 +1,10 @@
-"""Instance selection (labelstudio_backend/serving/instances.py): pure functions over Instance values."""
+"""LabeledMask selection (labelstudio_backend/serving/instances.py): pure functions over LabeledMask values."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from labelstudio_backend.serving.instances import Instance, SelectionRules, select_instances, similar_to_drawn
+from labelstudio_backend.serving.instances import LabeledMask, SelectionRules, select_instances, similar_to_drawn
 
 
 def square(r0: int, c0: int, size: int = 4, shape: tuple[int, int] = (12, 12)) -> np.ndarray:
@@ -15,19 +15,19 @@ def square(r0: int, c0: int, size: int = 4, shape: tuple[int, int] = (12, 12)) -
 
 def test_best_first_no_duplicates_per_label_limit_and_min_area():
     rules = SelectionRules(max_per_label=2, min_area=4, allow_overlap=False)
-    found = [Instance("a", square(0, 0), 0.5), Instance("a", square(0, 0), 0.9),  # a duplicate, lower score
-             Instance("a", square(6, 6), 0.7), Instance("a", square(6, 0), 0.6),  # over the per-label limit
-             Instance("b", square(0, 0, 2), 0.8)]                                # inside a's better square
+    found = [LabeledMask("a", square(0, 0), 0.5), LabeledMask("a", square(0, 0), 0.9),  # a duplicate, lower score
+             LabeledMask("a", square(6, 6), 0.7), LabeledMask("a", square(6, 0), 0.6),  # over the per-label limit
+             LabeledMask("b", square(0, 0, 2), 0.8)]                                # inside a's better square
     kept = select_instances(found, rules)
     assert [(k.label, k.score) for k in kept] == [("a", 0.9), ("a", 0.7)]
 
 
 def test_a_part_of_a_found_object_is_not_a_new_object():
     rules = SelectionRules(max_per_label=5, min_area=1, allow_overlap=True)
-    whole = Instance("a", square(0, 0, 6), 0.9)
-    part = Instance("a", square(0, 0, 3), 0.8)           # IoU 0.25 with the whole, but all inside it
-    half_out = Instance("a", square(3, 3, 6), 0.7)       # a quarter inside: another object
-    other_label = Instance("b", square(1, 1, 3), 0.6)    # inside, but another label may overlap
+    whole = LabeledMask("a", square(0, 0, 6), 0.9)
+    part = LabeledMask("a", square(0, 0, 3), 0.8)           # IoU 0.25 with the whole, but all inside it
+    half_out = LabeledMask("a", square(3, 3, 6), 0.7)       # a quarter inside: another object
+    other_label = LabeledMask("b", square(1, 1, 3), 0.6)    # inside, but another label may overlap
     kept = select_instances([whole, part, half_out, other_label], rules)
     assert [(k.label, k.score) for k in kept] == [("a", 0.9), ("a", 0.7), ("b", 0.6)]
     # labels may not overlap: a region mostly inside a better one of another label is that object too
@@ -36,7 +36,7 @@ def test_a_part_of_a_found_object_is_not_a_new_object():
 
 
 def test_overlap_between_labels_goes_to_the_better_instance_unless_allowed():
-    a, b = Instance("a", square(0, 0), 0.9), Instance("b", square(2, 2), 0.8)
+    a, b = LabeledMask("a", square(0, 0), 0.9), LabeledMask("b", square(2, 2), 0.8)
     kept = select_instances([a, b], SelectionRules(5, 1, allow_overlap=False))
     assert kept[1].mask.sum() == 16 - 4 and not (kept[0].mask & kept[1].mask).any()
     kept = select_instances([a, b], SelectionRules(5, 1, allow_overlap=True))
@@ -44,8 +44,8 @@ def test_overlap_between_labels_goes_to_the_better_instance_unless_allowed():
 
 
 def test_similar_objects_leave_out_negative_clicks_and_keep_the_drawn_one():
-    drawn = Instance("a", square(0, 0), 0.9)
-    other, refused = Instance("a", square(6, 6), 0.8), Instance("a", square(6, 0), 0.7)
+    drawn = LabeledMask("a", square(0, 0), 0.9)
+    other, refused = LabeledMask("a", square(6, 6), 0.8), LabeledMask("a", square(6, 0), 0.7)
     similar = similar_to_drawn([other, refused], drawn, negatives=[(1.4, 7.2)])  # (x, y) inside `refused`
     assert similar == [other, drawn]
     assert similar_to_drawn([drawn], drawn, negatives=[]) == [drawn]

@@ -5,7 +5,8 @@ import sqlite3
 
 import numpy as np
 import pytest
-from labelstudio_backend.store import SCHEMA_VERSION, Example, ReferenceStore, StoreError, MIGRATIONS
+
+from labelstudio_backend.store import MIGRATIONS, SCHEMA_VERSION, Example, ReferenceStore, StoreError
 
 PROJECT = 7
 

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from labelstudio_backend.store import ReferenceStore
-from labelstudio_backend.store import work
+from labelstudio_backend.store import ReferenceStore, work
 from labelstudio_backend.store.work import InboxFull
 
 

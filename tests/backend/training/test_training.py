@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from tests.support.paths import REPO_ROOT
 import multiprocessing
 import time
 from types import SimpleNamespace
@@ -13,18 +12,18 @@ import pytest
 import torch
 from torch import nn
 
+import tests.support.training_doubles as training_doubles
+from dinov.data.scenes import EXTRA_KINDS, Scene, generate_extra_scene, generate_scene, masks_to_boxes
 from dinov.delta import BaseMismatch, apply_delta, read_delta, save_delta, trainable_names
 from dinov.train.finetune import best_threshold_figures, collect_regions, figures_at, is_better, region_ious
-from dinov.data.scenes import EXTRA_KINDS, Scene, generate_extra_scene, generate_scene, masks_to_boxes
 from dinov.train.losses import SetCriterion
 from dinov.train.matcher import HungarianMatcher
 from labelstudio_backend.labelstudio.label_config import parse_label_config
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
-from labelstudio_backend.training.scheduler import TrainingJobs
 from labelstudio_backend.training.data import NotEnoughData, split_tasks, task_scene
-import tests.support.training_doubles as training_doubles
-
+from labelstudio_backend.training.scheduler import TrainingJobs
+from tests.support.paths import REPO_ROOT
 
 # --- delta checkpoints
 
@@ -337,8 +336,9 @@ def test_no_labeling_config_no_job(tmp_path):
 # --- serving a project's active checkpoint
 
 def serving_app(tmp_path):
-    from tests.support.doubles import CONFIG as COLOUR_CONFIG, ColourPredictor
     from labelstudio_backend.http.app import create_app
+    from tests.support.doubles import CONFIG as COLOUR_CONFIG
+    from tests.support.doubles import ColourPredictor
 
     class ProjectPredictor(ColourPredictor):
         def __init__(self, checkpoint_id):
@@ -378,8 +378,8 @@ def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_b
     version = model_version(client)
     assert version.startswith("dinov-fake-ckpt+p3-0a1b2c3d-refs") and version != base_version
     backend = DINOvBackend(3, None, runtime=runtime)
-    assert backend.runtime.load_model(timeout=5).checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
-    assert DINOvBackend(4, None, runtime=runtime).runtime is runtime  # other projects: the base model
+    assert backend.model.load_model(timeout=5).checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
+    assert DINOvBackend(4, None, runtime=runtime).model is runtime  # other projects: the base model
     model_version(client)
     assert len(built) == 1  # loaded once, then kept
 
@@ -396,7 +396,7 @@ def test_encodes_alternating_between_the_base_and_a_project_model_keep_their_bat
     app, runtime, client, built = serving_app(tmp_path)
     activate(runtime, tmp_path)
     base = runtime.load_model()
-    view = runtime.for_project(3)
+    view = runtime.model_for(3)
     project = view.load_model()
     assert project is not base and built
     image = np.full((8, 8, 3), 200, np.uint8)
@@ -570,7 +570,6 @@ def test_shell_rollback_serves_the_base_model_again(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     s = settings(tmp_path)
     store = TrainingStore(training_db(s.model_dir))
@@ -614,7 +613,8 @@ def test_a_model_that_is_not_better_is_rejected_and_never_served(ls, tmp_path):
     # The real job (a spawned child reading the project from Label Studio's API over HTTP, the demo model, two
     # training steps) with a SCORE_THRESHOLD that no region reaches: both models find nothing on the validation
     # tasks, mIoU 0 before and after, which is not better.
-    from tests.support.doubles import CONFIG as COLOUR_CONFIG, brush, png, scene, settings_for
+    from tests.support.doubles import CONFIG as COLOUR_CONFIG
+    from tests.support.doubles import brush, png, scene, settings_for
 
     ls.add_project(5)
     for tid in range(1, 9):

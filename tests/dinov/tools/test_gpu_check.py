@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from tests.support.paths import REPO_ROOT
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.support.paths import REPO_ROOT
 
 
 @pytest.fixture(scope="module")

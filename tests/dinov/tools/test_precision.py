@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinov.tools.precision import bf16_agreement, mask_iou
 from dinov.predictor import DINOvPredictor
+from dinov.tools.precision import bf16_agreement, mask_iou
 
 
 def _cpu_bf16_autocast_works() -> bool:
