@@ -214,11 +214,20 @@ class DINOvPredictor:
 
     @torch.inference_mode()
     def encode_prompts(self, encoded: EncodedImage, masks: np.ndarray) -> np.ndarray:
-        """Prompt embeddings (the content queries) of N masks on one image: float32 [N, D]."""
+        """Prompt embeddings of N masks on one image: float32 [N, embedding_dim]: the content queries [N, D],
+        followed by the masks' shape embeddings [N, S] with a model of the shape extension."""
         prompt_masks = self._prompt_masks(encoded, masks)
         with self._lock, self._autocast():
             content = self.model.head.encode_prompts(encoded.multi_scale_features, prompt_masks)
-        return content.label[0].float().cpu().numpy()
+        parts = [content.label[0]] + ([] if content.shape is None else [content.shape[0]])
+        return torch.cat([p.float() for p in parts], dim=-1).cpu().numpy()
+
+    @property
+    def embedding_form(self) -> str:
+        """What a prompt embedding of this model holds ("content" or "content+shapeS"): caches of embeddings key
+        on it, so that a changed form is encoded again."""
+        shape = self.model.head.shape_dim
+        return "content" if not shape else f"content+shape{shape}"
 
     # ----------------------------------------------------------------- generic
     @torch.inference_mode()
@@ -288,7 +297,9 @@ class DINOvPredictor:
         embeddings = np.asarray(prompt_embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != self.embedding_dim:
             raise InputError(f"prompt embeddings must have shape [N >= 1, {self.embedding_dim}], got {embeddings.shape}")
-        content = PromptContent.from_labels(torch.from_numpy(embeddings).to(self.device)[None])
+        # referring matches by content (the shape part of the extension is for generic decoding)
+        content_part = embeddings[:, : self.model.head.hidden_dim]
+        content = PromptContent.from_labels(torch.from_numpy(np.ascontiguousarray(content_part)).to(self.device)[None])
         grid = point_grid_boxes(self.model.points_per_side, encoded.padded_size).to(self.device)
         with self._lock, self._autocast():
             # Masks of the 2400 proposals are only needed for the few that pass NMS: the filter
