@@ -4,8 +4,8 @@
 
 The threshold maximises instance F1 (a predicted region is right when its IoU with a not yet matched true
 instance of its class is >= 0.5, matched greedily by score as COCO does) of generic segmentation on generated
-scenes from the TRAINING seed range (targets from 900,000, examples from 950,000; training draws below
-1,000,000, `dinov.evaluate` from 10,000,000), in the setting of the evaluation: every one of the 30 classes
+scenes of a seed range of its own (targets from 30,000,000, examples from 31,000,000), disjoint from both training
+(seeds below 1,000,000) and evaluation (`dinov.evaluate`: 10,000,000 and 20,000,000), in the setting of the evaluation: every one of the 30 classes
 offered, each by 4 full-mask examples from other scenes. `--write` stores it under "default_score_threshold",
 which `load_model` reads (`DINOvPredictor.default_score_threshold`); the released swinT/swinL files are not
 calibrated here and keep the official demo's 0.12.
@@ -27,8 +27,8 @@ from dinov.example_pool import example_pool
 from dinov.metrics import match_greedily, mask_iou
 from dinov.predictor import DINOvPredictor
 
-CALIBRATION_TARGET_SEED = 900_000
-CALIBRATION_POOL_SEED = 950_000
+CALIBRATION_TARGET_SEED = 30_000_000
+CALIBRATION_POOL_SEED = 31_000_000
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)
 
 

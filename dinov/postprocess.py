@@ -211,6 +211,36 @@ def select_generic(pred_logits: Tensor, score_threshold: float | None, max_insta
     return GenericPick(index=index, scores=scores[index], labels=labels[index])
 
 
+# Generic regions overlapping a better one by more than this IoU are duplicates (one region per object).
+DEFAULT_NMS_IOU = 0.5
+
+
+def mask_nms(mask_logits: Tensor, iou_threshold: float = DEFAULT_NMS_IOU) -> Tensor:
+    """Class-agnostic mask NMS: of masks [M, h, w] (logits, > 0 inside) ordered best first, the positions [K]
+    (ascending) of those whose IoU with every better mask kept is at most ``iou_threshold``. An empty mask
+    overlaps nothing and is kept (the caller drops empty masks)."""
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must be [M, h, w], got {tuple(mask_logits.shape)}")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    binary = (mask_logits > 0).flatten(1).float()
+    area = binary.sum(1)
+    inter = binary @ binary.T
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1.0)
+    kept: list[int] = []
+    for i in range(len(binary)):
+        if all(float(iou[i, j]) <= iou_threshold for j in kept):
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.long, device=mask_logits.device)
+
+
+def mask_quality(mask_logits: Tensor) -> Tensor:
+    """[M]: each mask's mean probability over its positive cells (Mask2Former's mask score; 0 for an empty one)."""
+    inside = (mask_logits > 0).flatten(1).float()
+    probs = mask_logits.flatten(1).sigmoid()
+    return (probs * inside).sum(1) / inside.sum(1).clamp(min=1.0)
+
+
 def mask_logits_of(mask_embed: Tensor, mask_features: Tensor, index: Tensor) -> Tensor:
     """Stride-4 mask logits [M, h, w] of the chosen queries only: mask_embed [Q, C], mask_features [C, h, w]."""
     return torch.einsum("qc,chw->qhw", mask_embed[index], mask_features)

@@ -74,6 +74,8 @@ class Instance:
     score: float
     class_index: int  # index of the class (generic) or of the prompt (referring)
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) of the mask, pixels, x1/y1 exclusive
+    # generic: the mean probability of the stride-4 mask over its positive cells (how sure the mask is of itself)
+    mask_quality: float | None = None
 
 
 @dataclass
@@ -238,9 +240,13 @@ class DINOvPredictor:
         score_threshold: float | None = None,
         max_instances: int = 100,
         max_examples: int = 16,
+        nms_iou: float | None = postprocess.DEFAULT_NMS_IOU,
     ) -> list[Instance]:
         """Every object that looks like one of the classes. A class is given by its examples
         ([k, D] prompt embeddings; the first `max_examples` are averaged, as in the paper).
+
+        One region per object: of regions whose masks overlap with an IoU above `nms_iou`, whatever their
+        classes, only the best scoring is kept (`postprocess.mask_nms`; None keeps them all, as the official demo).
 
         A score is the instance's class probability (sigmoid of its similarity to the best class).
         `score_threshold=None` applies the official demo's rule with the checkpoint's default
@@ -256,22 +262,53 @@ class DINOvPredictor:
                 aux=False,
             )
         return self._generic_instances(outputs["pred_logits"][0].float(), outputs["mask_embed"][0].float(),
-                                       encoded, score_threshold, max_instances)
+                                       encoded, score_threshold, max_instances, nms_iou)
+
+    @torch.inference_mode()
+    def generic_queries(self, encoded: EncodedImage, classes: Sequence[np.ndarray], max_examples: int = 16
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Every object query of generic decoding before any filter (for measurements): class probabilities
+        float32 [Q, C] and bool masks [Q, H, W] at the original size (empty where nothing is positive)."""
+        class_embeddings = self._class_bank(classes, max_examples)
+        with self._lock, self._autocast():
+            outputs = self.model.head.decode_generic(
+                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None], with_masks=False,
+                aux=False,
+            )
+        logits = outputs["pred_logits"][0].float()
+        index = torch.arange(logits.shape[0], device=logits.device)
+        mask_logits = postprocess.mask_logits_of(outputs["mask_embed"][0].float(), encoded.mask_features[0].float(),
+                                                 index)
+        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
+        masks = np.zeros((len(index), *encoded.image_size), bool)
+        for q, resized in enumerate(resizer.resize_all(mask_logits)):
+            if resized is not None:
+                masks[q] = resized.mask
+        return logits.sigmoid().cpu().numpy(), masks
 
     def _generic_instances(self, logits: torch.Tensor, mask_embed: torch.Tensor, encoded: EncodedImage,
-                           score_threshold: float | None, max_instances: int) -> list[Instance]:
+                           score_threshold: float | None, max_instances: int,
+                           nms_iou: float | None = postprocess.DEFAULT_NMS_IOU) -> list[Instance]:
         """The post-processing of generic decoding: threshold and order the object queries first, then compute
-        and upsample the masks of those that can be returned, each only around its positive cells."""
+        the masks of those that can be returned, drop duplicates (mask NMS) and upsample the rest, each only
+        around its positive cells."""
         pick = postprocess.select_generic(logits, score_threshold, max_instances,
                                           default_threshold=self.default_score_threshold)
         if pick.index.numel() == 0:
             return []
         mask_logits = postprocess.mask_logits_of(mask_embed, encoded.mask_features[0].float(), pick.index)
+        scores, labels = pick.scores, pick.labels
+        if nms_iou is not None and len(mask_logits) > 1:
+            keep = postprocess.mask_nms(mask_logits, nms_iou)
+            mask_logits, scores, labels = mask_logits[keep], scores[keep], labels[keep]
+        quality = postprocess.mask_quality(mask_logits)
         resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         instances = []
-        for resized, score, label in zip(resizer.resize_all(mask_logits), pick.scores.tolist(), pick.labels.tolist()):
+        for resized, score, label, q in zip(resizer.resize_all(mask_logits), scores.tolist(), labels.tolist(),
+                                            quality.tolist()):
             if resized is not None:  # empty at the image size: never an instance
-                instances.append(Instance(mask=resized.mask, score=score, class_index=label, box=resized.box))
+                instances.append(Instance(mask=resized.mask, score=score, class_index=label, box=resized.box,
+                                          mask_quality=q))
         return instances
 
     def _class_bank(self, classes: Sequence[np.ndarray], max_examples: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import numpy as np
 
 from labelstudio_backend.backend import DINOvBackend
 from labelstudio_backend.payload import task_id_of, utc_now
-from labelstudio_backend.references import StoreReferences
+from labelstudio_backend.references import StoreReferences, embedding_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def pin_references(backend: DINOvBackend, labels: Sequence[str], attempts: int =
         if store.revision(project_id) == revision:
             break
         logger.info("the references changed while being pinned; reading them again")
-    checkpoint = backend.runtime.checkpoint_id
+    checkpoint = embedding_checkpoint(backend.runtime)
     kept = [(e, vectors[e.embedding_key(checkpoint)]) for e in chosen if e.embedding_key(checkpoint) in vectors]
     dim = next((len(v) for _, v in kept), 0)
     return PinnedReferences(

@@ -47,6 +47,7 @@ from labelstudio_backend.images import ImageLoader
 from labelstudio_backend.label_config import parse_label_config
 from labelstudio_backend.payload import task_id_of
 from labelstudio_backend.project_models import serve_sent_project_model
+from labelstudio_backend.references import embedding_checkpoint
 from labelstudio_backend.runtime import Predictor, Runtime
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel
@@ -92,7 +93,7 @@ class Segmenter:
         self.backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=settings,
                                     references=PinnedSource(pinned, settings.max_examples_per_label))
         self.backend.runtime.load_model()  # the project's model too
-        served = self.backend.runtime.checkpoint_id
+        served = embedding_checkpoint(self.backend.runtime)  # the checkpoint and its embeddings' form
         if served != pinned.checkpoint:
             why = runtime.project_models.stale.get(project_id) if project_model is not None else None
             raise RuntimeError(f"this Ray worker's model is {served}, the references were pinned with "
