@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/train_step_cost.py --steps 12                 # the previous recipe
     OMP_NUM_THREADS=1 python benchmarks/train_step_cost.py --steps 12 --cheap          # crops, points, DN, queries
+    OMP_NUM_THREADS=1 python benchmarks/train_step_cost.py --steps 12 --cheap --shape-dim 32   # + shape extension
 
 Starts from the demo model, batch 4 of generated scenes with shared classes (as the demo's training); the first
 two steps are not counted (allocation warm-up). Prints the mean and the standard error of the counted steps.
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         if step >= args.warmup:
             times.append(time.process_time() - start)
     t = np.asarray(times)
-    print(f"{'cheap' if args.cheap else 'previous'} recipe: {t.mean():.3f} s CPU per step "
+    name = ("cheap" if args.cheap else "previous") + (f" + shape extension ({args.shape_dim})" if args.shape_dim else "")
+    print(f"{name} recipe: {t.mean():.3f} s CPU per step "
           f"(+- {t.std(ddof=1) / np.sqrt(len(t)):.3f}, {len(t)} steps, batch 4, one thread)")
 
 

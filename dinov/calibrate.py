@@ -21,7 +21,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, write_metadata
+from dinov.checkpoint import SCORE_FORM_METADATA_KEY, SCORE_THRESHOLD_METADATA_KEY, write_metadata
+from dinov.postprocess import SCORE_FORMS
 from dinov.data.scenes import generate_scene
 from dinov.example_pool import example_pool
 from dinov.metrics import match_greedily, mask_iou
@@ -79,22 +80,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=40)
     parser.add_argument("--pool", type=int, default=120)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--score-form", choices=SCORE_FORMS, default=None,
+                        help="what a region's score is (default: the checkpoint's; written with --write)")
     parser.add_argument("--write", action="store_true", help="store the threshold in the checkpoint's metadata")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device="cpu")
+    if args.score_form is not None:
+        predictor.model.score_form = args.score_form
     scores, matched, truths = collect(predictor, args.scenes, args.pool)
     threshold, f1 = best_f1_threshold(scores, matched, truths)
     at_official = best_f1_threshold(scores, matched, truths, np.array([0.12]))[1]
-    print(f"best threshold {threshold:.2f}: instance F1 {f1:.3f} (at 0.12: {at_official:.3f}; "
+    print(f"score {predictor.score_form}, best threshold {threshold:.2f}: instance F1 {f1:.3f} (at 0.12: {at_official:.3f}; "
           f"{truths} instances, {args.scenes} scenes from seed {CALIBRATION_TARGET_SEED})")
     if args.write:
         from dinov.checkpoint import DEMO_CHECKPOINT
 
         path = DEMO_CHECKPOINT if args.checkpoint == "demo" else args.checkpoint
-        write_metadata(path, {SCORE_THRESHOLD_METADATA_KEY: f"{threshold:.2f}"})
-        print(f"wrote {SCORE_THRESHOLD_METADATA_KEY}={threshold:.2f} into {path}")
+        write_metadata(path, {SCORE_THRESHOLD_METADATA_KEY: f"{threshold:.2f}",
+                              SCORE_FORM_METADATA_KEY: predictor.score_form})
+        print(f"wrote {SCORE_THRESHOLD_METADATA_KEY}={threshold:.2f}, {SCORE_FORM_METADATA_KEY}={predictor.score_form} "
+              f"into {path}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from dinov.data.scenes import NUM_CLASSES, generate_scene
 from dinov.example_pool import example_pool
 from dinov.metrics import InstanceEvaluator, covers_another, iou, mask_iou, region_matches, roc_auc, standard_error
 from dinov.modeling.dinov import DINOv
+from dinov.postprocess import SCORE_FORMS
 from dinov.predictor import DINOvPredictor
 from dinov.transforms import ResizeConfig
 
@@ -178,6 +179,7 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
     report["refer_point"]["covering_another"] = float(spill_values.mean()) if len(spills) else 0.0
     report["refer_point"]["covering_another_se"] = standard_error(spill_values)
     report["score_threshold"] = predictor.default_score_threshold
+    report["score_form"] = predictor.score_form
     return report
 
 
@@ -205,7 +207,8 @@ def format_report(report: dict) -> str:
         se = row.get(f"{key}_se")
         return f"{row[key]:.3f}" + ("" if se is None or np.isnan(se) else f" +- {se:.3f}")
 
-    lines = [f"default score threshold: {report.get('score_threshold', float('nan')):.2f}; "
+    lines = [f"score: {report.get('score_form', 'class_probability')}, default threshold "
+             f"{report.get('score_threshold', float('nan')):.2f}; "
              f"{report.get('scenes', '?')} scenes, {report.get('classes_offered', '?')} classes offered", "",
              "| task | mIoU | found (IoU>=0.5) | AP50 | wrong regions / image (duplicates count) | masks covering >= 1/5 "
              "of another instance | instances |", "|---|---|---|---|---|---|---|"]
@@ -240,12 +243,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--score-threshold", type=float, default=None,
                         help="generic score threshold instead of the checkpoint's default (same rule otherwise)")
+    parser.add_argument("--score-form", choices=SCORE_FORMS, default=None,
+                        help="what a region's score is, instead of the checkpoint's (dinov.postprocess.SCORE_FORMS)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device=args.device)
     if args.score_threshold is not None:
         predictor.model.default_score_threshold = args.score_threshold
+    if args.score_form is not None:
+        predictor.model.score_form = args.score_form
     print(format_report(evaluate_predictor(predictor, args.scenes, args.pool)))
 
 

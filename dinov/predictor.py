@@ -139,6 +139,12 @@ class DINOvPredictor:
         return self.model.embedding_dim
 
     @property
+    def score_form(self) -> str:
+        """What a generic region's score is (``postprocess.SCORE_FORMS``), from the checkpoint's metadata: the
+        official class probability unless the checkpoint was calibrated with another form."""
+        return str(getattr(self.model, "score_form", "class_probability"))
+
+    @property
     def default_score_threshold(self) -> float:
         """The checkpoint's score threshold for generic segmentation (its metadata; the official 0.12 for the
         released checkpoints and models without one): what ``segment_generic`` applies when given none."""
@@ -292,11 +298,17 @@ class DINOvPredictor:
         """The post-processing of generic decoding: threshold and order the object queries first, then compute
         the masks of those that can be returned, drop duplicates (mask NMS) and upsample the rest, each only
         around its positive cells."""
+        features = encoded.mask_features[0].float()
+        all_masks, scores = None, None
+        if self.score_form != "class_probability":  # a score that needs every query's mask
+            all_masks = postprocess.mask_logits_of(mask_embed, features, torch.arange(len(mask_embed)))
+            scores = postprocess.region_scores(logits, all_masks, self.score_form)[0]
         pick = postprocess.select_generic(logits, score_threshold, max_instances,
-                                          default_threshold=self.default_score_threshold)
+                                          default_threshold=self.default_score_threshold, scores=scores)
         if pick.index.numel() == 0:
             return []
-        mask_logits = postprocess.mask_logits_of(mask_embed, encoded.mask_features[0].float(), pick.index)
+        mask_logits = (postprocess.mask_logits_of(mask_embed, features, pick.index) if all_masks is None
+                       else all_masks[pick.index])
         scores, labels = pick.scores, pick.labels
         if nms_iou is not None and len(mask_logits) > 1:
             keep = postprocess.mask_nms(mask_logits, nms_iou)

@@ -281,3 +281,42 @@ def test_generic_regions_of_the_predictor_are_not_duplicated():
     assert ious.max() <= DEFAULT_NMS_IOU + 0.05  # (stride-4 masks decide; upsampled ones differ by a few pixels)
     assert [x.score for x in kept] == sorted([x.score for x in kept], reverse=True)
     assert all(0.5 <= x.mask_quality <= 1.0 for x in kept)
+
+
+def test_region_scores_quality_times_margin():
+    from dinov.postprocess import region_scores
+
+    logits = torch.logit(torch.tensor([[0.9, 0.2, 0.1], [0.6, 0.55, 0.1]]))
+    masks = -torch.ones(2, 4, 4)
+    masks[0, :2, :2] = 3.0
+    masks[1, 2:, 2:] = 1.0
+    official, labels = region_scores(logits, None, "class_probability")
+    assert torch.allclose(official, torch.tensor([0.9, 0.6])) and labels.tolist() == [0, 0]
+    scores, labels = region_scores(logits, masks, "quality_x_margin")
+    expected = torch.sigmoid(torch.tensor([3.0, 1.0])) * torch.tensor([0.7, 0.05])
+    assert torch.allclose(scores, expected, atol=1e-6) and labels.tolist() == [0, 0]
+    with pytest.raises(ValueError):
+        region_scores(logits, None, "quality_x_margin")
+    with pytest.raises(ValueError):
+        region_scores(logits, masks, "entropy")
+
+
+def test_a_checkpoint_score_form_is_what_generic_regions_score_and_threshold():
+    from dinov.data.scenes import generate_scene
+    from dinov.predictor import DINOvPredictor
+
+    predictor = DINOvPredictor.from_checkpoint("demo", device="cpu")
+    assert predictor.score_form == "class_probability"
+    scene = next(s for s in map(generate_scene, range(5, 50)) if len(s.masks) >= 3)
+    encoded = predictor.encode_image(scene.image)
+    examples = predictor.encode_prompts(encoded, scene.masks)
+    bank = [examples[i:i + 1] for i in range(len(examples))]
+    predictor.model.score_form = "quality_x_margin"
+    found = predictor.segment_generic(encoded, bank, score_threshold=0.0, nms_iou=None)
+    probs, _ = predictor.generic_queries(encoded, bank)
+    top = np.sort(probs, axis=1)[:, ::-1]
+    margins = sorted((top[:, 0] - top[:, 1]).tolist(), reverse=True)
+    for region in found:  # a region's score is its quality times its query's margin
+        assert any(abs(region.score - region.mask_quality * m) < 1e-4 for m in margins)
+    cut = sorted(x.score for x in found)[len(found) // 2]
+    assert all(x.score >= cut for x in predictor.segment_generic(encoded, bank, score_threshold=cut, nms_iou=None))

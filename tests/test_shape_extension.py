@@ -88,3 +88,15 @@ def test_predictor_embeddings_carry_the_shape_and_say_their_form():
     assert len(predictor.segment_referring(encoded, embeddings)) == len(scene.masks)
     found = predictor.segment_generic(encoded, [embeddings[:1], embeddings[1:2]], score_threshold=0.0)
     assert all(x.class_index in (0, 1) for x in found)
+
+
+def test_start_training_trains_the_shape_encoder_of_a_model_that_has_one():
+    from dinov.train.finetune import finetune_config
+    from dinov.train.trainer import Trainer
+
+    model = build_dinov(shape_config())
+    config = shape_config()
+    for trainable in ("decoder", "decoder+pixel_decoder", "all"):
+        trainer = Trainer(model, config, finetune_config(config, trainable, steps=2))
+        trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+        assert all(id(p) in trained for p in model.head.shape_encoder.parameters()), trainable
