@@ -31,6 +31,8 @@ from dinov.predictor import DINOvPredictor
 CALIBRATION_TARGET_SEED = 30_000_000
 CALIBRATION_POOL_SEED = 31_000_000
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)
+# the thresholds tried for each score form: a quality x margin score runs lower than a class probability
+FORM_THRESHOLDS = {"class_probability": THRESHOLDS, "quality_x_margin": np.round(np.arange(0.01, 0.951, 0.01), 2)}
 
 
 def best_f1_threshold(scores: np.ndarray, matched: np.ndarray, num_truths: int,
@@ -47,8 +49,8 @@ def best_f1_threshold(scores: np.ndarray, matched: np.ndarray, num_truths: int,
     return best
 
 
-def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, examples: int = 4
-            ) -> tuple[np.ndarray, np.ndarray, int]:
+def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, examples: int = 4,
+            lowest: float = float(THRESHOLDS[0])) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores and matched flags of every region above the lowest threshold, and the number of true instances."""
     pool = example_pool(predictor, (generate_scene(CALIBRATION_POOL_SEED + i) for i in range(pool_scenes)))
     classes = sorted(pool)
@@ -57,7 +59,7 @@ def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, exampl
     for i in range(num_scenes):
         scene = generate_scene(CALIBRATION_TARGET_SEED + i)
         encoded = predictor.encode_image(scene.image)
-        found = predictor.segment_generic(encoded, bank, score_threshold=float(THRESHOLDS[0]))
+        found = predictor.segment_generic(encoded, bank, score_threshold=lowest)
         truths += len(scene.masks)
         if not found:
             continue
@@ -89,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device="cpu")
     if args.score_form is not None:
         predictor.model.score_form = args.score_form
-    scores, matched, truths = collect(predictor, args.scenes, args.pool)
-    threshold, f1 = best_f1_threshold(scores, matched, truths)
+    grid = FORM_THRESHOLDS[predictor.score_form]
+    scores, matched, truths = collect(predictor, args.scenes, args.pool, lowest=float(grid[0]))
+    threshold, f1 = best_f1_threshold(scores, matched, truths, grid)
     at_official = best_f1_threshold(scores, matched, truths, np.array([0.12]))[1]
     print(f"score {predictor.score_form}, best threshold {threshold:.2f}: instance F1 {f1:.3f} (at 0.12: {at_official:.3f}; "
           f"{truths} instances, {args.scenes} scenes from seed {CALIBRATION_TARGET_SEED})")

@@ -12,9 +12,9 @@ Every figure comes with its standard error (over instances, or over images for w
 Class right: with 4 examples per class, for every true instance the object query whose mask overlaps it best
 (before any threshold), and whether that query's highest-probability class is the instance's (same scenes).
 Scores: among the regions returned (4 examples per class), the area under the ROC curve of the region score
-separating right regions from wrong ones, and the Spearman rank correlation between the prediction's score (the
-mean region score, what the Label Studio backend reports; 0 with no region) and the image's mIoU; both also for
-the region score times its mask quality (the mean mask probability inside the mask).
+separating right regions from wrong ones (also for the region score times its mask quality, the mean mask
+probability inside it), and the Spearman rank correlation between the prediction's score (what the Label Studio
+backend reports, `dinov.postprocess.prediction_score`) and the image's mIoU, also for the mean region score.
 Referring on the same image: from a click at the instance's innermost pixel, from its box and
 from a scribble inside it (IoU of the chosen candidate with the instance, 0 if none); from an
 example on another image: one example of each class present, IoU with the best-matching
@@ -40,7 +40,7 @@ from dinov.data.scenes import NUM_CLASSES, generate_scene
 from dinov.example_pool import example_pool
 from dinov.metrics import InstanceEvaluator, covers_another, iou, mask_iou, region_matches, roc_auc, standard_error
 from dinov.modeling.dinov import DINOv
-from dinov.postprocess import SCORE_FORMS
+from dinov.postprocess import SCORE_FORMS, prediction_score
 from dinov.predictor import DINOvPredictor
 from dinov.transforms import ResizeConfig
 
@@ -97,7 +97,7 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
     best_ious: dict[int, list[float]] = defaultdict(list)  # per true instance
     wrong: dict[int, list[int]] = defaultdict(list)  # per image, duplicates included
     regions: dict[int, list[tuple[float, float, bool]]] = defaultdict(list)  # (score, mask quality, right)
-    images: dict[int, list[tuple[float, float, float]]] = defaultdict(list)  # (mean score, mean score x quality, mIoU)
+    images: dict[int, list[tuple[float, float, float]]] = defaultdict(list)  # (prediction score, mean score, mIoU)
     class_right: list[bool] = []
     best_query_iou: list[float] = []
     refer = defaultdict(list)
@@ -118,8 +118,8 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
             regions[k].extend(zip(scores.tolist(), quality.tolist(), right.tolist()))
             per_instance = image_miou(masks, labels, scene.masks, scene.classes)
             best_ious[k].extend(per_instance.tolist())
-            images[k].append((float(scores.mean()) if len(scores) else 0.0,
-                              float((scores * quality).mean()) if len(scores) else 0.0,
+            images[k].append((prediction_score(scores, getattr(instances, "candidate_score_sum", None)),
+                              float(scores.mean()) if len(scores) else 0.0,
                               float(per_instance.mean()) if len(per_instance) else 1.0))
             if k == CLASS_RIGHT_EXAMPLES:
                 # the object query whose mask overlaps each true instance best: is its best class the instance's?
@@ -161,9 +161,9 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
         row["regions"] = len(score)
         row["score_auc"] = roc_auc(score, right.astype(bool))
         row["score_x_quality_auc"] = roc_auc(score * quality, right.astype(bool))
-        mean_score, mean_score_quality, miou_image = (np.asarray(v) for v in zip(*images[k]))
-        row["prediction_score_spearman"] = spearman(mean_score, miou_image)
-        row["prediction_score_x_quality_spearman"] = spearman(mean_score_quality, miou_image)
+        image_score, mean_score, miou_image = (np.asarray(v) for v in zip(*images[k]))
+        row["prediction_score_spearman"] = spearman(image_score, miou_image)
+        row["mean_region_score_spearman"] = spearman(mean_score, miou_image)
         report[f"generic_{k}"] = row
     right_values = np.asarray(class_right, float)
     report["class_right"] = {"miou": float(np.mean(best_query_iou)), "miou_se": standard_error(best_query_iou),
@@ -225,12 +225,12 @@ def format_report(report: dict) -> str:
         lines += ["", f"class right for the best-overlapping object query ({CLASS_RIGHT_EXAMPLES} examples per class): "
                       f"{pm(row, 'found')} (its IoU {pm(row, 'miou')}; {row['num_instances']} instances)"]
     lines += ["", "| generic | regions returned | region score AUC right vs wrong | score x mask quality AUC | "
-                  "prediction score vs image mIoU (Spearman) | mean score x quality (Spearman) |",
+                  "prediction score vs image mIoU (Spearman) | mean region score vs image mIoU (Spearman) |",
               "|---|---|---|---|---|---|"]
     for name, row in report.items():
         if isinstance(row, dict) and "score_auc" in row:
             lines.append(f"| {name} | {row['regions']} | {row['score_auc']:.3f} | {row['score_x_quality_auc']:.3f} | "
-                         f"{row['prediction_score_spearman']:.3f} | {row['prediction_score_x_quality_spearman']:.3f} |")
+                         f"{row['prediction_score_spearman']:.3f} | {row['mean_region_score_spearman']:.3f} |")
     return "\n".join(lines)
 
 

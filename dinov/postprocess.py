@@ -260,6 +260,17 @@ def mask_nms(mask_logits: Tensor, iou_threshold: float = DEFAULT_NMS_IOU) -> Ten
     return torch.tensor(kept, dtype=torch.long, device=mask_logits.device)
 
 
+def prediction_score(region_scores: Sequence[float], candidate_score_sum: float | None) -> float:
+    """One image's prediction score from the scores of the regions returned: with ``candidate_score_sum`` (the
+    summed scores of every candidate region, one per object after mask NMS, whatever the threshold) the share of
+    the candidates' score mass that was returned, which falls when likely objects are left out or uncertain (it
+    ranks images by their quality; BENCHMARKS.md); without it the mean region score (0 with no region)."""
+    scores = [float(x) for x in region_scores]
+    if candidate_score_sum is not None and candidate_score_sum > 0:
+        return min(1.0, sum(scores) / candidate_score_sum)
+    return float(np.mean(scores)) if scores else 0.0
+
+
 def mask_quality(mask_logits: Tensor) -> Tensor:
     """[M]: each mask's mean probability over its positive cells (Mask2Former's mask score; 0 for an empty one)."""
     inside = (mask_logits > 0).flatten(1).float()

@@ -78,6 +78,14 @@ class Instance:
     mask_quality: float | None = None
 
 
+class GenericInstances(list):
+    """segment_generic's regions (a list of Instance), with ``candidate_score_sum``: the summed scores of every
+    candidate region (one per object after mask NMS, at any score) when the score form computes every query's
+    mask, else None; ``postprocess.prediction_score`` turns both into an image's score."""
+
+    candidate_score_sum: float | None = None
+
+
 @dataclass
 class Candidate:
     mask: np.ndarray  # bool [H, W]
@@ -305,8 +313,14 @@ class DINOvPredictor:
             scores = postprocess.region_scores(logits, all_masks, self.score_form)[0]
         pick = postprocess.select_generic(logits, score_threshold, max_instances,
                                           default_threshold=self.default_score_threshold, scores=scores)
+        instances = GenericInstances()
+        if all_masks is not None:
+            order = torch.argsort(scores, descending=True)
+            candidates = order[postprocess.mask_nms(all_masks[order], postprocess.DEFAULT_NMS_IOU if nms_iou is None
+                                                    else nms_iou)]
+            instances.candidate_score_sum = float(scores[candidates].sum())
         if pick.index.numel() == 0:
-            return []
+            return instances
         mask_logits = (postprocess.mask_logits_of(mask_embed, features, pick.index) if all_masks is None
                        else all_masks[pick.index])
         scores, labels = pick.scores, pick.labels
@@ -315,7 +329,6 @@ class DINOvPredictor:
             mask_logits, scores, labels = mask_logits[keep], scores[keep], labels[keep]
         quality = postprocess.mask_quality(mask_logits)
         resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
-        instances = []
         for resized, score, label, q in zip(resizer.resize_all(mask_logits), scores.tolist(), labels.tolist(),
                                             quality.tolist()):
             if resized is not None:  # empty at the image size: never an instance

@@ -320,3 +320,13 @@ def test_a_checkpoint_score_form_is_what_generic_regions_score_and_threshold():
         assert any(abs(region.score - region.mask_quality * m) < 1e-4 for m in margins)
     cut = sorted(x.score for x in found)[len(found) // 2]
     assert all(x.score >= cut for x in predictor.segment_generic(encoded, bank, score_threshold=cut, nms_iou=None))
+
+
+def test_the_prediction_score_is_the_share_of_candidate_score_mass_kept():
+    from dinov.postprocess import prediction_score
+
+    assert prediction_score([0.5, 0.3], 1.6) == pytest.approx(0.5)
+    assert prediction_score([], 1.0) == 0.0
+    assert prediction_score([0.5, 0.3], None) == pytest.approx(0.4)  # the official score form: the mean
+    assert prediction_score([], None) == 0.0
+    assert prediction_score([0.9], 0.5) == 1.0
