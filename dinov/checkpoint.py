@@ -307,6 +307,8 @@ CONFIG_METADATA_KEY = "dinov_config"
 # The checkpoint's default score threshold for generic segmentation (`python -m dinov.eval.calibrate` writes it);
 # files without it (the released checkpoints, older files) use the official demo's 0.12.
 SCORE_THRESHOLD_METADATA_KEY = "default_score_threshold"
+# What a generic region's score is (dinov.postprocess.SCORE_FORMS); absent: the official class probability.
+SCORE_FORM_METADATA_KEY = "score_form"
 OFFICIAL_SCORE_THRESHOLD = 0.12
 
 
@@ -356,6 +358,7 @@ def load_model(checkpoint: PathLike, config=None, cache_dir: PathLike | None = N
     load_into(model, state_dict, source=str(path))
     digest = file_digest(path)
     model.default_score_threshold = float(metadata.get(SCORE_THRESHOLD_METADATA_KEY, OFFICIAL_SCORE_THRESHOLD))
+    model.score_form = metadata.get(SCORE_FORM_METADATA_KEY, "class_probability")
     model.model_name = model_name(checkpoint, digest)
     return model.eval(), config, digest
 

@@ -66,6 +66,8 @@ class DecoderConfig:
     # Referring: the 20x20 point grid and the box NMS threshold of the official filter.
     points_per_side: int = 20
     nms_threshold: float = 0.7
+    # The shape extension of class matching (not official; dinov/modeling/shape_encoder.py): 0 = none.
+    shape_dim: int = 0
 
 
 @dataclass(frozen=True)

@@ -109,9 +109,14 @@ def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
     return np.where(same_class, ious, 0.0).max(0)
 
 
-def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold: float = 0.5) -> int:
+def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold: float = 0.5,
+                  pred_scores=None) -> int:
     """How many predicted regions match no true instance of their class: IoU below ``iou_threshold`` with every
-    one of them (a region an annotator would delete)."""
+    one of them (a region an annotator would delete). With ``pred_scores``, regions are matched one to one
+    (:func:`region_matches`), so that a second region on an instance already matched is wrong too."""
+    if pred_scores is not None:
+        return int((~region_matches(pred_masks, pred_scores, pred_classes, gt_masks, gt_classes,
+                                    iou_threshold)).sum())
     gt = _as_masks(gt_masks, "gt_masks")
     if len(pred_masks) == 0:
         return 0
@@ -122,6 +127,52 @@ def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold:
         return len(pred)
     ious = np.where(pred_cls[:, None] == gt_cls[None, :], mask_iou(pred, gt), 0.0)
     return int((ious.max(1) < iou_threshold).sum())
+
+
+def region_matches(pred_masks, pred_scores, pred_classes, gt_masks, gt_classes,
+                   iou_threshold: float = 0.5) -> np.ndarray:
+    """bool [P]: whether each predicted region is right, matched one to one as COCO does: per class, regions in
+    descending score order take the not yet matched true instance of that class with the highest IoU >=
+    ``iou_threshold``. A duplicate (a second region on a matched instance) is not matched."""
+    if len(pred_masks) == 0:
+        return np.zeros(0, dtype=bool)
+    pred = _as_masks(pred_masks, "pred_masks")
+    gt = _as_masks(gt_masks, "gt_masks") if len(gt_masks) else np.zeros((0, *pred.shape[1:]), bool)
+    scores = _as_vector(pred_scores, "pred_scores", len(pred), np.float64)
+    pred_cls = _as_vector(pred_classes, "pred_classes", len(pred), np.int64)
+    gt_cls = _as_vector(gt_classes, "gt_classes", len(gt), np.int64)
+    matched = np.zeros(len(pred), dtype=bool)
+    if len(gt) == 0:
+        return matched
+    ious = mask_iou(pred, gt)
+    for c in np.unique(pred_cls):
+        rows = np.flatnonzero(pred_cls == c)
+        rows = rows[np.argsort(-scores[rows], kind="mergesort")]
+        cols = np.flatnonzero(gt_cls == c)
+        if len(cols):
+            matched[rows] = match_greedily(ious[np.ix_(rows, cols)], iou_threshold)
+    return matched
+
+
+def roc_auc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` separating ``positive`` (bool) from the rest: the probability that
+    a random positive scores above a random negative (ties count a half); nan without both kinds."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def standard_error(values) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); nan below two values."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float("nan")
+    return float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
 def covers_another(mask, others, fraction: float = 0.2) -> bool:

@@ -189,18 +189,44 @@ class GenericPick:
     labels: Tensor
 
 
+# What a generic region's score can be:
+#   class_probability  the official score: the sigmoid of the query's similarity to its best class;
+#   quality_x_margin   the mask's quality (mean probability inside it) times the margin of the best class's
+#                      probability over the second best: low for a vague mask and for a region whose label is a
+#                      toss-up between two classes (same colour, other shape). Chosen on calibration scenes
+#                      (BENCHMARKS.md "The demo model"); it needs every query's mask before the threshold.
+SCORE_FORMS = ("class_probability", "quality_x_margin")
+
+
+def region_scores(pred_logits: Tensor, mask_logits: Tensor | None, form: str) -> tuple[Tensor, Tensor]:
+    """(scores [Q], labels [Q]) of generic object queries: pred_logits [Q, C], mask_logits [Q, h, w] (only needed
+    by the forms other than class_probability)."""
+    if form not in SCORE_FORMS:
+        raise ValueError(f"unknown score form {form!r}; use one of {', '.join(SCORE_FORMS)}")
+    probs = pred_logits.sigmoid()
+    best, labels = probs.max(-1)
+    if form == "class_probability":
+        return best, labels
+    if mask_logits is None or len(mask_logits) != len(probs):
+        raise ValueError(f"score form {form} needs the mask logits of every query")
+    second = probs.topk(2, dim=-1).values[:, 1] if probs.shape[-1] > 1 else torch.zeros_like(best)
+    return mask_quality(mask_logits) * (best - second), labels
+
+
 def select_generic(pred_logits: Tensor, score_threshold: float | None, max_instances: int,
-                   default_threshold: float = 0.12) -> GenericPick:
+                   default_threshold: float = 0.12, scores: Tensor | None = None) -> GenericPick:
     """Which object queries can become instances, before any mask is computed.
 
     ``score_threshold=None`` is the official rule with the checkpoint's ``default_threshold``
     (:func:`official_threshold`: scores strictly above it, lowered until one survives); a number
     keeps scores at or above it. Of those, the ``max_instances`` best, best first (the order the predictor always
-    used: a descending argsort over the kept queries in query order).
+    used: a descending argsort over the kept queries in query order). ``scores`` [Q]: region scores of another
+    form (:func:`region_scores`) instead of the class probability; the labels are the best classes either way.
     """
     if pred_logits.dim() != 2 or pred_logits.shape[0] == 0 or pred_logits.shape[1] == 0:
         raise ValueError(f"pred_logits must be [Q>=1, C>=1], got {tuple(pred_logits.shape)}")
-    scores, labels = pred_logits.sigmoid().max(-1)
+    probs, labels = pred_logits.sigmoid().max(-1)
+    scores = probs if scores is None else scores
     if score_threshold is None:
         keep = scores > official_threshold(scores, default_threshold)
     else:
@@ -209,6 +235,47 @@ def select_generic(pred_logits: Tensor, score_threshold: float | None, max_insta
     order = torch.argsort(scores[index], descending=True)[:max_instances]
     index = index[order]
     return GenericPick(index=index, scores=scores[index], labels=labels[index])
+
+
+# Generic regions overlapping a better one by more than this IoU are duplicates (one region per object).
+DEFAULT_NMS_IOU = 0.5
+
+
+def mask_nms(mask_logits: Tensor, iou_threshold: float = DEFAULT_NMS_IOU) -> Tensor:
+    """Class-agnostic mask NMS: of masks [M, h, w] (logits, > 0 inside) ordered best first, the positions [K]
+    (ascending) of those whose IoU with every better mask kept is at most ``iou_threshold``. An empty mask
+    overlaps nothing and is kept (the caller drops empty masks)."""
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must be [M, h, w], got {tuple(mask_logits.shape)}")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    binary = (mask_logits > 0).flatten(1).float()
+    area = binary.sum(1)
+    inter = binary @ binary.T
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1.0)
+    kept: list[int] = []
+    for i in range(len(binary)):
+        if all(float(iou[i, j]) <= iou_threshold for j in kept):
+            kept.append(i)
+    return torch.tensor(kept, dtype=torch.long, device=mask_logits.device)
+
+
+def prediction_score(region_scores: Sequence[float], candidate_score_sum: float | None) -> float:
+    """One image's prediction score from the scores of the regions returned: with ``candidate_score_sum`` (the
+    summed scores of every candidate region, one per object after mask NMS, whatever the threshold) the share of
+    the candidates' score mass that was returned, which falls when likely objects are left out or uncertain (it
+    ranks images by their quality; BENCHMARKS.md); without it the mean region score (0 with no region)."""
+    scores = [float(x) for x in region_scores]
+    if candidate_score_sum is not None and candidate_score_sum > 0:
+        return min(1.0, sum(scores) / candidate_score_sum)
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def mask_quality(mask_logits: Tensor) -> Tensor:
+    """[M]: each mask's mean probability over its positive cells (Mask2Former's mask score; 0 for an empty one)."""
+    inside = (mask_logits > 0).flatten(1).float()
+    probs = mask_logits.flatten(1).sigmoid()
+    return (probs * inside).sum(1) / inside.sum(1).clamp(min=1.0)
 
 
 def mask_logits_of(mask_embed: Tensor, mask_features: Tensor, index: Tensor) -> Tensor:

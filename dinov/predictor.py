@@ -74,6 +74,16 @@ class Instance:
     score: float
     class_index: int  # index of the class (generic) or of the prompt (referring)
     box: tuple[float, float, float, float]  # (x0, y0, x1, y1) of the mask, pixels, x1/y1 exclusive
+    # generic: the mean probability of the stride-4 mask over its positive cells (how sure the mask is of itself)
+    mask_quality: float | None = None
+
+
+class GenericInstances(list):
+    """segment_generic's regions (a list of Instance), with ``candidate_score_sum``: the summed scores of every
+    candidate region (one per object after mask NMS, at any score) when the score form computes every query's
+    mask, else None; ``postprocess.prediction_score`` turns both into an image's score."""
+
+    candidate_score_sum: float | None = None
 
 
 @dataclass
@@ -135,6 +145,12 @@ class DINOvPredictor:
     @property
     def embedding_dim(self) -> int:
         return self.model.embedding_dim
+
+    @property
+    def score_form(self) -> str:
+        """What a generic region's score is (``postprocess.SCORE_FORMS``), from the checkpoint's metadata: the
+        official class probability unless the checkpoint was calibrated with another form."""
+        return str(getattr(self.model, "score_form", "class_probability"))
 
     @property
     def default_score_threshold(self) -> float:
@@ -214,11 +230,20 @@ class DINOvPredictor:
 
     @torch.inference_mode()
     def encode_prompts(self, encoded: EncodedImage, masks: np.ndarray) -> np.ndarray:
-        """Prompt embeddings (the content queries) of N masks on one image: float32 [N, D]."""
+        """Prompt embeddings of N masks on one image: float32 [N, embedding_dim]: the content queries [N, D],
+        followed by the masks' shape embeddings [N, S] with a model of the shape extension."""
         prompt_masks = self._prompt_masks(encoded, masks)
         with self._lock, self._autocast():
             content = self.model.head.encode_prompts(encoded.multi_scale_features, prompt_masks)
-        return content.label[0].float().cpu().numpy()
+        parts = [content.label[0]] + ([] if content.shape is None else [content.shape[0]])
+        return torch.cat([p.float() for p in parts], dim=-1).cpu().numpy()
+
+    @property
+    def embedding_form(self) -> str:
+        """What a prompt embedding of this model holds ("content" or "content+shapeS"): caches of embeddings key
+        on it, so that a changed form is encoded again."""
+        shape = self.model.head.shape_dim
+        return "content" if not shape else f"content+shape{shape}"
 
     # ----------------------------------------------------------------- generic
     @torch.inference_mode()
@@ -229,9 +254,13 @@ class DINOvPredictor:
         score_threshold: float | None = None,
         max_instances: int = 100,
         max_examples: int = 16,
+        nms_iou: float | None = postprocess.DEFAULT_NMS_IOU,
     ) -> list[Instance]:
         """Every object that looks like one of the classes. A class is given by its examples
         ([k, D] prompt embeddings; the first `max_examples` are averaged, as in the paper).
+
+        One region per object: of regions whose masks overlap with an IoU above `nms_iou`, whatever their
+        classes, only the best scoring is kept (`postprocess.mask_nms`; None keeps them all, as the official demo).
 
         A score is the instance's class probability (sigmoid of its similarity to the best class).
         `score_threshold=None` applies the official demo's rule with the checkpoint's default
@@ -247,22 +276,64 @@ class DINOvPredictor:
                 aux=False,
             )
         return self._generic_instances(outputs["pred_logits"][0].float(), outputs["mask_embed"][0].float(),
-                                       encoded, score_threshold, max_instances)
+                                       encoded, score_threshold, max_instances, nms_iou)
+
+    @torch.inference_mode()
+    def generic_queries(self, encoded: EncodedImage, classes: Sequence[np.ndarray], max_examples: int = 16
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """Every object query of generic decoding before any filter (for measurements): class probabilities
+        float32 [Q, C] and bool masks [Q, H, W] at the original size (empty where nothing is positive)."""
+        class_embeddings = self._class_bank(classes, max_examples)
+        with self._lock, self._autocast():
+            outputs = self.model.head.decode_generic(
+                encoded.multi_scale_features, encoded.mask_features, class_embeddings[None], with_masks=False,
+                aux=False,
+            )
+        logits = outputs["pred_logits"][0].float()
+        index = torch.arange(logits.shape[0], device=logits.device)
+        mask_logits = postprocess.mask_logits_of(outputs["mask_embed"][0].float(), encoded.mask_features[0].float(),
+                                                 index)
+        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
+        masks = np.zeros((len(index), *encoded.image_size), bool)
+        for q, resized in enumerate(resizer.resize_all(mask_logits)):
+            if resized is not None:
+                masks[q] = resized.mask
+        return logits.sigmoid().cpu().numpy(), masks
 
     def _generic_instances(self, logits: torch.Tensor, mask_embed: torch.Tensor, encoded: EncodedImage,
-                           score_threshold: float | None, max_instances: int) -> list[Instance]:
+                           score_threshold: float | None, max_instances: int,
+                           nms_iou: float | None = postprocess.DEFAULT_NMS_IOU) -> list[Instance]:
         """The post-processing of generic decoding: threshold and order the object queries first, then compute
-        and upsample the masks of those that can be returned, each only around its positive cells."""
+        the masks of those that can be returned, drop duplicates (mask NMS) and upsample the rest, each only
+        around its positive cells."""
+        features = encoded.mask_features[0].float()
+        all_masks, scores = None, None
+        if self.score_form != "class_probability":  # a score that needs every query's mask
+            all_masks = postprocess.mask_logits_of(mask_embed, features, torch.arange(len(mask_embed)))
+            scores = postprocess.region_scores(logits, all_masks, self.score_form)[0]
         pick = postprocess.select_generic(logits, score_threshold, max_instances,
-                                          default_threshold=self.default_score_threshold)
+                                          default_threshold=self.default_score_threshold, scores=scores)
+        instances = GenericInstances()
+        if all_masks is not None:
+            order = torch.argsort(scores, descending=True)
+            candidates = order[postprocess.mask_nms(all_masks[order], postprocess.DEFAULT_NMS_IOU if nms_iou is None
+                                                    else nms_iou)]
+            instances.candidate_score_sum = float(scores[candidates].sum())
         if pick.index.numel() == 0:
-            return []
-        mask_logits = postprocess.mask_logits_of(mask_embed, encoded.mask_features[0].float(), pick.index)
+            return instances
+        mask_logits = (postprocess.mask_logits_of(mask_embed, features, pick.index) if all_masks is None
+                       else all_masks[pick.index])
+        scores, labels = pick.scores, pick.labels
+        if nms_iou is not None and len(mask_logits) > 1:
+            keep = postprocess.mask_nms(mask_logits, nms_iou)
+            mask_logits, scores, labels = mask_logits[keep], scores[keep], labels[keep]
+        quality = postprocess.mask_quality(mask_logits)
         resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
-        instances = []
-        for resized, score, label in zip(resizer.resize_all(mask_logits), pick.scores.tolist(), pick.labels.tolist()):
+        for resized, score, label, q in zip(resizer.resize_all(mask_logits), scores.tolist(), labels.tolist(),
+                                            quality.tolist()):
             if resized is not None:  # empty at the image size: never an instance
-                instances.append(Instance(mask=resized.mask, score=score, class_index=label, box=resized.box))
+                instances.append(Instance(mask=resized.mask, score=score, class_index=label, box=resized.box,
+                                          mask_quality=q))
         return instances
 
     def _class_bank(self, classes: Sequence[np.ndarray], max_examples: int) -> torch.Tensor:
@@ -288,7 +359,9 @@ class DINOvPredictor:
         embeddings = np.asarray(prompt_embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != self.embedding_dim:
             raise InputError(f"prompt embeddings must have shape [N >= 1, {self.embedding_dim}], got {embeddings.shape}")
-        content = PromptContent.from_labels(torch.from_numpy(embeddings).to(self.device)[None])
+        # referring matches by content (the shape part of the extension is for generic decoding)
+        content_part = embeddings[:, : self.model.head.hidden_dim]
+        content = PromptContent.from_labels(torch.from_numpy(np.ascontiguousarray(content_part)).to(self.device)[None])
         grid = point_grid_boxes(self.model.points_per_side, encoded.padded_size).to(self.device)
         with self._lock, self._autocast():
             # Masks of the 2400 proposals are only needed for the few that pass NMS: the filter

@@ -4,8 +4,8 @@
 
 The threshold maximises instance F1 (a predicted region is right when its IoU with a not yet matched true
 instance of its class is >= 0.5, matched greedily by score as COCO does) of generic segmentation on generated
-scenes from the TRAINING seed range (targets from 900,000, examples from 950,000; training draws below
-1,000,000, `dinov.eval.evaluate` from 10,000,000), in the setting of the evaluation: every one of the 30 classes
+scenes of a seed range of its own (targets from 30,000,000, examples from 31,000,000), disjoint from both training
+(seeds below 1,000,000) and evaluation (`dinov.eval.evaluate`: 10,000,000 and 20,000,000), in the setting of the evaluation: every one of the 30 classes
 offered, each by 4 full-mask examples from other scenes. `--write` stores it under "default_score_threshold",
 which `load_model` reads (`DINOvPredictor.default_score_threshold`); the released swinT/swinL files are not
 calibrated here and keep the official demo's 0.12.
@@ -21,15 +21,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, write_metadata
+from dinov.checkpoint import SCORE_FORM_METADATA_KEY, SCORE_THRESHOLD_METADATA_KEY, write_metadata
+from dinov.postprocess import SCORE_FORMS
 from dinov.data.scenes import generate_scene
 from dinov.eval.example_pool import example_pool
 from dinov.metrics import match_greedily, mask_iou
 from dinov.predictor import DINOvPredictor
 
-CALIBRATION_TARGET_SEED = 900_000
-CALIBRATION_POOL_SEED = 950_000
+CALIBRATION_TARGET_SEED = 30_000_000
+CALIBRATION_POOL_SEED = 31_000_000
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)
+# the thresholds tried for each score form: a quality x margin score runs lower than a class probability
+FORM_THRESHOLDS = {"class_probability": THRESHOLDS, "quality_x_margin": np.round(np.arange(0.01, 0.951, 0.01), 2)}
 
 
 def best_f1_threshold(scores: np.ndarray, matched: np.ndarray, num_truths: int,
@@ -46,8 +49,8 @@ def best_f1_threshold(scores: np.ndarray, matched: np.ndarray, num_truths: int,
     return best
 
 
-def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, examples: int = 4
-            ) -> tuple[np.ndarray, np.ndarray, int]:
+def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, examples: int = 4,
+            lowest: float = float(THRESHOLDS[0])) -> tuple[np.ndarray, np.ndarray, int]:
     """Scores and matched flags of every region above the lowest threshold, and the number of true instances."""
     pool = example_pool(predictor, (generate_scene(CALIBRATION_POOL_SEED + i) for i in range(pool_scenes)))
     classes = sorted(pool)
@@ -56,7 +59,7 @@ def collect(predictor: DINOvPredictor, num_scenes: int, pool_scenes: int, exampl
     for i in range(num_scenes):
         scene = generate_scene(CALIBRATION_TARGET_SEED + i)
         encoded = predictor.encode_image(scene.image)
-        found = predictor.segment_generic(encoded, bank, score_threshold=float(THRESHOLDS[0]))
+        found = predictor.segment_generic(encoded, bank, score_threshold=lowest)
         truths += len(scene.masks)
         if not found:
             continue
@@ -79,22 +82,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scenes", type=int, default=40)
     parser.add_argument("--pool", type=int, default=120)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--score-form", choices=SCORE_FORMS, default=None,
+                        help="what a region's score is (default: the checkpoint's; written with --write)")
     parser.add_argument("--write", action="store_true", help="store the threshold in the checkpoint's metadata")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device="cpu")
-    scores, matched, truths = collect(predictor, args.scenes, args.pool)
-    threshold, f1 = best_f1_threshold(scores, matched, truths)
+    if args.score_form is not None:
+        predictor.model.score_form = args.score_form
+    grid = FORM_THRESHOLDS[predictor.score_form]
+    scores, matched, truths = collect(predictor, args.scenes, args.pool, lowest=float(grid[0]))
+    threshold, f1 = best_f1_threshold(scores, matched, truths, grid)
     at_official = best_f1_threshold(scores, matched, truths, np.array([0.12]))[1]
-    print(f"best threshold {threshold:.2f}: instance F1 {f1:.3f} (at 0.12: {at_official:.3f}; "
+    print(f"score {predictor.score_form}, best threshold {threshold:.2f}: instance F1 {f1:.3f} (at 0.12: {at_official:.3f}; "
           f"{truths} instances, {args.scenes} scenes from seed {CALIBRATION_TARGET_SEED})")
     if args.write:
         from dinov.checkpoint import DEMO_CHECKPOINT
 
         path = DEMO_CHECKPOINT if args.checkpoint == "demo" else args.checkpoint
-        write_metadata(path, {SCORE_THRESHOLD_METADATA_KEY: f"{threshold:.2f}"})
-        print(f"wrote {SCORE_THRESHOLD_METADATA_KEY}={threshold:.2f} into {path}")
+        write_metadata(path, {SCORE_THRESHOLD_METADATA_KEY: f"{threshold:.2f}",
+                              SCORE_FORM_METADATA_KEY: predictor.score_form})
+        print(f"wrote {SCORE_THRESHOLD_METADATA_KEY}={threshold:.2f}, {SCORE_FORM_METADATA_KEY}={predictor.score_form} "
+              f"into {path}")
 
 
 if __name__ == "__main__":

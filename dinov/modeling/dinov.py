@@ -60,8 +60,8 @@ class DINOv(nn.Module):
 
     @property
     def embedding_dim(self) -> int:
-        """Width of a prompt embedding (a content query)."""
-        return self.head.hidden_dim
+        """Width of a prompt embedding (a content query, then the shape embedding with the shape extension)."""
+        return self.head.embedding_dim
 
     def encode(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
         """Normalised, padded images [B, 3, H, W] -> (multi-scale features, mask features [B, C, H/4, W/4])."""
@@ -113,6 +113,7 @@ def build_dinov(config: DINOvConfig) -> DINOv:
         num_interactive_tokens=dec.num_interactive_tokens,
         num_content_tokens=dec.num_content_tokens,
         content_independent=dec.content_independent,
+        shape_dim=dec.shape_dim,
     )
     return DINOv(backbone, pixel_decoder, head, config.pixel_mean, config.pixel_std, config.size_divisibility,
                  points_per_side=dec.points_per_side, nms_threshold=dec.nms_threshold,

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .box_ops import inverse_sigmoid
 from .decoder import MLP, DeformableDecoder, DeformableDecoderLayer, QueryBlock, SelfAttentionLayout, \
     flatten_multi_scale
+from .shape_encoder import ShapeEncoder
 from .prompt_encoder import CrossAttentionLayer, PromptContent, content_attention_mask, prompt_mask_pyramid, \
     whole_image_box
 
@@ -53,6 +54,8 @@ class DINOvHead(nn.Module):
         dropout: dropout of the decoder and prompt encoder (0 in the released configs).
         dec_n_points: sampling points per head and level of the deformable attention.
         decoder_nheads: heads of the decoder layers (the official code always uses 8, whatever NHEADS says).
+        shape_dim: width of the shape embeddings of the shape extension (``shape_encoder.ShapeEncoder``; not in the
+            official model); 0, the released models, computes exactly what the official code computes.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class DINOvHead(nn.Module):
         dropout: float = 0.0,
         dec_n_points: int = 4,
         decoder_nheads: int = 8,
+        shape_dim: int = 0,
     ) -> None:
         super().__init__()
         if num_content_tokens != 1:
@@ -120,6 +124,21 @@ class DINOvHead(nn.Module):
         self.class_embed_openset = nn.Parameter(torch.empty(hidden_dim, dim_proj))
         for p in (self.class_embed, self.class_embed_part, self.class_embed_openset):
             nn.init.trunc_normal_(p, std=0.02)
+        # the shape extension: only models trained with it have these parameters
+        self.shape_dim = shape_dim
+        self.shape_encoder = ShapeEncoder(shape_dim) if shape_dim > 0 else None
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of a class embedding: the content label, then (shape extension) the shape embedding."""
+        return self.hidden_dim + self.shape_dim
+
+    def split_class_embeddings(self, class_embeddings: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[..., C, D (+ S)] -> (content labels [..., C, D], shape embeddings [..., C, S] or None). Embeddings
+        without the shape part (width D) are matched by content alone."""
+        if self.shape_encoder is not None and class_embeddings.shape[-1] == self.embedding_dim:
+            return class_embeddings[..., : self.hidden_dim], class_embeddings[..., self.hidden_dim:]
+        return class_embeddings, None
 
     # ------------------------------------------------------------------ inputs
 
@@ -175,7 +194,11 @@ class DINOvHead(nn.Module):
 
         label = self._prompt_query_embedding()[None, None] + tokens
         bbox = whole_image_box(num_prompts, label)
-        return PromptContent(label=label, bbox=bbox, attn_mask=content_attention_mask(num_prompts, label.device))
+        shape = None
+        if self.shape_encoder is not None:
+            shape = self.shape_encoder((prompt_masks > 0).to(finest.device).float())[None]
+        return PromptContent(label=label, bbox=bbox, attn_mask=content_attention_mask(num_prompts, label.device),
+                             shape=shape)
 
     # ------------------------------------------------------------------ generic decoding
 
@@ -185,7 +208,10 @@ class DINOvHead(nn.Module):
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
-            uses the mean of their labels, see ``prompt_encoder.mean_content_label``).
+            uses the mean of their labels, see ``prompt_encoder.mean_content_label``); with the shape extension
+            [1 or B, C, D + S], each label followed by the class's (mean) shape embedding: the cosine similarity of
+            the class's shape to each object query's predicted mask, times the learned scale, is added to the
+            logits of every layer whose masks are computed (all of them then, whatever ``with_masks``).
         with_masks: compute ``pred_masks``; ``mask_embed`` [B, Q, mask_dim] is always returned, so the masks of
             the queries kept by the filter can be computed later instead (``postprocess.filter_generic``).
         aux_masks: also predict masks after every earlier layer (for training).
@@ -203,10 +229,12 @@ class DINOvHead(nn.Module):
         """
         batch = self._check_features(multi_scale_features)
         self._check_mask_features(mask_features, batch)
-        if class_embeddings.dim() != 3 or class_embeddings.shape[-1] != self.hidden_dim \
+        if class_embeddings.dim() != 3 or class_embeddings.shape[-1] not in (self.hidden_dim, self.embedding_dim) \
                 or class_embeddings.shape[0] not in (1, batch) or class_embeddings.shape[1] == 0:
-            raise ValueError(f"class_embeddings must be [1 or B, C>=1, {self.hidden_dim}], "
+            raise ValueError(f"class_embeddings must be [1 or B, C>=1, {self.hidden_dim}"
+                             f"{'' if self.shape_encoder is None else f' or {self.embedding_dim}'}], "
                              f"got {tuple(class_embeddings.shape)}")
+        class_embeddings, class_shapes = self.split_class_embeddings(class_embeddings)
         num_classes = class_embeddings.shape[1]
         num_generic = self.num_queries
         memory, spatial_shapes, level_start_index = flatten_multi_scale(multi_scale_features)
@@ -246,8 +274,11 @@ class DINOvHead(nn.Module):
                 mask_embed = self.mask_embed(normed[:, num_dn:num_dn + num_generic])
                 if last:
                     out["mask_embed"] = mask_embed
-                if with_masks or not last:
+                if with_masks or not last or class_shapes is not None:
                     out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+                if class_shapes is not None:
+                    logits = logits + self.query_shape_logits(out["pred_masks"], class_shapes)
+                    out["pred_logits"] = out["pred_match_score"] = logits
             outputs.append(out)
             if num_dn:
                 dn_boxes = (self.bbox_embed[i](h[:, :num_dn]) + inverse_sigmoid(references[i][:, :num_dn])).sigmoid()
@@ -260,6 +291,14 @@ class DINOvHead(nn.Module):
         if num_dn:
             result["denoising"] = dict(dn_outputs[-1], aux_outputs=dn_outputs[:-1])
         return result
+
+    def query_shape_logits(self, pred_masks: Tensor, class_shapes: Tensor) -> Tensor:
+        """Shape extension: [B, Q, C] learned scale x cosine similarity of each query's predicted mask (its
+        probabilities, not back-propagated into the mask) to each class's shape embedding."""
+        b, q = pred_masks.shape[:2]
+        probs = pred_masks.detach().float().sigmoid().flatten(0, 1)
+        shapes = self.shape_encoder(probs).view(b, q, -1)
+        return self.shape_encoder.similarity_logits(shapes, class_shapes).to(pred_masks.dtype)
 
     def _generic_layout(self, num_classes: int, device: torch.device) -> SelfAttentionLayout:
         n = self.num_queries

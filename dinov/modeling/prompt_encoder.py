@@ -24,12 +24,14 @@ class PromptContent:
 
     label: [1, N, D] query embeddings; bbox: [1, N, 4] initial boxes as logits (inverse sigmoid of the whole
     image box (0, 0, 1, 1) in cxcywh); attn_mask: [N, N] self-attention mask among them (True = blocked: each
-    prompt sees only itself).
+    prompt sees only itself); shape: [1, N, S] shape embeddings of the prompt masks, only from a model with the
+    shape extension (``shape_encoder``), else None.
     """
 
     label: Tensor
     bbox: Tensor
     attn_mask: Tensor
+    shape: Tensor | None = None
 
     @property
     def num_prompts(self) -> int:

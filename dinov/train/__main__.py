@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP): on a shared machine
@@ -31,7 +32,7 @@ import torch
 from dinov.checkpoint import load_model, save_model
 from dinov.config import PRESETS
 from dinov.modeling.dinov import build_dinov
-from dinov.train.trainer import TrainConfig, Trainer, train
+from dinov.train.trainer import CHEAP_RECIPE, TrainConfig, Trainer, train, with_shape_encoder
 
 logger = logging.getLogger("dinov.train")
 
@@ -69,6 +70,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--eval-scenes", type=int, default=0, help="held-out generated scenes to evaluate on (0: skip)")
+    parser.add_argument("--shape-dim", type=int, default=0,
+                        help="add the shape extension of class matching with embeddings of this width (0: as the "
+                             "model is); the new encoder starts random, every other weight from --init")
+    parser.add_argument("--shape-pretrain-steps", type=int, default=400,
+                        help="with a new shape encoder (--shape-dim), first train it alone this many steps to tell "
+                             "the data's classes apart from their masks (dinov.train.shape_pretrain)")
+    parser.add_argument("--shape-logit-scale", type=float, default=1.0,
+                        help="initial weight of a new shape encoder's similarity in the class logit")
+    parser.add_argument("--cheap", action="store_true",
+                        help="the cheap step (trainer.CHEAP_RECIPE: crops, mask points, denoising and interactive "
+                             "queries) unless those flags are given")
     parser.add_argument("--cache-dir", type=Path, default=Path("model_dir"), help="where swinT/swinL are downloaded")
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
@@ -83,18 +95,36 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
-    train_config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.cheap:
+        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        values.update({k: v for k, v in CHEAP_RECIPE.items() if "--" + k.replace("_", "-") not in given})
+    train_config = TrainConfig(**values)
     if args.init:
         model, model_config, _ = load_model(args.init, cache_dir=args.cache_dir)
     else:
         model_config = PRESETS[args.config]()
         model = build_dinov(model_config)
+    resuming = args.resume and (args.out / "last.pt").exists()
+    dataset = load_dataset(args.data, args.images, range(0, 1_000_000))
+    if args.shape_dim and model.head.shape_encoder is None:
+        model, model_config = with_shape_encoder(model, model_config, args.shape_dim)
+        encoder = model.head.shape_encoder
+        with torch.no_grad():
+            encoder.logit_scale.fill_(args.shape_logit_scale)
+        if args.shape_pretrain_steps and not resuming:
+            from dinov.train.shape_pretrain import pretrain_shape_encoder
+
+            num_classes = len(dataset.class_names) if hasattr(dataset, "class_names") else \
+                1 + max(int(c) for scene in dataset for c in scene.classes)
+            losses = pretrain_shape_encoder(encoder, dataset, num_classes, args.shape_pretrain_steps, seed=args.seed)
+            logger.info("shape encoder pretrained %d steps: loss %.3f -> %.3f", len(losses),
+                        sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:]))
     trainer = Trainer(model, model_config, train_config, device=args.device)
-    if args.resume and (args.out / "last.pt").exists():
+    if resuming:
         trainer.resume(args.out / "last.pt")
         logger.info("resumed at step %d", trainer.step)
 
-    dataset = load_dataset(args.data, args.images, range(0, 1_000_000))
     if args.eval_scenes:
         from dinov.eval.evaluate import evaluate_model, format_report
 

@@ -66,15 +66,24 @@ class TrainConfig:
     dn_noise_scale: float = 0.4  # official DN_NOISE_SCALE
     spill_weight: float = 2.0  # interactive: weight of the loss on mask probability over the image's other instances
     interactive_per_image: int = 6  # position queries (points or boxes) per image
-    mask_points: int = 1024  # points sampled for the mask losses
+    mask_points: int = 1024  # points sampled for the mask losses (matcher and losses)
+    importance_sample_ratio: float = 0.75  # of the mask points, this fraction where the prediction is most
+    #                                        uncertain (Mask2Former's importance sampling); 0: uniform points
     min_size: int = 128  # training images are rescaled so that the shorter side is in [min_size, max_size]
     max_size: int = 192
+    crop_size: int = 0  # >0: a random crop_size x crop_size window of each rescaled image (no padding waste: every
+    #                     image of a batch has the same size); instances with too little left in it are dropped
     freeze_backbone: bool = False
     freeze_encoder: bool = False  # the pixel decoder
     seed: int = 0
     log_every: int = 25
     checkpoint_every: int = 250
     snapshot_every: int = 0  # >0: also keep the weights of every this many steps (OUT/step_NNNNN.safetensors)
+
+
+# The cheap training step (issue 19): fixed crops (no padding), 256 mask points, 20 denoising queries and three
+# interactive queries per image. The measured CPU cost per step is in BENCHMARKS.md ("The demo model").
+CHEAP_RECIPE: dict[str, int] = {"crop_size": 128, "mask_points": 256, "dn_queries": 20, "interactive_per_image": 3}
 
 
 @dataclass
@@ -87,15 +96,19 @@ class Sample:
     has_mask: Tensor | None = None  # bool [N]; False: masks[i] is a filled box, which supervises the box only
 
 
-def prepare_sample(scene: Scene, rng: np.random.Generator, min_size: int, max_size: int) -> Sample | None:
-    """Rescale a scene to a random training size and drop instances that vanish; None if none is left."""
+def prepare_sample(scene: Scene, rng: np.random.Generator, min_size: int, max_size: int,
+                   crop_size: int = 0) -> Sample | None:
+    """Rescale a scene to a random training size (then, with ``crop_size``, cut a random square of that side
+    from it) and drop instances that vanish; None if none is left."""
     height, width = scene.image.shape[:2]
-    short = int(rng.integers(min_size, max_size + 1))
+    short = int(rng.integers(max(min_size, crop_size), max(max_size, crop_size) + 1))
     scale = short / min(height, width)
     size = (max(32, int(round(height * scale))), max(32, int(round(width * scale))))
     image = resize_image(scene.image, size, "bilinear")
     masks = np.stack([resize_mask(m, size, "nearest") > 0.5 for m in scene.masks]) if len(scene.masks) else \
         np.zeros((0, *size), bool)
+    if crop_size:
+        image, masks = random_crop(image, masks, crop_size, rng)
     keep = masks.reshape(len(masks), -1).sum(1) >= 16
     if not keep.any():
         return None
@@ -106,6 +119,17 @@ def prepare_sample(scene: Scene, rng: np.random.Generator, min_size: int, max_si
         classes=torch.as_tensor(np.asarray(scene.classes)[keep], dtype=torch.long),
         has_mask=has_mask,
     )
+
+
+def random_crop(image: np.ndarray, masks: np.ndarray, size: int, rng: np.random.Generator
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The same random size x size window of an image [H, W, 3] and its masks [N, H, W] (H, W >= size)."""
+    height, width = image.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"cannot crop {size}x{size} from a {width}x{height} image")
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    return image[top:top + size, left:left + size], masks[:, top:top + size, left:left + size]
 
 
 def scribble_inside(mask: Tensor, rng: np.random.Generator) -> Tensor:
@@ -154,7 +178,8 @@ class Trainer:
         self.base_lrs = [g["lr"] for g in groups]
         self.step = 0
         matcher = HungarianMatcher(num_points=config.mask_points)
-        self.criterion = SetCriterion(matcher, losses=("labels", "masks", "boxes"), num_points=config.mask_points)
+        self.criterion = SetCriterion(matcher, losses=("labels", "masks", "boxes"), num_points=config.mask_points,
+                                      importance_sample_ratio=config.importance_sample_ratio)
         # Mixed precision where it pays: bf16 on CUDA; CPU trains in fp32.
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
@@ -206,7 +231,12 @@ class Trainer:
                             for m in masks[i]]
             level_features = [f[i : i + 1] for f in multi_scale]
             content = head.encode_prompts(level_features, torch.stack(prompt_masks).float())
-            for c, label in zip(s.classes.tolist(), content.label[0]):
+            labels = content.label[0]
+            if head.shape_encoder is not None:
+                # shape extension: the example's shape is its whole mask's (an annotation outlines the object,
+                # a scribble prompt is for the content part only)
+                labels = torch.cat([labels, head.shape_encoder(masks[i].float().to(self.device))], dim=-1)
+            for c, label in zip(s.classes.tolist(), labels):
                 prompts.append((i, class_index[int(c)], label))
         bank = self._class_banks(prompts, len(batch), len(present))  # [B, C, D]
 
@@ -305,7 +335,7 @@ class Trainer:
 
         # the classes of this image as content prompts: their match scores learn cross-image referring
         prompt_classes = sorted({class_index[int(c)] for c in classes})
-        label = bank[:, prompt_classes]
+        label = bank[:, prompt_classes, : head.hidden_dim]  # referring matches by content
         content = PromptContent.from_labels(label)
         features = [f[i : i + 1] for f in multi_scale]
         out = head.decode_referring(features, mask_features[i : i + 1], content, positions)
@@ -388,6 +418,28 @@ class Trainer:
         self.rng.bit_generator.state = state["rng"]
 
 
+def with_shape_encoder(model: DINOv, model_config: DINOvConfig, shape_dim: int) -> tuple[DINOv, DINOvConfig]:
+    """The model with a new (randomly initialised) shape encoder of width ``shape_dim`` and every other weight as
+    it was; a model that has one already is returned as it is."""
+    if model.head.shape_encoder is not None:
+        if model.head.shape_dim != shape_dim:
+            raise ValueError(f"the model has a shape encoder of width {model.head.shape_dim}, not {shape_dim}")
+        return model, model_config
+    import dataclasses
+
+    from dinov.modeling.dinov import build_dinov
+
+    config = dataclasses.replace(model_config, decoder=dataclasses.replace(model_config.decoder, shape_dim=shape_dim))
+    extended = build_dinov(config)
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(".shape_encoder." not in name for name in missing):
+        raise RuntimeError(f"the shape extension changed more than the shape encoder: missing {missing}, "
+                           f"unexpected {unexpected}")
+    extended.default_score_threshold = getattr(model, "default_score_threshold", 0.12)
+    extended.model_name = getattr(model, "model_name", "unnamed")
+    return extended.train(model.training), config
+
+
 def batches(dataset: Sequence[Scene], config: TrainConfig, rng: np.random.Generator) -> Iterator[list[Sample]]:
     """Endless random batches of prepared samples.
 
@@ -406,7 +458,7 @@ def batches(dataset: Sequence[Scene], config: TrainConfig, rng: np.random.Genera
                                        classes=subset.tolist())
             else:
                 scene = dataset[index]
-            sample = prepare_sample(scene, rng, config.min_size, config.max_size)
+            sample = prepare_sample(scene, rng, config.min_size, config.max_size, config.crop_size)
             if sample is not None:
                 batch.append(sample)
         yield batch

@@ -19,7 +19,7 @@ import numpy as np
 
 from labelstudio_backend.errors import BulkError
 from labelstudio_backend.labelstudio.payload import task_id_of, utc_now
-from labelstudio_backend.references.sources import StoreReferences
+from labelstudio_backend.references.sources import StoreReferences, embedding_checkpoint
 from labelstudio_backend.serving.backend import DINOvBackend
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def pin_references(backend: DINOvBackend, labels: Sequence[str], attempts: int =
         if store.revision(project_id) == revision:
             break
         logger.info("the references changed while being pinned; reading them again")
-    checkpoint = backend.model.checkpoint_id
+    checkpoint = embedding_checkpoint(backend.model)
     kept = [(e, vectors[e.embedding_key(checkpoint)]) for e in chosen if e.embedding_key(checkpoint) in vectors]
     dim = next((len(v) for _, v in kept), 0)
     return PinnedReferences(

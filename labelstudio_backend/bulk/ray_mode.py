@@ -53,6 +53,7 @@ from labelstudio_backend.serving.task_batches import (
     progress_bar,
     segment_batch,
 )
+from labelstudio_backend.references.sources import embedding_checkpoint
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel
 
@@ -97,7 +98,7 @@ class Segmenter:
         self.backend = DINOvBackend(project_id, label_config, runtime=runtime, settings=settings,
                                     references=PinnedSource(pinned, settings.max_examples_per_label))
         self.backend.model.load_model()  # the project's model too
-        served = self.backend.model.checkpoint_id
+        served = embedding_checkpoint(self.backend.model)  # the checkpoint and its embeddings' form
         if served != pinned.checkpoint:
             models = runtime.project_models
             why = models.stale.get(project_id) if models is not None and project_model is not None else None

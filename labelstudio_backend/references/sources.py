@@ -30,6 +30,14 @@ from labelstudio_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 
+def embedding_checkpoint(model: ServedModel) -> str:
+    """The model part of the embedding keys: the checkpoint id, followed by the form of its prompt embeddings when
+    it is not the official content query alone (``DINOvPredictor.embedding_form``, e.g. "content+shape32"), so
+    that embeddings of another form are never mixed in and are encoded again."""
+    form = getattr(model.load_model(), "embedding_form", "content")
+    return model.checkpoint_id if form == "content" else f"{model.checkpoint_id}+{form}"
+
+
 class ReferenceSource(Protocol):
     """What the backend needs of its references."""
 
@@ -84,7 +92,7 @@ class StoreReferences:
             return {}
         examples = self.examples(labels, exclude_task_id=exclude_task_id)
         vectors = self.embed(examples)
-        checkpoint = self.model.checkpoint_id
+        checkpoint = embedding_checkpoint(self.model)
         banks: dict[str, list[np.ndarray]] = defaultdict(list)
         for example in examples:
             vector = vectors.get(example.embedding_key(checkpoint))
@@ -102,7 +110,7 @@ class StoreReferences:
         (grouped by image, one encode_prompts call per image). Examples whose image or region fails are left
         out and not retried for a while."""
         found, missing = self._cached(examples)
-        checkpoint = self.model.checkpoint_id
+        checkpoint = embedding_checkpoint(self.model)
         for (url, task_id), group in missing.items():
             found.update(self._embed_image_group(url, task_id, group, checkpoint))
         return found
@@ -111,7 +119,7 @@ class StoreReferences:
         """The embeddings found in the process cache or the store, and the examples still to embed by image."""
         runtime = self.runtime
         self.model.load_model()  # the checkpoint id is part of the key
-        checkpoint = self.model.checkpoint_id
+        checkpoint = embedding_checkpoint(self.model)
         found: dict[str, np.ndarray] = {}
         missing: dict[tuple[str, int | None], list] = defaultdict(list)
         for example in examples:

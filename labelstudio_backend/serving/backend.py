@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dinov.postprocess import prediction_score
 from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.labelstudio.label_config import LabelConfigError, ParsedConfig, parse_label_config
 from labelstudio_backend.labelstudio.payload import parse_project_id, task_id_of
@@ -243,7 +244,10 @@ class DINOvBackend:
             max_instances=s.max_instances_per_label * len(bank_labels), max_examples=s.max_examples_per_label)
         instances = (LabeledMask(bank_labels[i.class_index], i.mask, float(i.score)) for i in found)
         kept = select_instances(instances, SelectionRules.from_settings(s))
-        return build_prediction(kept, config, version, s.polygon_tolerance, s.min_area)
+        # the share of the model's candidate score mass that was kept when the model says it (README: What a score
+        # means), else the mean region score
+        score = prediction_score([k.score for k in kept], getattr(found, "candidate_score_sum", None))
+        return build_prediction(kept, config, version, s.polygon_tolerance, s.min_area, score=score)
 
     # --- interactive
 

@@ -92,12 +92,14 @@ def empty_prediction(model_version: str) -> dict:
 
 
 def build_prediction(kept: Sequence[LabeledMask], config: ParsedConfig, model_version: str, polygon_tolerance: float,
-                     min_area: int = 0) -> dict:
-    """Label Studio's prediction {"result": regions, "score": mean instance score, "model_version"}; each
-    instance becomes regions of the output control of its label (polygon_tolerance, min_area: pixels)."""
+                     min_area: int = 0, score: float | None = None) -> dict:
+    """Label Studio's prediction {"result": regions, "score": `score`, else the mean instance score,
+    "model_version"}; each instance becomes regions of the output control of its label (polygon_tolerance,
+    min_area: pixels)."""
     result = []
     for item in kept:
         result.extend(mask_to_regions(item.mask, item.label, config.output_for(item.label), config.image_name,
                                       score=item.score, polygon_tolerance=polygon_tolerance, min_area=min_area))
-    score = float(np.mean([k.score for k in kept])) if kept else 0.0
+    if score is None:
+        score = float(np.mean([k.score for k in kept])) if kept else 0.0
     return {"result": result, "score": score, "model_version": model_version}

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dinov.train.losses import (
     DEFAULT_WEIGHTS,
@@ -322,3 +323,35 @@ def test_target_masks_are_padded_to_the_largest_image_of_the_batch():
     # logits 0 -> probability 1/2 everywhere; a quarter of the points fall on the mask:
     # dice loss 1 - (2 * 0.5 * P / 4) / (0.5 * P + P / 4) = 2/3 (it would be 1/3 without the padding)
     assert dice == pytest.approx(2 / 3, abs=0.03)
+
+
+def test_point_sampled_mask_losses_equal_the_dense_losses_on_every_pixel_centre():
+    """Points at every pixel centre sample the masks exactly: the point BCE and dice are the dense ones; uniform
+    random points (importance ratio 0) are an unbiased estimate of the BCE integrated over the image (the bilinear
+    field; here on a grid 8 times finer than the pixels)."""
+    from dinov.train.losses import dice_loss, point_sample, sigmoid_ce_loss, uncertain_point_coords
+
+    torch.manual_seed(0)
+    h, w = 12, 16
+    logits = torch.randn(3, 1, h, w)
+    target = (torch.rand(3, 1, h, w) > 0.6).float()
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+    coords = torch.stack([xs.flatten(), ys.flatten()], -1)[None].expand(3, -1, -1)
+    point_logits = point_sample(logits, coords)[:, 0]
+    point_labels = point_sample(target, coords)[:, 0]
+    assert torch.allclose(point_logits, logits.flatten(1), atol=1e-6)
+    dense_bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).mean(1).sum() / 3
+    assert torch.allclose(sigmoid_ce_loss(point_logits, point_labels, 3.0), dense_bce, atol=1e-6)
+    prob = logits.sigmoid().flatten(1)
+    dense_dice = 1 - (2 * (prob * target.flatten(1)).sum(1) + 1) / (prob.sum(1) + target.flatten(1).sum(1) + 1)
+    assert torch.allclose(dice_loss(point_logits, point_labels), dense_dice, atol=1e-6)
+    # uniform points: the mean over many draws approaches the integral over the image
+    fy, fx = torch.meshgrid((torch.arange(8 * h) + 0.5) / (8 * h), (torch.arange(8 * w) + 0.5) / (8 * w), indexing="ij")
+    fine = torch.stack([fx.flatten(), fy.flatten()], -1)[None].expand(3, -1, -1)
+    integral = sigmoid_ce_loss(point_sample(logits, fine)[:, 0], point_sample(target, fine)[:, 0], 3.0)
+    generator = torch.Generator().manual_seed(1)
+    estimates = []
+    for _ in range(200):
+        uniform = uncertain_point_coords(logits, 64, importance_sample_ratio=0.0, generator=generator)
+        estimates.append(sigmoid_ce_loss(point_sample(logits, uniform)[:, 0], point_sample(target, uniform)[:, 0], 3.0))
+    assert abs(float(torch.stack(estimates).mean()) - float(integral)) < 0.015

@@ -136,3 +136,22 @@ def test_point_in_mask_rounds_to_the_nearest_pixel_and_clamps():
     assert not point_in_mask(mask, 2.6, 1)
     mask[3, 4] = True
     assert point_in_mask(mask, 40, 30)  # outside: the nearest pixel inside
+
+
+def test_a_second_region_on_a_matched_instance_is_wrong():
+    from dinov.metrics import region_matches, roc_auc, standard_error, wrong_regions
+
+    truth = np.zeros((2, 10, 10), bool)
+    truth[0, :5, :5] = True
+    truth[1, 5:, 5:] = True
+    duplicate = truth[0].copy()
+    duplicate[0, 0] = False
+    preds = np.stack([truth[0], duplicate, truth[1]])
+    assert region_matches(preds, [0.9, 0.8, 0.7], [0, 0, 1], truth, [0, 1]).tolist() == [True, False, True]
+    # the higher score takes the instance
+    assert region_matches(preds, [0.5, 0.8, 0.7], [0, 0, 1], truth, [0, 1]).tolist() == [False, True, True]
+    assert wrong_regions(preds, [0, 0, 1], truth, [0, 1]) == 0  # without scores: the lenient rule
+    assert wrong_regions(preds, [0, 0, 1], truth, [0, 1], pred_scores=[0.9, 0.8, 0.7]) == 1
+    assert roc_auc([0.9, 0.8, 0.3, 0.1], [True, False, True, False]) == 0.75
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5 and np.isnan(roc_auc([0.1], [True]))
+    assert standard_error([1.0, 3.0]) == pytest.approx(1.0)

@@ -246,3 +246,92 @@ def test_the_gpu_path_of_the_mask_resizer_equals_the_windowed_one():
             assert (a is None) == (b is None)
             if a is not None:
                 assert np.array_equal(a.mask, b.mask) and a.box == b.box
+
+
+def test_mask_nms_keeps_one_region_per_object():
+    from dinov.postprocess import mask_nms, mask_quality
+
+    logits = -torch.ones(4, 10, 10)
+    logits[0, :5, :5] = 2.0  # the best
+    logits[1, :5, :4] = 1.0  # IoU 0.8 with the best: a duplicate
+    logits[2, 5:, 5:] = 1.0  # another object
+    logits[3, :5, 2:8] = 1.0  # IoU 15/40 with the best: kept at 0.5, dropped at 0.3
+    assert mask_nms(logits, 0.5).tolist() == [0, 2, 3]
+    assert mask_nms(logits, 0.3).tolist() == [0, 2]
+    assert mask_nms(logits, 1.0).tolist() == [0, 1, 2, 3]
+    quality = mask_quality(logits)
+    assert torch.allclose(quality, torch.sigmoid(torch.tensor([2.0, 1.0, 1.0, 1.0])))
+    with pytest.raises(ValueError):
+        mask_nms(logits, 1.5)
+
+
+def test_generic_regions_of_the_predictor_are_not_duplicated():
+    """Every caller's generic regions (backend, bulk, evaluation) come from segment_generic: with its default no
+    two regions overlap by more than the NMS IoU; nms_iou=None returns the official, unsuppressed regions."""
+    from dinov.data.scenes import generate_scene
+    from dinov.metrics import mask_iou
+    from dinov.postprocess import DEFAULT_NMS_IOU
+    from dinov.predictor import DINOvPredictor
+
+    predictor = DINOvPredictor.from_checkpoint("demo", device="cpu")
+    scene = generate_scene(5)
+    encoded = predictor.encode_image(scene.image)
+    examples = predictor.encode_prompts(encoded, scene.masks)
+    bank = [examples[i:i + 1] for i in range(len(examples))]
+    everything = predictor.segment_generic(encoded, bank, score_threshold=0.0, nms_iou=None)
+    kept = predictor.segment_generic(encoded, bank, score_threshold=0.0)
+    assert 0 < len(kept) < len(everything)
+    ious = mask_iou(np.stack([x.mask for x in kept]), np.stack([x.mask for x in kept]))
+    np.fill_diagonal(ious, 0.0)
+    assert ious.max() <= DEFAULT_NMS_IOU + 0.05  # (stride-4 masks decide; upsampled ones differ by a few pixels)
+    assert [x.score for x in kept] == sorted([x.score for x in kept], reverse=True)
+    assert all(0.5 <= x.mask_quality <= 1.0 for x in kept)
+
+
+def test_region_scores_quality_times_margin():
+    from dinov.postprocess import region_scores
+
+    logits = torch.logit(torch.tensor([[0.9, 0.2, 0.1], [0.6, 0.55, 0.1]]))
+    masks = -torch.ones(2, 4, 4)
+    masks[0, :2, :2] = 3.0
+    masks[1, 2:, 2:] = 1.0
+    official, labels = region_scores(logits, None, "class_probability")
+    assert torch.allclose(official, torch.tensor([0.9, 0.6])) and labels.tolist() == [0, 0]
+    scores, labels = region_scores(logits, masks, "quality_x_margin")
+    expected = torch.sigmoid(torch.tensor([3.0, 1.0])) * torch.tensor([0.7, 0.05])
+    assert torch.allclose(scores, expected, atol=1e-6) and labels.tolist() == [0, 0]
+    with pytest.raises(ValueError):
+        region_scores(logits, None, "quality_x_margin")
+    with pytest.raises(ValueError):
+        region_scores(logits, masks, "entropy")
+
+
+def test_a_checkpoint_score_form_is_what_generic_regions_score_and_threshold():
+    from dinov.data.scenes import generate_scene
+    from dinov.predictor import DINOvPredictor
+
+    predictor = DINOvPredictor.from_checkpoint("demo", device="cpu")
+    assert predictor.score_form == "class_probability"
+    scene = next(s for s in map(generate_scene, range(5, 50)) if len(s.masks) >= 3)
+    encoded = predictor.encode_image(scene.image)
+    examples = predictor.encode_prompts(encoded, scene.masks)
+    bank = [examples[i:i + 1] for i in range(len(examples))]
+    predictor.model.score_form = "quality_x_margin"
+    found = predictor.segment_generic(encoded, bank, score_threshold=0.0, nms_iou=None)
+    probs, _ = predictor.generic_queries(encoded, bank)
+    top = np.sort(probs, axis=1)[:, ::-1]
+    margins = sorted((top[:, 0] - top[:, 1]).tolist(), reverse=True)
+    for region in found:  # a region's score is its quality times its query's margin
+        assert any(abs(region.score - region.mask_quality * m) < 1e-4 for m in margins)
+    cut = sorted(x.score for x in found)[len(found) // 2]
+    assert all(x.score >= cut for x in predictor.segment_generic(encoded, bank, score_threshold=cut, nms_iou=None))
+
+
+def test_the_prediction_score_is_the_share_of_candidate_score_mass_kept():
+    from dinov.postprocess import prediction_score
+
+    assert prediction_score([0.5, 0.3], 1.6) == pytest.approx(0.5)
+    assert prediction_score([], 1.0) == 0.0
+    assert prediction_score([0.5, 0.3], None) == pytest.approx(0.4)  # the official score form: the mean
+    assert prediction_score([], None) == 0.0
+    assert prediction_score([0.9], 0.5) == 1.0

@@ -160,3 +160,65 @@ def test_batches_with_shared_classes_draw_from_one_subset():
     batch = next(batches(SceneDataset(range(100)), config, np.random.default_rng(3)))
     classes = {int(c) for s in batch for c in s.classes}
     assert len(classes) <= 5
+
+
+# ---------------------------------------------------------------------------------------------- the cheap step
+
+
+def test_crops_cut_image_and_masks_at_the_same_place():
+    """A fixed-size crop: the image and every mask are cut by the same window, so each instance's pixels keep
+    their colour; every sample of a batch has the crop's size (no padding)."""
+    from dinov.train.trainer import random_crop
+
+    image = np.zeros((40, 50, 3), np.uint8)
+    masks = np.zeros((2, 40, 50), bool)
+    masks[0, 5:25, 10:30] = True
+    masks[1, 20:40, 30:50] = True
+    image[masks[0]] = (255, 0, 0)
+    image[masks[1]] = (0, 0, 255)
+    for seed in range(5):
+        cropped, cut = random_crop(image, masks, 32, np.random.default_rng(seed))
+        assert cropped.shape == (32, 32, 3) and cut.shape == (2, 32, 32)
+        assert (cropped[cut[0]] == (255, 0, 0)).all() and (cropped[cut[1]] == (0, 0, 255)).all()
+        assert (cropped[~(cut[0] | cut[1])] == 0).all()
+    config = small_config(batch_size=3, crop_size=96)
+    batch = next(batches(SceneDataset(range(10)), config, np.random.default_rng(0)))
+    for sample in batch:
+        assert tuple(sample.image.shape[1:]) == (96, 96) and sample.masks.shape[1:] == (96, 96)
+        assert (sample.masks.flatten(1).sum(1) >= 16).all()
+
+
+def test_a_cheap_step_trains_with_crops_few_points_and_small_query_sets():
+    from dinov.train.trainer import CHEAP_RECIPE
+
+    torch.manual_seed(0)
+    config = small_config(steps=2, batch_size=2, **CHEAP_RECIPE)
+    assert config.crop_size == 128 and config.mask_points == 256 and config.dn_queries == 20
+    trainer = Trainer(build_dinov(demo()), demo(), config)
+    assert trainer.criterion.num_points == 256 and trainer.criterion.matcher.num_points == 256
+    batch = next(batches(SceneDataset(range(10)), config, np.random.default_rng(0)))
+    losses = trainer.train_step(batch)
+    assert np.isfinite(losses["total"]) and {"generic", "denoising", "interactive_mask"} <= set(losses)
+
+
+# ---------------------------------------------------------------------------------------------- shape extension
+
+
+def test_shape_extension_keeps_every_other_weight_and_trains():
+    from dinov.train.trainer import with_shape_encoder
+
+    torch.manual_seed(0)
+    base = build_dinov(demo())
+    model, config = with_shape_encoder(base, demo(), 16)
+    assert config.decoder.shape_dim == 16 and model.head.shape_encoder is not None
+    assert model.embedding_dim == base.embedding_dim + 16
+    extended = model.state_dict()
+    for key, value in base.state_dict().items():
+        assert torch.equal(value, extended[key]), key
+    assert {k for k in extended if k not in base.state_dict()} == {
+        k for k in extended if ".shape_encoder." in k}
+    trainer = Trainer(model, config, small_config(steps=1, batch_size=2, crop_size=96))
+    before = {k: v.clone() for k, v in model.head.shape_encoder.state_dict().items()}
+    trainer.train_step(next(batches(SceneDataset(range(10)), trainer.config, np.random.default_rng(1))))
+    after = model.head.shape_encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the class loss reaches the shape encoder

@@ -685,3 +685,21 @@ def test_deleting_a_task_removes_its_references(backend):
     backend.drain()
     after = backend.predict([task(2, "b")]).json["results"][0]
     assert after["result"] == [] and after["model_version"] != first["model_version"]
+
+
+def test_the_prediction_score_is_the_kept_share_of_the_candidates_when_the_model_reports_them(tmp_path):
+    class ReportsCandidates(ColourPredictor):
+        def segment_generic(self, *args, **kwargs):
+            from dinov.predictor import GenericInstances
+
+            found = GenericInstances(super().segment_generic(*args, **kwargs))
+            found.candidate_score_sum = 2.0 * sum(i.score for i in found)
+            return found
+
+    backend = Backend(tmp_path, predictor=ReportsCandidates())
+    backend.setup()
+    scribble_and_box_on_a(backend)
+    backend.drain()
+    (prediction,) = backend.predict([task(2, "b")]).json["results"]
+    assert prediction["result"] and prediction["score"] == pytest.approx(0.5)
+    backend.runtime.shutdown()
