@@ -16,6 +16,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from .fused import gelu_, inference_fusable, residual_feed_forward
+
 # The shifted-window mask blocks attention between tokens of different image regions with this additive value
 # (a finite number, not -inf, as in the official implementation; softmax makes both practically zero).
 _SHIFT_MASK_VALUE = -100.0
@@ -173,6 +175,12 @@ class SwinTransformerBlock(nn.Module):
 
         x = x[:, :height, :width, :].reshape(b, height * width, c)
         x = shortcut + self.drop_path(x)
+        if inference_fusable(x) and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == "none":
+            # Inference: norm, MLP and residual in cached row blocks (x is this block's own temporary).
+            x2d = x.view(-1, c)
+            residual_feed_forward(x2d, self.mlp.fc1, self.mlp.fc2, gelu_, norm_in=self.norm2, block_rows=512,
+                                  out=x2d)
+            return x
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
