@@ -62,3 +62,19 @@ def test_pixel_decoder_encoder_layer_fused_equals_plain() -> None:
     start = torch.tensor([0, 48])
     got, want = _both_paths(layer, src, pos, ref, shapes, start)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch, size", [(1, (23, 30)), (2, (14, 21)), (1, (7, 7))])
+def test_swin_stage_with_window_gathers_equals_plain(batch: int, size: tuple[int, int]) -> None:
+    # padding, shifted windows, one and two images (the fold of windows into heads for a batch)
+    from dinov.modeling.swin import BasicLayer
+
+    torch.manual_seed(3)
+    layer = BasicLayer(32, 2, 2, window_size=7, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                       drop_path=[0.1, 0.1], downsample=True).eval()
+    height, width = size
+    x = torch.randn(batch, height * width, 32)
+    got, want = _both_paths(layer, x, height, width)
+    for g, w in zip(got[:2], want[:2]):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    assert got[2:] == want[2:]

@@ -61,10 +61,19 @@ def residual_feed_forward(
         inp = _layer_norm(rows, norm_in) if norm_in is not None else rows
         hidden = torch.addmm(fc1.bias, inp, w1) if fc1.bias is not None else inp @ w1
         activation_(hidden)
-        y = torch.addmm(rows, hidden, w2)
+        target = out[start : start + block_rows]
+        if norm_out is None and target.data_ptr() == rows.data_ptr():
+            target.addmm_(hidden, w2)  # in place: the block was read above
+        elif norm_out is None:
+            torch.addmm(rows, hidden, w2, out=target)
+        else:
+            y = torch.addmm(rows, hidden, w2)
+            if fc2.bias is not None:
+                y += fc2.bias
+            target.copy_(_layer_norm(y, norm_out))
+            continue
         if fc2.bias is not None:
-            y += fc2.bias
-        out[start : start + block_rows] = _layer_norm(y, norm_out) if norm_out is not None else y
+            target += fc2.bias
     return out
 
 
