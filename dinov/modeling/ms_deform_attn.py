@@ -155,6 +155,7 @@ class MSDeformAttn(nn.Module):
         input_spatial_shapes: Tensor,
         input_level_start_index: Tensor,
         input_padding_mask: Tensor | None = None,
+        project: bool = True,
     ) -> Tensor:
         """
         Args:
@@ -166,6 +167,8 @@ class MSDeformAttn(nn.Module):
             input_spatial_shapes: [n_levels, 2] integer (H, W) of each level.
             input_level_start_index: [n_levels] integer start of each level along S.
             input_padding_mask: optional [N, S], True at padding (its values read as zero).
+            project: apply ``output_proj`` (False: return the sampled values, for a caller that fuses the
+                projection with what follows).
 
         Returns:
             [N, Lq, C].
@@ -209,4 +212,4 @@ class MSDeformAttn(nn.Module):
             loc_y = ref[..., 1] + offsets[..., 1] / self.n_points * ref[..., 3] * 0.5
 
         out = _sample(value, input_spatial_shapes, input_level_start_index, loc_x, loc_y, weights)
-        return self.output_proj(out)
+        return self.output_proj(out) if project else out

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fused import inference_fusable, residual_feed_forward, residual_linear_norm
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import PositionEmbeddingSine
 
@@ -62,6 +63,16 @@ class MSDeformAttnEncoderLayer(nn.Module):
         level_start_index: Tensor,
         padding_mask: Tensor | None = None,
     ) -> Tensor:
+        if inference_fusable(src) and src.dim() == 3:
+            # Inference: everything after the sampling is row-wise; run it in cached row blocks.
+            n, length, c = src.shape
+            sampled = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index,
+                                     padding_mask, project=False)
+            src2d = residual_linear_norm(src.reshape(-1, c), sampled.reshape(n * length, -1),
+                                         self.self_attn.output_proj, self.norm1)
+            out = residual_feed_forward(src2d, self.linear1, self.linear2, torch.relu_, norm_out=self.norm2,
+                                        out=src2d)
+            return out.view(n, length, c)
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(attn))
         # In-place ReLU spares a large temporary (the pre-activation is not needed for autograd).

@@ -16,6 +16,8 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
+from .fused import gelu_, inference_fusable, residual_feed_forward
+
 # The shifted-window mask blocks attention between tokens of different image regions with this additive value
 # (a finite number, not -inf, as in the official implementation; softmax makes both practically zero).
 _SHIFT_MASK_VALUE = -100.0
@@ -75,6 +77,38 @@ def shifted_window_mask(height: int, width: int, window_size: int, shift_size: i
     return torch.zeros(different.shape, device=device).masked_fill(different, _SHIFT_MASK_VALUE)
 
 
+class WindowLayout:
+    """Where each token of a height x width map goes in (shifted) windows, as two gather indices.
+
+    ``to_windows`` [Hp * Wp]: for each position of the padded, cyclically shifted, window-partitioned map
+    (the order of :func:`window_partition` after ``torch.roll(-shift)``), the token it reads (0 for padding,
+    listed in ``padding``); ``to_tokens`` [H * W]: for each token, its position in that order. A pad, a roll and
+    a partition (three copies of the map) become one row gather, and their inverses another.
+    """
+
+    def __init__(self, height: int, width: int, window_size: int, shift_size: int, device: torch.device) -> None:
+        ws = window_size
+        hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
+        tokens = torch.full((hp, wp), -1, dtype=torch.long, device=device)
+        tokens[:height, :width] = torch.arange(height * width, device=device).view(height, width)
+        if shift_size > 0:
+            tokens = torch.roll(tokens, shifts=(-shift_size, -shift_size), dims=(0, 1))
+        order = window_partition(tokens[None, :, :, None], ws).reshape(-1)
+        valid = order >= 0
+        self.padding = torch.nonzero(~valid).view(-1)
+        self.to_windows = order.clamp(min=0)
+        self.to_tokens = torch.empty(height * width, dtype=torch.long, device=device)
+        self.to_tokens[order[valid]] = torch.nonzero(valid).view(-1)
+        self.num_positions = hp * wp
+
+
+def _batched(index: Tensor, batch: int, stride: int) -> Tensor:
+    """A per-image row index repeated for ``batch`` images of ``stride`` rows each."""
+    if batch == 1:
+        return index
+    return (torch.arange(batch, device=index.device)[:, None] * stride + index[None]).view(-1)
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside square windows, with a learned relative position bias."""
 
@@ -109,7 +143,11 @@ class WindowAttention(nn.Module):
 
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         bias = bias.view(n, n, heads).permute(2, 0, 1)[None]  # [1, heads, N, N]
-        if mask is not None:
+        if mask is not None and mask.shape[0] == bw:
+            # One image: the [nW, heads, N, N] mask lines up with the windows as they are (no copies of q, k, v;
+            # the output stays in [windows, N, heads, head_dim] memory order, so the reshape below is free).
+            bias = bias + mask[:, None].to(bias.dtype)
+        elif mask is not None:
             # Fold the windows into the head axis so that one [nW*heads, N, N] mask broadcasts over the batch.
             nw = mask.shape[0]
             bias = (bias + mask[:, None].to(bias.dtype)).reshape(1, nw * heads, n, n)
@@ -118,7 +156,7 @@ class WindowAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0
         )
-        out = out.reshape(bw, heads, n, c // heads).transpose(1, 2).reshape(bw, n, c)
+        out = out.view(bw, heads, n, c // heads).transpose(1, 2).reshape(bw, n, c)
         return self.proj_drop(self.proj(out))
 
 
@@ -149,10 +187,16 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
-    def forward(self, x: Tensor, height: int, width: int, shift_mask: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, height: int, width: int, shift_mask: Tensor | None, layout: WindowLayout | None = None
+    ) -> Tensor:
+        """x: [B, H*W, C] tokens; ``layout`` (for this map size and this block's shift) enables the gather path
+        at inference."""
         b, length, c = x.shape
         if length != height * width:
             raise ValueError(f"got {length} tokens for a {height}x{width} feature map")
+        if layout is not None and inference_fusable(x) and not (self.training and not isinstance(self.drop_path, nn.Identity)):
+            return self._forward_gathered(x, shift_mask, layout)
         ws = self.window_size
         shortcut = x
         x = self.norm1(x).view(b, height, width, c)
@@ -173,7 +217,33 @@ class SwinTransformerBlock(nn.Module):
 
         x = x[:, :height, :width, :].reshape(b, height * width, c)
         x = shortcut + self.drop_path(x)
+        if inference_fusable(x) and isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == "none":
+            # Inference: norm, MLP and residual in cached row blocks (x is this block's own temporary).
+            x2d = x.view(-1, c)
+            residual_feed_forward(x2d, self.mlp.fc1, self.mlp.fc2, gelu_, norm_in=self.norm2, block_rows=512,
+                                  out=x2d)
+            return x
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _forward_gathered(self, x: Tensor, shift_mask: Tensor | None, layout: WindowLayout) -> Tensor:
+        """The same block at inference with the window layout as row gathers: norm, one gather into (shifted,
+        padded) windows, attention, one gather back, the residual added in place, and the fused MLP."""
+        b, length, c = x.shape
+        normed = self.norm1(x).view(b * length, c)
+        windows = normed.index_select(0, _batched(layout.to_windows, b, length))
+        if layout.padding.numel():
+            # Padding is zeros after the norm (it takes part as keys, like in the official model).
+            windows.index_fill_(0, _batched(layout.padding, b, layout.num_positions), 0.0)
+        windows = windows.view(-1, self.window_size * self.window_size, c)
+        attended = self.attn(windows, mask=shift_mask if self.shift_size > 0 else None)
+        out = attended.view(b * layout.num_positions, c).index_select(0, _batched(layout.to_tokens, b,
+                                                                                  layout.num_positions))
+        out += x.view(b * length, c)
+        if isinstance(self.mlp.act, nn.GELU) and self.mlp.act.approximate == "none":
+            residual_feed_forward(out, self.mlp.fc1, self.mlp.fc2, gelu_, norm_in=self.norm2, block_rows=512, out=out)
+            return out.view(b, length, c)
+        out = out.view(b, length, c)
+        return out + self.mlp(self.norm2(out))
 
 
 class PatchMerging(nn.Module):
@@ -235,11 +305,14 @@ class BasicLayer(nn.Module):
         ws = self.window_size
         hp, wp = -(-height // ws) * ws, -(-width // ws) * ws
         shift_mask = shifted_window_mask(hp, wp, ws, self.shift_size, x.device).to(x.dtype)
+        layouts: dict[int, WindowLayout] = {}
+        if inference_fusable(x):
+            layouts = {shift: WindowLayout(height, width, ws, shift, x.device) for shift in {0, self.shift_size}}
         for blk in self.blocks:
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, height, width, shift_mask, use_reentrant=False)
             else:
-                x = blk(x, height, width, shift_mask)
+                x = blk(x, height, width, shift_mask, layouts.get(blk.shift_size))
         if self.downsample is None:
             return x, x, height, width
         return x, self.downsample(x, height, width), (height + 1) // 2, (width + 1) // 2

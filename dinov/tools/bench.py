@@ -2,6 +2,12 @@
 
     python -m dinov.tools.bench --preset swin_t --size 640x853 --device cpu --threads 1
 
+Prints the image encoding's arithmetic rate (`encode_gflops`: the encoding's multiply-add work, counted with
+`torch.utils.flop_counter` on the plain layers, over its median time) and its share of the same run's SGEMM rate
+(`sgemm_gflops`, `torch.mm` of two `--sgemm-size` square matrices, timed in the same rounds as the stages), a
+ratio that carries across machines; `encode_image_plain_s` times the encoding with the inference fusions of
+`dinov.modeling.fused` switched off (the plain layers), in the same rounds.
+
 Prints the median over `--repeats` rounds (after one warm-up round; the stages take turns within a round, so
 that a change in the machine's load hits all of them alike) of: image encoding (backbone + pixel decoder),
 prompt encoding (one mask), generic segmentation as the predictor runs it (`--classes` classes, the official
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 
 from dinov import postprocess
+from dinov.modeling import fused
 from dinov.config import PRESETS
 from dinov.modeling.dinov import build_dinov
 from dinov.predictor import DINOvPredictor, EncodedImage, point_grid_boxes
@@ -59,6 +66,30 @@ def _timed_rounds(stages: dict[str, Callable[[], object]], repeats: int, device:
     return results
 
 
+def encode_flops(model, image: torch.Tensor) -> int:
+    """Multiply-add work (2 per multiply-add) of encoding `image`, counted on the plain layers (the fused ones do
+    the same products through in-place calls the counter does not see)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    enabled, fused.ENABLED = fused.ENABLED, False
+    try:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.encode(image)
+    finally:
+        fused.ENABLED = enabled
+    return int(counter.get_total_flops())
+
+
+def _plain(fn: Callable[[], object]) -> Callable[[], object]:
+    def run_plain() -> object:
+        enabled, fused.ENABLED = fused.ENABLED, False
+        try:
+            return fn()
+        finally:
+            fused.ENABLED = enabled
+    return run_plain
+
+
 def referring(model, multi_scale, mask_features, content, grid):
     """Referring as the predictor runs it: decode the grid, then the official filter, computing masks
     only for the proposals that survive NMS."""
@@ -70,7 +101,8 @@ def referring(model, multi_scale, mask_features, content, grid):
 
 
 def run(preset: str, height: int, width: int, device: str, repeats: int, classes: int, dtype: str,
-        baseline: bool = False, batch: int = 1, max_instances: int = 100, model=None) -> dict[str, float]:
+        baseline: bool = False, batch: int = 1, max_instances: int = 100, model=None,
+        sgemm_size: int = 2048) -> dict[str, float]:
     """Median seconds of every stage; `model` reuses an already built network of the preset (random weights)."""
     torch.manual_seed(0)
     dev = torch.device(device)
@@ -101,8 +133,12 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
         resizer = postprocess.MaskResizer((ph, pw), (height, width), (height, width))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        sgemm_a = torch.randn(sgemm_size, sgemm_size, device=dev)
+        sgemm_b = torch.randn(sgemm_size, sgemm_size, device=dev)
         stages = {
             "encode_image_s": lambda: model.encode(image),
+            "encode_image_plain_s": _plain(lambda: model.encode(image)),
+            "sgemm_s": lambda: torch.mm(sgemm_a, sgemm_b),
             "encode_prompt_s": lambda: head.encode_prompts(multi_scale, prompt),
             # the generic stage as a pre-annotation runs it: decoding and every post-processing step
             "generic_s": lambda: predictor.segment_generic(encoded, class_list, max_instances=max_instances),
@@ -122,6 +158,19 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
         results["generic_instances"] = float(len(predictor.segment_generic(encoded, class_list,
                                                                            max_instances=max_instances)))
         results["generic_kept_queries"] = float(pick.index.numel())
+    flops = encode_flops(model, image)
+    results["encode_gflop"] = flops / 1e9
+    results["encode_gflops"] = flops / 1e9 / results["encode_image_s"]
+    results["encode_plain_gflops"] = flops / 1e9 / results["encode_image_plain_s"]
+    results["sgemm_gflops"] = 2 * sgemm_size**3 / 1e9 / results["sgemm_s"]
+    results["encode_share_of_sgemm"] = results["encode_gflops"] / results["sgemm_gflops"]
+    results["encode_plain_share_of_sgemm"] = results["encode_plain_gflops"] / results["sgemm_gflops"]
+    if dev.type == "cpu":
+        # the same ratio from process CPU time (with one thread: what an idle core's wall clock would give)
+        results["encode_share_of_sgemm_cpu"] = results["sgemm_cpu_s"] / results["encode_image_cpu_s"] * flops \
+            / (2 * sgemm_size**3)
+        results["encode_plain_share_of_sgemm_cpu"] = results["sgemm_cpu_s"] / results["encode_image_plain_cpu_s"] \
+            * flops / (2 * sgemm_size**3)
     if dev.type == "cuda":
         results["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -145,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--baseline", action="store_true",
                         help="also time referring with the official dense 2400x2400 masked attention")
+    parser.add_argument("--sgemm-size", type=int, default=2048, help="side of the SGEMM the encoding is compared with")
     parser.add_argument("--json", help="also write the figures and settings to this file")
     args = parser.parse_args(argv)
     if args.threads:
@@ -152,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     height, width = (int(v) for v in args.size.lower().split("x"))
     load_before = os.getloadavg()[0]
     results = run(args.preset, height, width, args.device, args.repeats, args.classes, args.dtype, args.baseline,
-                  args.batch, args.max_instances)
+                  args.batch, args.max_instances, sgemm_size=args.sgemm_size)
     settings = {"preset": args.preset, "size": f"{height}x{width}", "device": args.device,
                 "dtype": args.dtype if args.device != "cpu" else "float32", "threads": torch.get_num_threads(),
                 "repeats": args.repeats, "batch": args.batch, "classes": args.classes,

@@ -49,6 +49,47 @@ def test_encode_matches_the_sdk_decoder():
     assert np.array_equal(canvas[:, :, 3] == 0, ~mask)
 
 
+def _sdk_mask_rle(mask: np.ndarray) -> list[int]:
+    return [int(v) for v in brush.mask2rle(mask.astype(np.uint8) * 255)]
+
+
+def test_encode_equals_the_sdk_encoder_byte_for_byte_on_300_random_masks():
+    rng = np.random.default_rng(22)
+    for i in range(300):
+        height, width = (int(v) for v in rng.integers(1, 150, 2))
+        kind = i % 5
+        if kind == 0:  # noise of any density: many runs of every length
+            mask = rng.random((height, width)) < rng.random()
+        elif kind == 1:  # a few rectangles
+            mask = np.zeros((height, width), bool)
+            for _ in range(int(rng.integers(1, 4))):
+                y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+                mask[y0 : y0 + int(rng.integers(1, 60)), x0 : x0 + int(rng.integers(1, 60))] = True
+        elif kind == 2:  # all or nothing: one run
+            mask = np.full((height, width), bool(i % 2))
+        elif kind == 3:
+            mask = blobs(height, width, seed=i)
+        else:  # one pixel flipped
+            mask = np.zeros((height, width), bool)
+            mask.flat[int(rng.integers(0, mask.size))] = True
+        assert encode_rle(mask) == _sdk_mask_rle(mask), (i, height, width)
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (64, 256), (128, 257), (300, 700), (16384, 1), (16385, 1)])
+def test_encode_equals_the_sdk_on_runs_longer_than_the_16_bit_field(shape):
+    # canvas runs of 4 * H * W values: several 2**16-long tokens and a remainder
+    full = np.ones(shape, bool)
+    split = full.copy()
+    split.flat[full.size // 2] = False
+    for mask in (full, ~full, split, ~split):
+        assert encode_rle(mask) == _sdk_mask_rle(mask)
+
+
+def test_empty_mask_shape_is_refused():
+    with pytest.raises(RegionError, match="at least one pixel"):
+        encode_rle(np.zeros((0, 5), bool))
+
+
 def test_decode_reads_sdk_encoded_masks():
     mask = blobs(seed=1)
     rle = brush.mask2rle(mask.astype(np.uint8) * 255)
