@@ -22,7 +22,7 @@ from torch import Tensor, nn
 # activations (rows x 4C or rows x 2048 floats) stay in a core's L2 cache.
 DEFAULT_BLOCK_ROWS = 256
 
-# False runs the plain layers everywhere (for comparing both paths in one process: dinov.bench --unfused).
+# False runs the plain layers everywhere (for comparing both paths in one process: dinov.tools.bench --unfused).
 ENABLED = True
 
 

@@ -41,6 +41,7 @@ from labelstudio_backend.bulk.pinned import PinnedReferences, PinnedSource
 from labelstudio_backend.fetching.images import ImageLoader
 from labelstudio_backend.labelstudio.label_config import parse_label_config
 from labelstudio_backend.labelstudio.payload import task_id_of
+from labelstudio_backend.references.sources import embedding_checkpoint
 from labelstudio_backend.runtime.runtime import Predictor, Runtime
 from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.serving.project_models import serve_sent_project_model
@@ -53,7 +54,6 @@ from labelstudio_backend.serving.task_batches import (
     progress_bar,
     segment_batch,
 )
-from labelstudio_backend.references.sources import embedding_checkpoint
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel
 
