@@ -31,7 +31,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from dinov.checkpoint import DEMO_CHECKPOINT  # noqa: E402
+from dinov.build import DEMO_CHECKPOINT  # noqa: E402
 from dinov.data.scenes import class_id, class_names, generate_scene  # noqa: E402
 from dinov.predictor import DINOvPredictor  # noqa: E402
 from dinov.transforms import ResizeConfig  # noqa: E402

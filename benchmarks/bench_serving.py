@@ -84,7 +84,7 @@ def random_swin_t_checkpoint(path: Path) -> Path:
     """Swin-T with random weights in a file the backend loads like any checkpoint (the config is stored in it)."""
     import torch
 
-    from dinov.checkpoint import save_model
+    from dinov.build import save_model
     from dinov.config import swin_t
     from dinov.modeling.dinov import build_dinov
 

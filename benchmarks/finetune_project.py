@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from dinov.checkpoint import load_model
+from dinov.build import load_model
 from dinov.data.scenes import generate_extra_scene
 from dinov.predictor import DINOvPredictor
 from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better

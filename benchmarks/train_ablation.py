@@ -24,11 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from class_matching import diagnose  # noqa: E402
 
-from dinov.checkpoint import load_model  # noqa: E402
+from dinov.build import load_model  # noqa: E402
 from dinov.data.scenes import SceneDataset  # noqa: E402
 from dinov.eval.evaluate import evaluate_predictor  # noqa: E402
 from dinov.predictor import DINOvPredictor  # noqa: E402
-from dinov.train.trainer import TrainConfig, Trainer, batches  # noqa: E402
+from dinov.train.config import TrainConfig  # noqa: E402
+from dinov.train.sampling import batches  # noqa: E402
+from dinov.train.trainer import Trainer  # noqa: E402
 
 OLD = dict(dn_queries=0, cross_image_examples=False, max_examples=4, batch_classes=0, spill_weight=0.0)
 ROWS = [

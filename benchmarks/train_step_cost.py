@@ -24,15 +24,17 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from dinov.checkpoint import load_model
+    from dinov.build import load_model
     from dinov.data.scenes import SceneDataset
-    from dinov.train.trainer import CHEAP_RECIPE, TrainConfig, Trainer, batches
+    from dinov.train.config import CHEAP_RECIPE, TrainConfig
+    from dinov.train.sampling import batches
+    from dinov.train.trainer import Trainer
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--cheap", action="store_true", help="the cheap recipe (trainer.CHEAP_RECIPE)")
+    parser.add_argument("--cheap", action="store_true", help="the cheap recipe (dinov.train.config.CHEAP_RECIPE)")
     parser.add_argument("--shape-dim", type=int, default=0, help="add a shape encoder of this width (0: none)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -26,7 +26,7 @@ def train_in_child(steps: int) -> None:
     """What labelstudio_backend.training.job does to the machine: nice, one thread, the trainer."""
     import torch
 
-    from dinov.checkpoint import load_model
+    from dinov.build import load_model
     from dinov.data.scenes import generate_extra_scene
     from dinov.train.finetune import finetune, finetune_config
     from dinov.train.trainer import Trainer

@@ -86,7 +86,7 @@ class DINOvConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DINOvConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DINOvConfig:
         def build(klass, values):
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
             return klass(**values)

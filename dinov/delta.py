@@ -4,7 +4,7 @@
     metadata = apply_delta(model, "p3.safetensors", base_digest=digest)   # model: the base, loaded
 
 A hundred fine-tuned projects then cost a hundred decoders, not a hundred models. The file records the content
-digest of its base (``dinov.checkpoint.load_model``'s digest); applying it to another base raises
+digest of its base (``dinov.build.load_model``'s digest); applying it to another base raises
 :class:`BaseMismatch`, since trained decoder weights mean nothing on top of a different backbone.
 """
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -111,7 +110,6 @@ def filter_referring(
     big = (masks > 0).flatten(1).sum(-1) > min_mask_pixels
     ids, masks = ids[big], masks[big]
 
-    num_prompts = pred_match_score.shape[0]
     if ids.numel() == 0:
         empty = pred_boxes.new_zeros((0,))
         return ReferringSelection(index=ids.new_zeros((0,)), mask_logits=masks, scores=empty, kept_index=ids)
@@ -195,6 +193,8 @@ class GenericPick:
 #                      probability over the second best: low for a vague mask and for a region whose label is a
 #                      toss-up between two classes (same colour, other shape). Chosen on calibration scenes
 #                      (BENCHMARKS.md "The demo model"); it needs every query's mask before the threshold.
+# The thresholds a calibration or a fine-tuning chooses among (dinov.eval.calibrate, dinov.train.finetune).
+SCORE_THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
 SCORE_FORMS = ("class_probability", "quality_x_margin")
 
 

@@ -25,16 +25,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
 from scipy import ndimage
 
 from dinov import postprocess
 from dinov.config import DINOvConfig
 from dinov.metrics import box_region, point_in_mask
 from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, point_boxes
+from dinov.modeling.dinov import DINOv
 from dinov.modeling.prompt_encoder import PromptContent
 from dinov.prompts import points_to_mask
-from dinov.modeling.dinov import DINOv, build_dinov
 from dinov.transforms import (
     InputError,
     ResizeConfig,
@@ -134,9 +133,9 @@ class DINOvPredictor:
         cache_dir: str | Path | None = None,
         resize: ResizeConfig | None = None,
         autocast_dtype: torch.dtype | None = torch.bfloat16,
-    ) -> "DINOvPredictor":
+    ) -> DINOvPredictor:
         """Load `demo`, `swinT`, `swinL` (downloaded once into `cache_dir`) or a checkpoint file."""
-        from dinov.checkpoint import load_model
+        from dinov.build import load_model
 
         model, _, checkpoint_id = load_model(checkpoint, config=config, cache_dir=cache_dir)
         return cls(model, device=resolve_device(device), resize=resize, autocast_dtype=autocast_dtype,
@@ -156,7 +155,7 @@ class DINOvPredictor:
     def default_score_threshold(self) -> float:
         """The checkpoint's score threshold for generic segmentation (its metadata; the official 0.12 for the
         released checkpoints and models without one): what ``segment_generic`` applies when given none."""
-        from dinov.checkpoint import OFFICIAL_SCORE_THRESHOLD
+        from dinov.build import OFFICIAL_SCORE_THRESHOLD
 
         return float(getattr(self.model, "default_score_threshold", OFFICIAL_SCORE_THRESHOLD))
 

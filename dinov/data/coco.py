@@ -168,7 +168,7 @@ class CocoDataset(Sequence[Scene]):
             else:
                 raise ValueError(f"annotation {ann.get('id')} has neither 'segmentation' nor 'bbox'")
             if not mask.any():
-                warnings.warn(f"annotation {ann.get('id')} of {info['file_name']} covers no pixel; left out")
+                warnings.warn(f"annotation {ann.get('id')} of {info['file_name']} covers no pixel; left out", stacklevel=2)
                 continue
             masks.append(mask)
             classes.append(self._class_of_category[ann["category_id"]])

@@ -296,7 +296,7 @@ class LabelStudioDataset(Sequence[Scene]):
                 # annotated on a different size of the same image: scale the mask to the file we have
                 mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
             if not mask.any():
-                warnings.warn(f"task {record.task_id}: region {region.label!r} covers no pixel; left out")
+                warnings.warn(f"task {record.task_id}: region {region.label!r} covers no pixel; left out", stacklevel=2)
                 continue
             masks.append(mask)
             classes.append(self._class_ids[region.label])

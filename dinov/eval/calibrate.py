@@ -21,16 +21,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 
-from dinov.checkpoint import SCORE_FORM_METADATA_KEY, SCORE_THRESHOLD_METADATA_KEY, write_metadata
-from dinov.postprocess import SCORE_FORMS
+from dinov.build import SCORE_FORM_METADATA_KEY, SCORE_THRESHOLD_METADATA_KEY
+from dinov.checkpoint import write_metadata
 from dinov.data.scenes import generate_scene
 from dinov.eval.example_pool import example_pool
-from dinov.metrics import match_greedily, mask_iou
+from dinov.metrics import mask_iou, match_greedily
+from dinov.postprocess import SCORE_FORMS, SCORE_THRESHOLD_GRID
 from dinov.predictor import DINOvPredictor
 
 CALIBRATION_TARGET_SEED = 30_000_000
 CALIBRATION_POOL_SEED = 31_000_000
-THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)
+THRESHOLDS = SCORE_THRESHOLD_GRID
 # the thresholds tried for each score form: a quality x margin score runs lower than a class probability
 FORM_THRESHOLDS = {"class_probability": THRESHOLDS, "quality_x_margin": np.round(np.arange(0.01, 0.951, 0.01), 2)}
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"score {predictor.score_form}, best threshold {threshold:.2f}: instance F1 {f1:.3f} (at 0.12: {at_official:.3f}; "
           f"{truths} instances, {args.scenes} scenes from seed {CALIBRATION_TARGET_SEED})")
     if args.write:
-        from dinov.checkpoint import DEMO_CHECKPOINT
+        from dinov.build import DEMO_CHECKPOINT
 
         path = DEMO_CHECKPOINT if args.checkpoint == "demo" else args.checkpoint
         write_metadata(path, {SCORE_THRESHOLD_METADATA_KEY: f"{threshold:.2f}",

@@ -12,6 +12,7 @@ identical results.
 """
 
 from __future__ import annotations
+
 import copy
 import math
 from dataclasses import dataclass
@@ -108,7 +109,7 @@ class SelfAttentionLayout:
                 start = end
         return mask
 
-    def as_dense(self) -> "SelfAttentionLayout":
+    def as_dense(self) -> SelfAttentionLayout:
         return SelfAttentionLayout(blocks=self.blocks, full_mask=self.dense_mask())
 
 

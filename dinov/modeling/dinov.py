@@ -49,7 +49,7 @@ class DINOv(nn.Module):
         self.nms_threshold = nms_threshold
         # (shorter side, cap of the longer side) of the images this model is meant to see.
         self.test_resize = test_resize
-        # Set by dinov.checkpoint.load_model from the file: the generic score threshold its metadata carries
+        # Set by dinov.build.load_model from the file: the generic score threshold its metadata carries
         # (the official demo's 0.12 when it carries none) and a readable name for model_version.
         self.default_score_threshold = 0.12
         self.model_name = "unnamed"

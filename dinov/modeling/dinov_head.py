@@ -22,11 +22,22 @@ import torch
 from torch import Tensor, nn
 
 from .box_ops import inverse_sigmoid
-from .decoder import MLP, DeformableDecoder, DeformableDecoderLayer, QueryBlock, SelfAttentionLayout, \
-    flatten_multi_scale
+from .decoder import (
+    MLP,
+    DeformableDecoder,
+    DeformableDecoderLayer,
+    QueryBlock,
+    SelfAttentionLayout,
+    flatten_multi_scale,
+)
+from .prompt_encoder import (
+    CrossAttentionLayer,
+    PromptContent,
+    content_attention_mask,
+    prompt_mask_pyramid,
+    whole_image_box,
+)
 from .shape_encoder import ShapeEncoder
-from .prompt_encoder import CrossAttentionLayer, PromptContent, content_attention_mask, prompt_mask_pyramid, \
-    whole_image_box
 
 # pb_embedding index used for every prompt in the released inference code
 _PROMPT_PB_INDEX = 1

@@ -7,6 +7,7 @@ whole level). The head (``dinov_head.DINOvHead.encode_prompts``) owns the parame
 """
 
 from __future__ import annotations
+
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -38,7 +39,7 @@ class PromptContent:
         return self.label.shape[1]
 
     @classmethod
-    def from_labels(cls, label: Tensor) -> "PromptContent":
+    def from_labels(cls, label: Tensor) -> PromptContent:
         """Content queries from stored prompt embeddings [1, N, D] (the box and mask are the same for all)."""
         if label.dim() != 3 or label.shape[0] != 1 or label.shape[1] == 0:
             raise ValueError(f"label must be [1, N>=1, D], got {tuple(label.shape)}")

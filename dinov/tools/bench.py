@@ -28,12 +28,11 @@ import time
 from contextlib import nullcontext
 from typing import Callable
 
-import numpy as np
 import torch
 
 from dinov import postprocess
-from dinov.modeling import fused
 from dinov.config import PRESETS
+from dinov.modeling import fused
 from dinov.modeling.dinov import build_dinov
 from dinov.predictor import DINOvPredictor, EncodedImage, point_grid_boxes
 from dinov.transforms import ResizeConfig, padded_size

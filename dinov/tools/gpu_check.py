@@ -69,8 +69,8 @@ def run_cuda_tests(dry_run: bool) -> dict:
 
 
 def bf16(device: str, scenes: int) -> dict:
-    from dinov.tools.precision import bf16_agreement
     from dinov.predictor import DINOvPredictor
+    from dinov.tools.precision import bf16_agreement
 
     predictor = DINOvPredictor.from_checkpoint("demo", device=device, autocast_dtype=None)
     return bf16_agreement(predictor, scenes=scenes)
@@ -161,8 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         model = build_dinov(PRESETS[preset]())  # once per preset: building Swin-L takes longer than a bench
         for batch in batches:
             key = f"{preset}_b{batch}"
-            report["bench"][key] = _step(report, f"bench_{key}",
-                                         lambda: bench(preset, size, device, batch, repeats, dtype, model))
+            report["bench"][key] = _step(
+                report, f"bench_{key}",
+                lambda p=preset, b=batch, m=model: bench(p, size, device, b, repeats, dtype, m))
         del model
     height, width = (int(v) for v in size.split("x"))
     report["latency"] = _step(report, "click_latency", lambda: click_latency(device, (height, width), clicks, dtype))

@@ -21,14 +21,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dinov import postprocess
 from dinov.checkpoint import load_into, read_state_dict
 from dinov.config import PRESETS, from_official_overrides
+from dinov.modeling.box_ops import point_boxes
 from dinov.modeling.dinov import build_dinov
 from dinov.predictor import CLICK_HALF_SIZE, point_grid_boxes
-from dinov.modeling.box_ops import point_boxes
 from dinov.transforms import normalize_and_pad
 
 TOLERANCE = 1e-4

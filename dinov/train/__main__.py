@@ -29,10 +29,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from dinov.checkpoint import load_model, save_model
+from dinov.build import load_model, save_model
 from dinov.config import PRESETS
 from dinov.modeling.dinov import build_dinov
-from dinov.train.trainer import CHEAP_RECIPE, TrainConfig, Trainer, train, with_shape_encoder
+from dinov.train.config import CHEAP_RECIPE, TrainConfig
+from dinov.train.trainer import Trainer, train, with_shape_encoder
 
 logger = logging.getLogger("dinov.train")
 
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape-logit-scale", type=float, default=1.0,
                         help="initial weight of a new shape encoder's similarity in the class logit")
     parser.add_argument("--cheap", action="store_true",
-                        help="the cheap step (trainer.CHEAP_RECIPE: crops, mask points, denoising and interactive "
+                        help="the cheap step (dinov.train.config.CHEAP_RECIPE: crops, mask points, denoising and interactive "
                              "queries) unless those flags are given")
     parser.add_argument("--cache-dir", type=Path, default=Path("model_dir"), help="where swinT/swinL are downloaded")
     for field in dataclasses.fields(TrainConfig):

@@ -21,13 +21,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from dinov.eval.calibrate import THRESHOLDS
 from dinov.config import DINOvConfig
 from dinov.data.scenes import Scene
 from dinov.eval.example_pool import example_pool
 from dinov.metrics import mask_iou
-from dinov.postprocess import official_threshold
-from dinov.train.trainer import TrainConfig, Trainer, batches
+from dinov.postprocess import SCORE_THRESHOLD_GRID, official_threshold
+from dinov.train.config import TrainConfig
+from dinov.train.sampling import batches
+from dinov.train.trainer import Trainer
 
 # What a fine-tuning trains; the rest stays frozen.
 TRAINABLE = {
@@ -166,7 +167,7 @@ def best_threshold_figures(collected: Sequence[TargetRegions], max_wrong_per_ima
     images a lower threshold's better mIoU is as likely chance, and its extra regions are where new tasks get
     wrong ones). When no threshold is within the bound, the one with the fewest wrong regions (the
     better-or-not rule then rejects the model)."""
-    figures = [figures_at(collected, float(t), lowered_until_found) for t in THRESHOLDS]
+    figures = [figures_at(collected, float(t), lowered_until_found) for t in SCORE_THRESHOLD_GRID]
     allowed = [f for f in figures if f["wrong_per_image"] <= max_wrong_per_image + 1e-9]
     if not allowed:
         return min(figures, key=lambda f: (f["wrong_per_image"], -f["miou"], -f["score_threshold"]))

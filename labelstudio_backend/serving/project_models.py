@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def build_project_predictor(base: Any, active: ActiveModel) -> Predictor:
     """A DINOvPredictor of the base predictor's model with the project's delta applied (the base stays as it is)."""
-    from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY
+    from dinov.build import SCORE_THRESHOLD_METADATA_KEY
     from dinov.delta import apply_delta
     from dinov.predictor import DINOvPredictor
 

@@ -84,7 +84,8 @@ def run_job(spec: JobSpec) -> None:
 def train_project(spec: JobSpec, store: TrainingStore) -> None:
     import torch
 
-    from dinov.checkpoint import SCORE_THRESHOLD_METADATA_KEY, file_digest, load_model
+    from dinov.build import SCORE_THRESHOLD_METADATA_KEY, load_model
+    from dinov.checkpoint import file_digest
     from dinov.delta import apply_delta, read_delta, save_delta, trainable_names
     from dinov.predictor import DINOvPredictor, resolve_device
     from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better

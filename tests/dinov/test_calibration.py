@@ -3,15 +3,8 @@
 import numpy as np
 import pytest
 
-from dinov.checkpoint import (
-    OFFICIAL_SCORE_THRESHOLD,
-    SCORE_THRESHOLD_METADATA_KEY,
-    load_model,
-    model_name,
-    read_safetensors_metadata,
-    save_model,
-    write_metadata,
-)
+from dinov.build import OFFICIAL_SCORE_THRESHOLD, SCORE_THRESHOLD_METADATA_KEY, load_model, model_name, save_model
+from dinov.checkpoint import read_safetensors_metadata, write_metadata
 from dinov.config import demo
 from dinov.eval.calibrate import best_f1_threshold
 from dinov.metrics import covers_another, wrong_regions

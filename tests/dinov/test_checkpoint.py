@@ -6,13 +6,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from dinov.checkpoint import (
-    CheckpointError,
-    load_into,
-    read_safetensors_metadata,
-    read_state_dict,
-    save_safetensors,
-)
+from dinov.checkpoint import CheckpointError, load_into, read_safetensors_metadata, read_state_dict, save_safetensors
 
 
 class BoxMLP(nn.Module):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov.checkpoint import load_model
+from dinov.build import load_model
 from dinov.data.scenes import class_names, generate_scene
 from dinov.predictor import DINOvPredictor
 from dinov.transforms import ResizeConfig

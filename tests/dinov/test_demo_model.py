@@ -11,7 +11,7 @@ box >= 0.8) are not all reached by this model; BENCHMARKS.md reports its full fi
 
 import pytest
 
-from dinov.checkpoint import DEMO_CHECKPOINT
+from dinov.build import DEMO_CHECKPOINT
 from dinov.eval.evaluate import evaluate_predictor
 from dinov.predictor import DINOvPredictor
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov.checkpoint import load_model
+from dinov.build import load_model
 from dinov.predictor import Candidate, DINOvPredictor, choose_candidate, mask_box
 from dinov.transforms import InputError, ResizeConfig
 

@@ -4,11 +4,13 @@ export runs end to end."""
 import numpy as np
 import torch
 
-from dinov.checkpoint import load_model, save_model
+from dinov.build import load_model, save_model
 from dinov.config import demo
 from dinov.data.scenes import SceneDataset, generate_scene
 from dinov.modeling.dinov import build_dinov
-from dinov.train.trainer import TrainConfig, Trainer, batches, train
+from dinov.train.config import TrainConfig
+from dinov.train.sampling import batches
+from dinov.train.trainer import Trainer, train
 
 
 def small_config(**overrides) -> TrainConfig:
@@ -131,7 +133,7 @@ def test_denoising_boxes_are_noised_ground_truth_in_groups():
     trainer = Trainer(build_dinov(demo()), demo(), config)
     truth = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.1, 0.3]])
     targets = [{"boxes": truth}, {"boxes": truth[:1]}]
-    boxes, groups = trainer._denoising_boxes(targets)
+    boxes, groups = trainer.objective.denoising_boxes(targets)
     assert groups == 6 and boxes.shape == (2, 12, 4)
     grouped = boxes[0].view(6, 2, 4)
     # every noised copy stays within the noise bounds of its instance (centre +-0.4 * half size, size +-0.4 * size)
@@ -149,7 +151,7 @@ def test_class_banks_take_examples_from_other_images():
     a, b, c = torch.zeros(d), torch.ones(d), torch.full((d,), 2.0)
     # class 0 on image 0 (a) and image 1 (b); class 1 only on image 1 (c)
     prompts = [(0, 0, a), (1, 0, b), (1, 1, c)]
-    banks = trainer._class_banks(prompts, num_images=2, num_classes=2)
+    banks = trainer.objective.class_banks(prompts, num_images=2, num_classes=2)
     assert banks.shape == (2, 2, d)
     assert torch.equal(banks[0, 0], b) and torch.equal(banks[1, 0], a)  # the other image's example
     assert torch.equal(banks[1, 1], c)  # no other image has class 1: its own example
@@ -168,7 +170,7 @@ def test_batches_with_shared_classes_draw_from_one_subset():
 def test_crops_cut_image_and_masks_at_the_same_place():
     """A fixed-size crop: the image and every mask are cut by the same window, so each instance's pixels keep
     their colour; every sample of a batch has the crop's size (no padding)."""
-    from dinov.train.trainer import random_crop
+    from dinov.train.sampling import random_crop
 
     image = np.zeros((40, 50, 3), np.uint8)
     masks = np.zeros((2, 40, 50), bool)
@@ -189,7 +191,7 @@ def test_crops_cut_image_and_masks_at_the_same_place():
 
 
 def test_a_cheap_step_trains_with_crops_few_points_and_small_query_sets():
-    from dinov.train.trainer import CHEAP_RECIPE
+    from dinov.train.config import CHEAP_RECIPE
 
     torch.manual_seed(0)
     config = small_config(steps=2, batch_size=2, **CHEAP_RECIPE)

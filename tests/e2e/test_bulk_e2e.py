@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinov.checkpoint import DEMO_CHECKPOINT
+from dinov.build import DEMO_CHECKPOINT
 from dinov.data.scenes import class_id, class_names, generate_scene
 
 from .conftest import E2E_CHECKPOINT, E2E_DEVICE, REPO_ROOT

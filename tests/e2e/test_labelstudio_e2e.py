@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 
-from dinov.checkpoint import DEMO_CHECKPOINT
+from dinov.build import DEMO_CHECKPOINT
 from dinov.data.scenes import class_id, class_names, generate_scene
 from dinov.metrics import iou as mask_iou
 from labelstudio_backend.errors import LabelStudioError

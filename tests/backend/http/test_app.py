@@ -651,7 +651,7 @@ def test_leave_one_out_estimate(backend):
 def test_the_real_predictor_fits_the_backend(tmp_path, reference_dir):
     """DINOvPredictor on the official miniT architecture (random weights): the masks mean nothing, but every
     call the backend makes must go through and give well-formed Label Studio predictions."""
-    from dinov.checkpoint import load_model
+    from dinov.build import load_model
     from dinov.predictor import DINOvPredictor
     from dinov.transforms import ResizeConfig
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinov.checkpoint import load_model
+from dinov.build import load_model
 from dinov.predictor import DINOvPredictor
 from dinov.transforms import InputError, ResizeConfig
 from labelstudio_backend.runtime.batching import EncodeBatcher
