@@ -27,9 +27,11 @@ ENABLED = True
 
 
 def inference_fusable(*tensors: Tensor) -> bool:
-    """Fused paths run when no gradient is recorded and the tensors are on the CPU (on CUDA the plain
-    layers already run at the device's speed and these Python loops would only add launches)."""
-    return ENABLED and not torch.is_grad_enabled() and all(t.device.type == "cpu" for t in tensors)
+    """Fused paths run when no gradient is recorded, no autocast is on (the plain layers cast per operation) and
+    the tensors are on the CPU (on CUDA the plain layers already run at the device's speed and these Python loops
+    would only add launches)."""
+    return (ENABLED and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+            and all(t.device.type == "cpu" for t in tensors))
 
 
 def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
