@@ -25,6 +25,9 @@ class SemSegHead(nn.Module):
 
 
 class DINOv(nn.Module):
+    pixel_mean: Tensor  # buffers, registered in __init__
+    pixel_std: Tensor
+
     def __init__(
         self,
         backbone: SwinTransformer,
