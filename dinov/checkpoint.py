@@ -43,6 +43,7 @@ def read_state_dict(path: PathLike) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file); download it or fix the path")
+    raw: object
     if path.suffix == SAFETENSORS_SUFFIX:
         raw = _read_safetensors(path)
     else:

@@ -12,7 +12,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+_C = TypeVar("_C")
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class DINOvConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DINOvConfig:
-        def build(klass, values):
+        def build(klass: type[_C], values: dict[str, Any]) -> _C:
             values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
             return klass(**values)
 

@@ -12,18 +12,27 @@ For generic segmentation (every instance of the prompted classes), over all true
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 try:  # accept torch tensors without making torch a requirement of this module
     import torch
+    _HAVE_TORCH = True
 except ImportError:  # pragma: no cover
-    torch = None
+    _HAVE_TORCH = False
+
+# masks [N, H, W] (or one [H, W]) and vectors [N], as numpy arrays, torch tensors or sequences
+Masks: TypeAlias = "np.ndarray | torch.Tensor | Sequence[np.ndarray]"
+Vector: TypeAlias = "np.ndarray | torch.Tensor | Sequence[float]"
+Box: TypeAlias = "np.ndarray | torch.Tensor | Sequence[float]"
 
 
-def _as_masks(masks, name: str) -> np.ndarray:
-    if torch is not None and isinstance(masks, torch.Tensor):
+def _as_masks(masks: Masks, name: str) -> np.ndarray:
+    if _HAVE_TORCH and isinstance(masks, torch.Tensor):
         masks = masks.detach().cpu().numpy()
     masks = np.asarray(masks)
     if masks.ndim == 2:
@@ -33,8 +42,8 @@ def _as_masks(masks, name: str) -> np.ndarray:
     return masks.astype(bool, copy=False)
 
 
-def _as_vector(values, name: str, length: int, dtype) -> np.ndarray:
-    if torch is not None and isinstance(values, torch.Tensor):
+def _as_vector(values: Vector, name: str, length: int, dtype: npt.DTypeLike) -> np.ndarray:
+    if _HAVE_TORCH and isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     values = np.asarray(values, dtype=dtype).reshape(-1)
     if len(values) != length:
@@ -42,7 +51,7 @@ def _as_vector(values, name: str, length: int, dtype) -> np.ndarray:
     return values
 
 
-def mask_iou(a, b) -> np.ndarray:
+def mask_iou(a: Masks, b: Masks) -> np.ndarray:
     """IoU of every pair of masks a [P, H, W] and b [G, H, W] -> [P, G] (0 where both are empty).
 
     A single [H, W] mask counts as [1, H, W]; :func:`iou` gives the number for two single masks.
@@ -57,14 +66,14 @@ def mask_iou(a, b) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0)
 
 
-def iou(a, b) -> float:
+def iou(a: Masks, b: Masks) -> float:
     """IoU of two bool masks [H, W] (0 when both are empty)."""
     if np.ndim(a) != 2 or np.ndim(b) != 2:
         raise ValueError(f"iou compares two [H, W] masks, got shapes {np.shape(a)} and {np.shape(b)}; use mask_iou")
     return float(mask_iou(a, b)[0, 0])
 
 
-def point_in_mask(mask, x: float, y: float) -> bool:
+def point_in_mask(mask: npt.ArrayLike, x: float, y: float) -> bool:
     """Whether the pixel under the point (x, y) (pixel coordinates of the mask's image, x to the right) is in
     the mask. The pixel is (round(y), round(x)); a point beyond the border counts as the nearest border pixel
     (a click on the image's edge)."""
@@ -76,17 +85,18 @@ def point_in_mask(mask, x: float, y: float) -> bool:
     return bool(mask[row, col])
 
 
-def fraction_outside_box(mask, box) -> float:
+def fraction_outside_box(mask: npt.ArrayLike, box: Box) -> float:
     """The fraction of a mask's pixels outside the box (x0, y0, x1, y1) in pixels, x1/y1 exclusive (0 for an
     empty mask); a pixel is inside when its centre is."""
     mask = np.asarray(mask, dtype=bool)
     total = int(mask.sum())
     if total == 0:
         return 0.0
-    return 1.0 - int(box_region(box, mask.shape)[mask].sum()) / total
+    height, width = mask.shape
+    return 1.0 - int(box_region(box, (height, width))[mask].sum()) / total
 
 
-def box_region(box, size: tuple[int, int]) -> np.ndarray:
+def box_region(box: Box, size: tuple[int, int]) -> np.ndarray:
     """Bool [H, W]: the pixels whose centre (x + 0.5, y + 0.5) lies in the box (x0, y0, x1, y1)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     height, width = size
@@ -95,7 +105,7 @@ def box_region(box, size: tuple[int, int]) -> np.ndarray:
     return rows[:, None] & cols[None, :]
 
 
-def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
+def best_ious(pred_masks: Masks, pred_classes: Vector, gt_masks: Masks, gt_classes: Vector) -> np.ndarray:
     """[G]: for each true instance, the best IoU among the predictions of its class (0 if none)."""
     gt = _as_masks(gt_masks, "gt_masks")
     pred = _as_masks(pred_masks, "pred_masks") if len(pred_masks) else np.zeros((0, *gt.shape[1:]), bool)
@@ -109,8 +119,8 @@ def best_ious(pred_masks, pred_classes, gt_masks, gt_classes) -> np.ndarray:
     return np.where(same_class, ious, 0.0).max(0)
 
 
-def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold: float = 0.5,
-                  pred_scores=None) -> int:
+def wrong_regions(pred_masks: Masks, pred_classes: Vector, gt_masks: Masks, gt_classes: Vector,
+                  iou_threshold: float = 0.5, pred_scores: Vector | None = None) -> int:
     """How many predicted regions match no true instance of their class: IoU below ``iou_threshold`` with every
     one of them (a region an annotator would delete). With ``pred_scores``, regions are matched one to one
     (:func:`region_matches`), so that a second region on an instance already matched is wrong too."""
@@ -129,8 +139,8 @@ def wrong_regions(pred_masks, pred_classes, gt_masks, gt_classes, iou_threshold:
     return int((ious.max(1) < iou_threshold).sum())
 
 
-def region_matches(pred_masks, pred_scores, pred_classes, gt_masks, gt_classes,
-                   iou_threshold: float = 0.5) -> np.ndarray:
+def region_matches(pred_masks: Masks, pred_scores: Vector, pred_classes: Vector, gt_masks: Masks,
+                   gt_classes: Vector, iou_threshold: float = 0.5) -> np.ndarray:
     """bool [P]: whether each predicted region is right, matched one to one as COCO does: per class, regions in
     descending score order take the not yet matched true instance of that class with the highest IoU >=
     ``iou_threshold``. A duplicate (a second region on a matched instance) is not matched."""
@@ -154,7 +164,7 @@ def region_matches(pred_masks, pred_scores, pred_classes, gt_masks, gt_classes,
     return matched
 
 
-def roc_auc(scores, positive) -> float:
+def roc_auc(scores: npt.ArrayLike, positive: npt.ArrayLike) -> float:
     """Area under the ROC curve of ``scores`` separating ``positive`` (bool) from the rest: the probability that
     a random positive scores above a random negative (ties count a half); nan without both kinds."""
     scores = np.asarray(scores, dtype=np.float64)
@@ -167,7 +177,7 @@ def roc_auc(scores, positive) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def standard_error(values) -> float:
+def standard_error(values: npt.ArrayLike) -> float:
     """Standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); nan below two values."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) < 2:
@@ -175,7 +185,7 @@ def standard_error(values) -> float:
     return float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def covers_another(mask, others, fraction: float = 0.2) -> bool:
+def covers_another(mask: npt.ArrayLike, others: Masks, fraction: float = 0.2) -> bool:
     """Whether a mask covers at least ``fraction`` of the area of any of the masks ``others`` [N, H, W]."""
     mask = np.asarray(mask, dtype=bool)
     for other in _as_masks(others, "others") if len(others) else ():
@@ -226,10 +236,10 @@ def coco_average_precision(scores: np.ndarray, matched: np.ndarray, num_gt: int,
 
 @dataclass
 class _ClassRecords:
-    scores: list = field(default_factory=list)
-    matched: list = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    matched: list[bool] = field(default_factory=list)
     num_gt: int = 0
-    best_ious: list = field(default_factory=list)
+    best_ious: list[float] = field(default_factory=list)
 
 
 class InstanceEvaluator:
@@ -244,7 +254,8 @@ class InstanceEvaluator:
         self._classes: dict[int, _ClassRecords] = {}
         self.num_images = 0
 
-    def add(self, pred_masks, pred_scores, pred_classes, gt_masks, gt_classes) -> None:
+    def add(self, pred_masks: Masks, pred_scores: Vector, pred_classes: Vector, gt_masks: Masks,
+            gt_classes: Vector) -> None:
         """One image: predictions (bool masks [P, H, W], scores [P], class ids [P]) and the truth
         (bool masks [G, H, W], class ids [G])."""
         gt = _as_masks(gt_masks, "gt_masks")
@@ -270,19 +281,19 @@ class InstanceEvaluator:
     def summary(self) -> dict:
         """{"miou", "found", "ap50", "num_instances", "num_images", "per_class": {class: {...}}};
         the averages are nan when no true instance was added."""
-        per_class = {}
-        all_best = []
+        per_class: dict[int, dict[str, float]] = {}
+        all_best_list: list[float] = []
         for c, rec in sorted(self._classes.items()):
             ap = coco_average_precision(np.asarray(rec.scores, float), np.asarray(rec.matched, bool), rec.num_gt)
             best = np.asarray(rec.best_ious, float)
-            all_best.extend(rec.best_ious)
+            all_best_list.extend(rec.best_ious)
             per_class[c] = {
                 "num_instances": rec.num_gt,
                 "miou": float(best.mean()) if len(best) else float("nan"),
                 "found": float((best >= self.iou_threshold).mean()) if len(best) else float("nan"),
                 "ap50": ap,
             }
-        all_best = np.asarray(all_best, float)
+        all_best = np.asarray(all_best_list, float)
         aps = [v["ap50"] for v in per_class.values() if v["num_instances"] > 0]
         return {
             "miou": float(all_best.mean()) if len(all_best) else float("nan"),

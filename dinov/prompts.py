@@ -17,8 +17,10 @@ Coordinates are (x, y) pixels of the original image, x to the right and y down.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from PIL import Image, ImageDraw
 
 from dinov.transforms import InputError
@@ -32,7 +34,7 @@ def _canvas(size: tuple[int, int]) -> tuple[Image.Image, ImageDraw.ImageDraw]:
     return image, ImageDraw.Draw(image)
 
 
-def _as_points(points, name: str) -> np.ndarray:
+def _as_points(points: npt.ArrayLike, name: str) -> np.ndarray:
     array = np.asarray(points, dtype=np.float64)
     if array.ndim != 2 or array.shape[1] != 2 or len(array) == 0:
         raise InputError(f"{name} must be a non-empty list of (x, y) pairs, got shape {array.shape}")
@@ -41,7 +43,7 @@ def _as_points(points, name: str) -> np.ndarray:
     return array
 
 
-def points_to_mask(points, size: tuple[int, int], radius: float = 5.0) -> np.ndarray:
+def points_to_mask(points: npt.ArrayLike, size: tuple[int, int], radius: float = 5.0) -> np.ndarray:
     """Discs of `radius` pixels around each (x, y) point."""
     array = _as_points(points, "points")
     image, draw = _canvas(size)
@@ -50,7 +52,7 @@ def points_to_mask(points, size: tuple[int, int], radius: float = 5.0) -> np.nda
     return np.array(image, dtype=bool)
 
 
-def box_to_mask(box, size: tuple[int, int]) -> np.ndarray:
+def box_to_mask(box: Sequence[float] | np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A filled (x0, y0, x1, y1) box."""
     x0, y0, x1, y1 = (float(v) for v in box)
     if not x1 > x0 or not y1 > y0:
@@ -60,7 +62,7 @@ def box_to_mask(box, size: tuple[int, int]) -> np.ndarray:
     return np.array(image, dtype=bool)
 
 
-def polygon_to_mask(vertices, size: tuple[int, int]) -> np.ndarray:
+def polygon_to_mask(vertices: npt.ArrayLike, size: tuple[int, int]) -> np.ndarray:
     """A filled polygon; at least three vertices."""
     array = _as_points(vertices, "polygon vertices")
     if len(array) < 3:
@@ -83,7 +85,7 @@ def ellipse_to_mask(cx: float, cy: float, rx: float, ry: float, rotation_deg: fl
     return polygon_to_mask(outline, size)
 
 
-def stroke_to_mask(polyline, size: tuple[int, int], width: float = 5.0) -> np.ndarray:
+def stroke_to_mask(polyline: npt.ArrayLike, size: tuple[int, int], width: float = 5.0) -> np.ndarray:
     """A polyline drawn `width` pixels wide; a single point becomes a disc."""
     array = _as_points(polyline, "stroke")
     if len(array) == 1:

@@ -85,7 +85,7 @@ def mask_to_rle(mask: np.ndarray, compressed: bool = False) -> dict:
     return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
-def segmentation_to_mask(segmentation, size: tuple[int, int]) -> np.ndarray:
+def segmentation_to_mask(segmentation: list[list[float]] | dict, size: tuple[int, int]) -> np.ndarray:
     """A COCO "segmentation" (list of flat polygons [x0, y0, x1, y1, ...] or an RLE dict) -> bool [H, W]."""
     if isinstance(segmentation, dict):
         mask = rle_to_mask(segmentation)
@@ -200,7 +200,8 @@ def write_coco(samples: Sequence[Scene], class_names: Sequence[str], out_dir: st
         raise ValueError(f"segmentation must be 'rle', 'compressed_rle' or 'polygon_box', got {segmentation!r}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    images, annotations = [], []
+    images: list[dict[str, object]] = []
+    annotations: list[dict[str, object]] = []
     for i, sample in enumerate(samples):
         name = f"{i:05d}.png"
         Image.fromarray(sample.image).save(out_dir / "images" / name)
@@ -208,6 +209,7 @@ def write_coco(samples: Sequence[Scene], class_names: Sequence[str], out_dir: st
         images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
         for mask, label, box in zip(sample.masks, sample.classes, sample.boxes):
             x0, y0, x1, y1 = (float(v) for v in box)
+            seg: list[list[float]] | dict
             if segmentation == "polygon_box":
                 seg = [[x0, y0, x1, y0, x1, y1, x0, y1]]
             else:

@@ -177,7 +177,8 @@ def _region_label(result: dict, labels_by_id: dict[str, list[str]]) -> str | Non
     for key in (result.get("type", "").lower(), "labels"):
         if key.endswith("labels") and value.get(key):
             return str(value[key][0])
-    extra = labels_by_id.get(result.get("id"))
+    region_id = result.get("id")
+    extra = labels_by_id.get(region_id) if region_id is not None else None  # no id: no label-only result of its own
     return extra[0] if extra else None
 
 
@@ -294,7 +295,7 @@ class LabelStudioDataset(Sequence[Scene]):
                 raise ValueError(f"task {record.task_id}: bad {region.kind} region {region.label!r}: {e}") from e
             if mask.shape != (height, width):
                 # annotated on a different size of the same image: scale the mask to the file we have
-                mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+                mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
             if not mask.any():
                 warnings.warn(f"task {record.task_id}: region {region.label!r} covers no pixel; left out", stacklevel=2)
                 continue
@@ -340,6 +341,7 @@ def write_labelstudio_export(samples: Sequence[Scene], class_names: Sequence[str
         for j, (mask, label, box) in enumerate(zip(sample.masks, sample.classes, sample.boxes)):
             common = {"id": f"r{i}_{j}", "from_name": from_name, "to_name": to_name,
                       "original_width": width, "original_height": height, "image_rotation": 0}
+            value: dict[str, object]
             if region == "brush":
                 rle = brush.mask2rle(mask.astype(np.uint8) * 255)
                 value = {"format": "rle", "rle": [int(v) for v in rle], "brushlabels": [class_names[label]]}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star", "ring")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -123,7 +124,7 @@ def _polygon_mask(vertices: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.nd
     return inside
 
 
-def polygon_mask(vertices, size: tuple[int, int]) -> np.ndarray:
+def polygon_mask(vertices: npt.ArrayLike, size: tuple[int, int]) -> np.ndarray:
     """Bool [H, W] mask of a polygon given as [K, 2] (x, y) pixel coordinates (pixel (i, j) spans
     [j, j + 1) x [i, i + 1)): the pixels whose centre lies inside, by the even-odd rule."""
     vertices = np.asarray(vertices, dtype=np.float64).reshape(-1, 2)
@@ -245,7 +246,7 @@ def _resolve_count(rng: np.random.Generator, num_objects: int | tuple[int, int] 
     return int(rng.integers(lo, hi + 1))
 
 
-def place_objects(rng: np.random.Generator, size: tuple[int, int], labels: Sequence[int], *,
+def place_objects(rng: np.random.Generator, size: tuple[int, int], labels: Sequence[int] | np.ndarray, *,
                   min_visible: float = 0.5, max_tries: int = 100, kinds: Sequence[str] | None = None,
                   extent: tuple[float, float] = (MIN_EXTENT, MAX_EXTENT),
                   max_cover: float = MAX_COVER) -> tuple[list[np.ndarray], list[int]]:

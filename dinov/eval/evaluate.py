@@ -100,8 +100,8 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
     images: dict[int, list[tuple[float, float, float]]] = defaultdict(list)  # (prediction score, mean score, mIoU)
     class_right: list[bool] = []
     best_query_iou: list[float] = []
-    refer = defaultdict(list)
-    spills = []
+    refer: dict[str, list[float]] = defaultdict(list)  # per true instance, by prompt kind
+    spills: list[bool] = []
     for i in tqdm(range(num_scenes), desc="targets", disable=not progress):
         scene = generate_scene(TARGET_SEED + i)
         encoded = predictor.encode_image(scene.image)
@@ -134,7 +134,7 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
             got = predictor.segment_interactive(encoded, points=[[x, y]], point_labels=[1]).best
             refer["point"].append(iou(got.mask, mask) if got else 0.0)
             others = np.delete(scene.masks, j, axis=0)
-            spills.append(bool(got) and covers_another(got.mask, others, 0.2))
+            spills.append(got is not None and covers_another(got.mask, others, 0.2))
             ys, xs = np.nonzero(mask)
             box = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
             got = predictor.segment_interactive(encoded, boxes=[box]).best
@@ -144,9 +144,9 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
         present = sorted(set(scene.classes.tolist()) & set(pool))
         if present:
             examples = np.stack([pool[c][int(rng.integers(0, len(pool[c])))] for c in present])
-            for c, got in zip(present, predictor.segment_referring(encoded, examples)):
+            for c, match in zip(present, predictor.segment_referring(encoded, examples)):
                 truths = scene.masks[scene.classes == c]
-                refer["example"].append(max(iou(got.mask, t) for t in truths) if got else 0.0)
+                refer["example"].append(max(iou(match.mask, t) for t in truths) if match else 0.0)
 
     report: dict = {"scenes": num_scenes, "classes_offered": len(classes)}
     for k, evaluator in evaluators.items():
@@ -169,8 +169,8 @@ def evaluate_predictor(predictor: DINOvPredictor, num_scenes: int = 40, pool_sce
     report["class_right"] = {"miou": float(np.mean(best_query_iou)), "miou_se": standard_error(best_query_iou),
                              "found": float(right_values.mean()), "found_se": standard_error(right_values),
                              "num_instances": len(right_values)}
-    for key, values in refer.items():
-        values = np.asarray(values)
+    for key, per_instance_ious in refer.items():
+        values = np.asarray(per_instance_ious)
         found = (values >= 0.5).astype(float)
         report[f"refer_{key}"] = {"miou": float(values.mean()), "miou_se": standard_error(values),
                                   "found": float(found.mean()), "found_se": standard_error(found),

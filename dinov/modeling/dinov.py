@@ -25,6 +25,9 @@ class SemSegHead(nn.Module):
 
 
 class DINOv(nn.Module):
+    pixel_mean: Tensor  # buffers, registered in __init__
+    pixel_std: Tensor
+
     def __init__(
         self,
         backbone: SwinTransformer,
@@ -53,6 +56,8 @@ class DINOv(nn.Module):
         # (the official demo's 0.12 when it carries none) and a readable name for model_version.
         self.default_score_threshold = 0.12
         self.model_name = "unnamed"
+        # and the form of the score it was calibrated for (dinov.postprocess.region_scores)
+        self.score_form = "class_probability"
 
     @property
     def head(self) -> DINOvHead:

@@ -118,8 +118,10 @@ class DINOvHead(nn.Module):
         # decoder; its final norm and box head are shared with the head, as in the checkpoints
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self._bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        nn.init.constant_(self._bbox_embed.layers[-1].weight, 0.0)
-        nn.init.constant_(self._bbox_embed.layers[-1].bias, 0.0)
+        last = self._bbox_embed.layers[-1]
+        assert isinstance(last, nn.Linear)  # MLP's layers are Linear
+        nn.init.constant_(last.weight, 0.0)
+        nn.init.constant_(last.bias, 0.0)
         self.bbox_embed = nn.ModuleList([self._bbox_embed] * dec_layers)
         layer = DeformableDecoderLayer(hidden_dim, dim_feedforward, dropout, "relu", total_num_feature_levels,
                                        decoder_nheads, dec_n_points)
@@ -192,7 +194,7 @@ class DINOvHead(nn.Module):
             raise ValueError(f"prompt_masks ({pad_h}x{pad_w}) must be zero-padded to the padded image size, a whole "
                              f"multiple of the finest feature map ({fine_h}x{fine_w}) with the same stride on both axes")
         num_prompts = prompt_masks.shape[0]
-        feature_sizes = [tuple(f.shape[-2:]) for f in multi_scale_features]
+        feature_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in multi_scale_features]
         level_masks = prompt_mask_pyramid(prompt_masks.to(finest.device), feature_sizes)
 
         tokens = self.content_tokens.weight[None].expand(1, num_prompts, -1)
@@ -306,6 +308,8 @@ class DINOvHead(nn.Module):
     def query_shape_logits(self, pred_masks: Tensor, class_shapes: Tensor) -> Tensor:
         """Shape extension: [B, Q, C] learned scale x cosine similarity of each query's predicted mask (its
         probabilities, not back-propagated into the mask) to each class's shape embedding."""
+        if self.shape_encoder is None:
+            raise ValueError("query_shape_logits needs the shape extension (a head built with a shape encoder)")
         b, q = pred_masks.shape[:2]
         probs = pred_masks.detach().float().sigmoid().flatten(0, 1)
         shapes = self.shape_encoder(probs).view(b, q, -1)

@@ -83,7 +83,7 @@ def prompt_mask_pyramid(prompt_masks: Tensor, feature_sizes: Sequence[tuple[int,
     # intermediate halvings between the image and the finest level (e.g. /2, /4 before a stride-8 level)
     num_halvings = int(math.log(int(pad_h / finest_h), 2))
     sizes = [(int(pad_h / 2 ** i), int(pad_w / 2 ** i)) for i in range(1, num_halvings)]
-    sizes += [tuple(int(v) for v in s) for s in feature_sizes]
+    sizes += [(int(s[0]), int(s[1])) for s in feature_sizes]
 
     current = prompt_masks[None].float()
     shrunk = []

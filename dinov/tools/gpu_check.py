@@ -17,6 +17,7 @@ The report says which of the issue's goals were met (H100-class: Swin-T >= 30 im
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 
 from dinov.config import PRESETS
-from dinov.modeling.dinov import build_dinov
+from dinov.modeling.dinov import DINOv, build_dinov
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GOALS = {"swin_t_images_per_s": 30.0, "click_ms": 50.0, "swin_l_images_per_s": 10.0, "bf16_mean_iou": 0.95}
@@ -59,13 +60,14 @@ def run_cuda_tests(dry_run: bool) -> dict:
         junit = Path(tmp) / "cuda.xml"
         command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/dinov/test_cuda.py", f"--junitxml={junit}"]
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=240)
-        suite = ElementTree.parse(junit).getroot()
-        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        root = ElementTree.parse(junit).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        if suite is None:
+            raise RuntimeError(f"pytest's JUnit report has no testsuite (exit code {completed.returncode})")
         counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     counts["exit_code"] = completed.returncode
-    counts["output_tail"] = completed.stdout[-1500:]
-    return counts
+    return {**counts, "output_tail": completed.stdout[-1500:]}
 
 
 def bf16(device: str, scenes: int) -> dict:
@@ -76,7 +78,8 @@ def bf16(device: str, scenes: int) -> dict:
     return bf16_agreement(predictor, scenes=scenes)
 
 
-def bench(preset: str, size: str, device: str, batch: int, repeats: int, dtype: str, model=None) -> dict:
+def bench(preset: str, size: str, device: str, batch: int, repeats: int, dtype: str,
+          model: DINOv | None = None) -> dict:
     from dinov.tools import bench as stage_bench
 
     height, width = (int(v) for v in size.split("x"))
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             key = f"{preset}_b{batch}"
             report["bench"][key] = _step(
                 report, f"bench_{key}",
-                lambda p=preset, b=batch, m=model: bench(p, size, device, b, repeats, dtype, m))
+                functools.partial(bench, preset, size, device, batch, repeats, dtype, model))
         del model
     height, width = (int(v) for v in size.split("x"))
     report["latency"] = _step(report, "click_latency", lambda: click_latency(device, (height, width), clicks, dtype))

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from dinov.data.scenes import generate_scene
-from dinov.predictor import DINOvPredictor
+from dinov.predictor import DINOvPredictor, Instance
 
 
 def mask_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
@@ -31,7 +32,7 @@ def mask_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def _union(instances) -> np.ndarray | None:
+def _union(instances: Iterable[Instance | None]) -> np.ndarray | None:
     masks = [i.mask for i in instances if i is not None]
     return np.logical_or.reduce(masks) if masks else None
 
@@ -68,9 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", default="240x320", help="HEIGHTxWIDTH of the generated scenes")
     parser.add_argument("--model-dir", default=None, help="where swinT/swinL are downloaded")
     args = parser.parse_args(argv)
-    size = tuple(int(v) for v in args.size.lower().split("x"))
+    height, width = (int(v) for v in args.size.lower().split("x"))
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device=args.device, cache_dir=args.model_dir)
-    report = bf16_agreement(predictor, args.scenes, size)
+    report = bf16_agreement(predictor, args.scenes, (height, width))
     print(json.dumps(report, indent=2))
     return report
 

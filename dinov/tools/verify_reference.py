@@ -26,7 +26,7 @@ from dinov import postprocess
 from dinov.checkpoint import load_into, read_state_dict
 from dinov.config import PRESETS, from_official_overrides
 from dinov.modeling.box_ops import point_boxes
-from dinov.modeling.dinov import build_dinov
+from dinov.modeling.dinov import DINOv, build_dinov
 from dinov.predictor import CLICK_HALF_SIZE, point_grid_boxes
 from dinov.transforms import normalize_and_pad
 
@@ -34,13 +34,13 @@ TOLERANCE = 1e-4
 NOT_JUDGED = {"refer_kept_index"}
 
 
-def recompute(model, io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def recompute(model: DINOv, io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every output tensor of an io file, recomputed from its inputs with our model."""
     out: dict[str, torch.Tensor] = {}
     head = model.head
     div = model.size_divisibility
 
-    def encode(image: torch.Tensor, prefix: str | None):
+    def encode(image: torch.Tensor, prefix: str | None) -> tuple[list[torch.Tensor], torch.Tensor, tuple[int, int]]:
         batch = normalize_and_pad([image], model.pixel_mean, model.pixel_std, div)
         features = model.backbone(batch)
         mask_features, multi_scale = model.sem_seg_head.pixel_decoder(features)
@@ -51,9 +51,9 @@ def recompute(model, io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             for i, level in enumerate(multi_scale):
                 out[f"{prefix}_multi_scale_{i}"] = level
             out[f"{prefix}_mask_features"] = mask_features
-        return multi_scale, mask_features, batch.shape[-2:]
+        return multi_scale, mask_features, (int(batch.shape[-2]), int(batch.shape[-1]))
 
-    def padded_masks(masks: list[torch.Tensor], size) -> torch.Tensor:
+    def padded_masks(masks: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         result = torch.zeros(len(masks), *size)
         for i, mask in enumerate(masks):
             m = mask[0].float() / 255.0
@@ -77,17 +77,20 @@ def recompute(model, io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     for prefix, classes in (("openset", one.label), ("openset_avg2", avg2), ("openset3", three.label)):
         raw = head.decode_generic(tgt_ms, tgt_mf, classes)
+        final = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}  # the last layer's outputs
+        aux_outputs = raw["aux_outputs"]
+        assert isinstance(aux_outputs, list)  # the earlier layers' outputs, one dict each
         for key in ("pred_logits", "pred_masks", "pred_boxes", "pred_match_score"):
-            out[f"{prefix}_raw_{key}"] = raw[key]
-        for i, aux in enumerate(raw["aux_outputs"]):
+            out[f"{prefix}_raw_{key}"] = final[key]
+        for i, aux in enumerate(aux_outputs):
             for key in ("pred_logits", "pred_boxes", "pred_match_score"):
                 out[f"{prefix}_raw_aux{i}_{key}"] = aux[key]
         if prefix == "openset":
-            selection = postprocess.filter_generic(raw["pred_logits"][0], raw["pred_masks"][0])
-            out["openset_mask_logits"] = postprocess.upsample_masks(selection.mask_logits, tuple(tgt_pad), (tgt_h, tgt_w))
+            selection = postprocess.filter_generic(final["pred_logits"][0], final["pred_masks"][0])
+            out["openset_mask_logits"] = postprocess.upsample_masks(selection.mask_logits, tgt_pad, (tgt_h, tgt_w))
             out["openset_scores"] = selection.scores
 
-    grid = point_grid_boxes(model.points_per_side, tuple(tgt_pad))
+    grid = point_grid_boxes(model.points_per_side, tgt_pad)
     out["refer_grid_boxes_dn"] = grid
     refer = head.decode_referring(tgt_ms, tgt_mf, three, grid)
     out["refer_raw_pred_ious"] = refer["pred_ious"]
@@ -95,21 +98,21 @@ def recompute(model, io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out["refer_raw_pred_boxes"] = refer["pred_boxes"]
     out["refer_raw_pred_masks_subset"] = refer["pred_masks"][0, io["refer_raw_pred_masks_subset_index"]]
     out["refer_raw_pred_masks_subset_index"] = io["refer_raw_pred_masks_subset_index"]
-    selection = postprocess.filter_referring(
+    refer_selection = postprocess.filter_referring(
         pred_boxes=refer["pred_boxes"][0],
         pred_ious=refer["pred_ious"][0],
         pred_match_score=refer["pred_match_score"][0],
         pred_masks=refer["pred_masks"][0],
         nms_threshold=model.nms_threshold,
     )
-    out["refer_selected_index"] = selection.index
-    out["refer_scores"] = selection.scores
-    out["refer_kept_index"] = selection.kept_index
-    out["refer_mask_logits"] = postprocess.upsample_masks(selection.mask_logits, tuple(tgt_pad), (tgt_h, tgt_w))
+    out["refer_selected_index"] = refer_selection.index
+    out["refer_scores"] = refer_selection.scores
+    out["refer_kept_index"] = refer_selection.kept_index
+    out["refer_mask_logits"] = postprocess.upsample_masks(refer_selection.mask_logits, tgt_pad, (tgt_h, tgt_w))
 
     click_content = head.encode_prompts(tgt_ms, padded_masks([io["tgt_mask"]], tgt_pad))
     out["click_content_label"] = click_content.label
-    click_boxes = point_boxes(io["click_points"], tuple(tgt_pad), CLICK_HALF_SIZE)
+    click_boxes = point_boxes(io["click_points"], tgt_pad, CLICK_HALF_SIZE)
     out["click_boxes_dn"] = click_boxes
     click = head.decode_referring(tgt_ms, tgt_mf, click_content, click_boxes)
     for key in ("pred_logits", "pred_masks", "pred_boxes", "pred_match_score", "pred_ious"):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning (set before torch loads OpenMP): on a shared machine
@@ -31,6 +32,7 @@ import torch
 
 from dinov.build import load_model, save_model
 from dinov.config import PRESETS
+from dinov.data.scenes import Scene
 from dinov.modeling.dinov import build_dinov
 from dinov.train.config import CHEAP_RECIPE, TrainConfig
 from dinov.train.trainer import Trainer, train, with_shape_encoder
@@ -38,7 +40,7 @@ from dinov.train.trainer import Trainer, train, with_shape_encoder
 logger = logging.getLogger("dinov.train")
 
 
-def load_dataset(data: str, images: Path | None, seeds: range):
+def load_dataset(data: str, images: Path | None, seeds: range) -> Sequence[Scene]:
     """`scenes` (generated), a Label Studio JSON export, or a COCO instances file."""
     if data == "scenes":
         from dinov.data.scenes import SceneDataset
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.shape_dim and model.head.shape_encoder is None:
         model, model_config = with_shape_encoder(model, model_config, args.shape_dim)
         encoder = model.head.shape_encoder
+        assert encoder is not None  # with_shape_encoder gave the head one
         with torch.no_grad():
             encoder.logit_scale.fill_(args.shape_logit_scale)
         if args.shape_pretrain_steps and not resuming:

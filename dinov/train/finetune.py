@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from dinov.postprocess import SCORE_THRESHOLD_GRID, official_threshold
 from dinov.train.config import TrainConfig
 from dinov.train.sampling import batches
 from dinov.train.trainer import Trainer
+
+if TYPE_CHECKING:
+    from dinov.predictor import DINOvPredictor, Instance
 
 # What a fine-tuning trains; the rest stays frozen.
 TRAINABLE = {
@@ -107,8 +110,9 @@ class TargetRegions:
     truth: np.ndarray
 
 
-def collect_regions(predictor, examples: Sequence[Scene], targets: Sequence[Scene], max_examples: int = 16,
-                    max_instances: int = 100, select: Callable[[list], list] | None = None) -> list[TargetRegions]:
+def collect_regions(predictor: DINOvPredictor, examples: Sequence[Scene], targets: Sequence[Scene],
+                    max_examples: int = 16, max_instances: int = 100,
+                    select: Callable[[list[Instance]], list[Instance]] | None = None) -> list[TargetRegions]:
     """Generic propagation as the backend does it: every target segmented against the classes of `examples`
     (each by up to max_examples of its instances), its regions passed through `select` (the backend's selection
     of what it returns: a function of the predictor's Instances, best first, that keeps some of them, possibly
@@ -137,7 +141,8 @@ def figures_at(collected: Sequence[TargetRegions], score_threshold: float, lower
     lowered_until_found: the threshold as the backend applies a model's default one (SCORE_THRESHOLD unset, the
     official rule): per image, scores strictly above it, lowered by 0.04 until a region passes (down to
     LOWEST_THRESHOLD, where collecting stopped); otherwise scores at or above it, as a set SCORE_THRESHOLD."""
-    best, wrong = [], 0
+    best: list[float] = []
+    wrong = 0
     for target in collected:
         scores = target.scores
         if lowered_until_found and len(scores):

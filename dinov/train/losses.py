@@ -353,11 +353,14 @@ class SetCriterion(nn.Module):
         missing = sorted({loss_base_name(k) for k in losses} - set(self.weights))
         if missing:
             raise KeyError(f"no weight for loss terms {missing}; add them to SetCriterion(weights=...)")
-        return sum(self.weights[loss_base_name(k)] * v for k, v in losses.items())
+        terms = [self.weights[loss_base_name(k)] * v for k, v in losses.items()]
+        if not terms:
+            raise ValueError("no loss terms to sum")
+        return sum(terms[1:], terms[0])
 
     @staticmethod
     def _num_masks(targets: Sequence[dict], outputs: dict) -> float:
-        count = sum(len(t.get("labels", t.get("masks"))) for t in targets)
+        count = sum(len(t["labels"] if "labels" in t else t["masks"]) for t in targets)
         ref = next(v for v in outputs.values() if isinstance(v, Tensor))
         num = torch.as_tensor([float(count)], device=ref.device)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -369,7 +372,7 @@ class SetCriterion(nn.Module):
     def _denoising_indices(targets: Sequence[dict], dn: Denoising) -> list[tuple[Tensor, Tensor]]:
         indices = []
         for t in targets:
-            n = len(t.get("labels", t.get("masks")))
+            n = len(t["labels"] if "labels" in t else t["masks"])
             if n > dn.group_size:
                 raise ValueError(f"{n} targets do not fit denoising groups of {dn.group_size} queries")
             tgt = torch.arange(n).repeat(dn.num_groups)

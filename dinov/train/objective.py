@@ -36,7 +36,7 @@ class TrainingObjective:
         model, head = self.model, self.model.head
         images = normalize_and_pad([s.image for s in batch], model.pixel_mean.cpu(), model.pixel_std.cpu(),
                                    model.size_divisibility).to(self.device)
-        padded = images.shape[-2:]
+        padded = (int(images.shape[-2]), int(images.shape[-1]))
         multi_scale, mask_features = model.encode(images)
         masks = [self._pad(s.masks, padded) for s in batch]
 
@@ -75,7 +75,9 @@ class TrainingObjective:
                                       denoising_groups=dn_groups)
         denoising = None
         if dn_boxes is not None:
-            denoising = Denoising(outputs=outputs.pop("denoising"), num_groups=dn_groups,
+            dn_outputs = outputs.pop("denoising")
+            assert isinstance(dn_outputs, dict)  # decode_generic's outputs of the denoising queries
+            denoising = Denoising(outputs=dn_outputs, num_groups=dn_groups,
                                   group_size=dn_boxes.shape[1] // dn_groups)
         generic = self.criterion(outputs, targets, denoising=denoising)
         losses = {"generic": self.criterion.total_loss({k: v for k, v in generic.items() if not k.endswith("_dn")})}
@@ -132,24 +134,26 @@ class TrainingObjective:
         return out.clamp(1e-3, 1 - 1e-3), groups
 
     def interactive_losses(self, i: int, multi_scale: list[Tensor], mask_features: Tensor, masks: Tensor,
-                            classes: Tensor, bank: Tensor, class_index: dict[int, int], padded) -> dict[str, Tensor]:
+                            classes: Tensor, bank: Tensor, class_index: dict[int, int],
+                            padded: tuple[int, int]) -> dict[str, Tensor]:
         head = self.model.head
         n = len(masks)
         picks = self.rng.choice(n, size=min(n, self.config.interactive_per_image), replace=False)
-        position_xyxy, instance = [], []
+        position_xyxy: list[Tensor] = []
+        instance_ids: list[int] = []
         for j in picks.tolist():
             box = mask_to_box(masks[j])
             if self.rng.random() < 0.6:  # a click somewhere inside the instance
                 ys, xs = torch.nonzero(masks[j], as_tuple=True)
                 k = int(self.rng.integers(0, len(ys)))
-                position_xyxy.append(point_boxes(torch.tensor([[xs[k] + 0.5, ys[k] + 0.5]]), tuple(padded))[0])
+                position_xyxy.append(point_boxes(torch.tensor([[xs[k] + 0.5, ys[k] + 0.5]]), padded)[0])
             else:  # the instance's box, a little jittered as a user draws it
                 jitter = torch.from_numpy(self.rng.normal(0, 0.05, 4)).float() * (box[2:] - box[:2]).repeat(2)
                 scale = torch.tensor([padded[1], padded[0], padded[1], padded[0]], dtype=torch.float32)
                 position_xyxy.append(box_xyxy_to_cxcywh((box + jitter)[None])[0] / scale)
-            instance.append(j)
+            instance_ids.append(j)
         positions = torch.stack(position_xyxy).clamp(0.0, 1.0).to(self.device)
-        instance = torch.tensor(instance, device=self.device)
+        instance = torch.tensor(instance_ids, device=self.device)
 
         # the classes of this image as content prompts: their match scores learn cross-image referring
         prompt_classes = sorted({class_index[int(c)] for c in classes})
@@ -213,7 +217,7 @@ class TrainingObjective:
         return out
 
     @staticmethod
-    def _pad(masks: Tensor, padded) -> Tensor:
+    def _pad(masks: Tensor, padded: tuple[int, int]) -> Tensor:
         out = torch.zeros(len(masks), *padded, dtype=torch.bool)
         out[:, : masks.shape[1], : masks.shape[2]] = masks
         return out

@@ -96,10 +96,11 @@ def batches(dataset: Sequence[Scene], config: TrainConfig, rng: np.random.Genera
         subset = None
         if config.batch_classes > 0 and isinstance(dataset, SceneDataset):
             subset = np.sort(rng.choice(NUM_CLASSES, size=min(config.batch_classes, NUM_CLASSES), replace=False))
-        batch = []
+        batch: list[Sample] = []
         while len(batch) < config.batch_size:
             index = int(rng.integers(0, len(dataset)))
             if subset is not None:
+                assert isinstance(dataset, SceneDataset)  # a class subset is drawn for generated scenes only
                 scene = generate_scene(int(dataset.seeds[index]), dataset.size, dataset.num_objects,
                                        classes=subset.tolist())
             else:

@@ -64,7 +64,7 @@ class Trainer:
         if backbone:
             groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_scale})
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-        self.base_lrs = [g["lr"] for g in groups]
+        self.base_lrs: list[float] = [g["lr"] for g in self.optimizer.param_groups]
         self.step = 0
         matcher = HungarianMatcher(num_points=config.mask_points)
         self.criterion = SetCriterion(matcher, losses=("labels", "masks", "boxes"), num_points=config.mask_points,
@@ -93,7 +93,8 @@ class Trainer:
                 losses = self.objective.losses(batch)
         else:
             losses = self.objective.losses(batch)
-        total = sum(losses.values())
+        values = list(losses.values())  # never empty: the generic loss is always there
+        total = sum(values[1:], values[0])
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.config.grad_clip > 0:
