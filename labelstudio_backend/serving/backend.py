@@ -108,7 +108,7 @@ class DINOvBackend:
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict | list]:
         """One prediction per task, in task order.
 
-        Without context: pre-annotation. A task whose image fails gets an empty result (reason logged); tasks
+        Without context: pre-annotation. A task whose image fails gets `[]` (stored as nothing, reason logged); tasks
         left when PREDICT_TIME_BUDGET runs out get `[]` (stored as nothing) while the runtime's deferral
         predicts and posts them. With a context holding drawn regions: interactive refinement of one task.
         """
@@ -177,7 +177,7 @@ class DINOvBackend:
                 logger.warning("project %s task %s: no prediction: %s", self.project_id, task.get("id"), e,
                                exc_info=not expected)
                 self.runtime.on_task_failed(type(e).__name__)
-                results.append(empty_prediction(version))
+                results.append([])  # not predicted: Label Studio stores nothing and asks again (issue 20)
             else:
                 self.runtime.record_task_seconds(time.perf_counter() - task_started)
         return results
