@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -115,6 +117,7 @@ class Settings:
                f"one of {', '.join(PROJECT_MODELS)}")
         _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,
                "an integer >= 1")
+        _check_upper_bounds(self)
         _check(self.max_request_bytes > 0, "MAX_REQUEST_BYTES", self.max_request_bytes, "a positive integer")
         _check(self.model_load_retry_s > 0, "MODEL_LOAD_RETRY_S", self.model_load_retry_s, "a number of seconds > 0")
         _check(self.work_queue_size >= 1, "WORK_QUEUE_SIZE", self.work_queue_size, "an integer >= 1")
@@ -282,6 +285,7 @@ PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_pr
 _PER_PROJECT_KEYS = {key: row.field for row in SETTINGS_TABLE if row.per_project
                      for key in (row.field, row.env.lower())}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+_ENV_NAMES = {row.field: row.env for row in SETTINGS_TABLE}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
 
 
@@ -298,15 +302,22 @@ def _parse(name: str, raw: Any, source: str) -> Any:
                 return False
             raise ValueError("expected true or false")
         if kind == "int":
-            if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+            if isinstance(raw, bool) or isinstance(raw, float) and not (math.isfinite(raw) and raw.is_integer()):
                 raise ValueError("expected an integer")
+            if isinstance(raw, str) and not _ASCII_INT.fullmatch(raw.strip()):
+                raise ValueError("expected an integer in ASCII digits")
             return int(raw)
         if kind in ("float", "float | None"):
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
             if kind == "float | None" and (raw is None or str(raw).strip() == ""):
                 return None
-            return float(raw)
+            if isinstance(raw, str) and not _ASCII_FLOAT.fullmatch(raw.strip()):
+                raise ValueError("expected a number in ASCII digits")
+            number = float(raw)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if kind == "Path":
             return Path(str(raw)).expanduser()
         if kind == "Path | None":
@@ -317,6 +328,31 @@ def _parse(name: str, raw: Any, source: str) -> Any:
         return str(raw).strip()
     except (TypeError, ValueError) as e:
         raise SettingsError(f"{source}={raw!r} is not valid: {e}") from None
+
+
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,19}")
+_ASCII_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
+
+# Upper bounds of the numbers a request (extra_params) or the environment may set: beyond them a value is a
+# mistake or an attack (max_examples_per_label=1e21 made every /predict of the project fail).
+UPPER_BOUNDS = {
+    "max_examples_per_label": 1000, "max_instances_per_label": 1000, "min_area": 10**9, "polygon_tolerance": 1000.0,
+    "predict_time_budget": 86400.0, "train_every_annotations": 10**6, "max_batch": 1024, "feature_cache_size": 10**4,
+    "train_steps": 10**7, "train_minutes": 10**5, "project_models_in_memory": 1000, "work_queue_size": 10**6,
+    "image_cache_mb": 10**8, "fetch_timeout": 86400.0, "model_load_retry_s": 86400.0, "batch_window_ms": 10**4,
+    "workers": 1024, "threads": 4096, "max_image_pixels": 10**10, "max_image_bytes": 2**40,
+    "max_request_bytes": 2**40,
+}
+
+
+def _check_upper_bounds(settings: Any) -> None:
+    for name, bound in UPPER_BOUNDS.items():
+        value = getattr(settings, name, None)
+        if value is not None and not value <= bound:
+            raise SettingsError(f"{_ENV_NAMES.get(name, name)}={value!r} is not valid: expected at most {bound}")
+    annotators = getattr(settings, "reference_annotators", ())
+    if len(annotators) > 1000 or not all(a.isascii() and len(a) <= 19 for a in annotators):
+        raise SettingsError("REFERENCE_ANNOTATORS is not valid: expected at most 1000 user ids in ASCII digits")
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from labelstudio_backend.labelstudio.payload import MAX_ID, ascii_id
 from labelstudio_backend.labelstudio.region_types import base_type
 from labelstudio_backend.store.schema import StoreError
 
@@ -96,12 +97,10 @@ def normalize_timestamp(value: Any) -> str | None:
 
 def as_id(value: Any, what: str) -> int:
     """An integer id (int or numeric str); StoreError naming `what` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise StoreError(f"{what} must be an integer id, got {value!r}")
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise StoreError(f"{what} must be an integer id, got {value!r}") from exc
+    number = ascii_id(value)
+    if number is None:
+        raise StoreError(f"{what} must be an integer id (ASCII digits, 0 to {MAX_ID}), got {str(value)[:40]!r}")
+    return number
 
 
 def _user_id(completed_by: Any) -> int | None:
