@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from labelstudio_backend.http import training_routes
+from labelstudio_backend.http import edge, training_routes
 from labelstudio_backend.serving import deferred
 from labelstudio_backend.http.auth import REALM, AuthFailed, BasicAuth
 from labelstudio_backend.serving.backend import DINOvBackend
@@ -107,6 +107,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
             metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - g.started)
         return response
 
+    edge.install(app, settings)  # after auth: chunked bodies counted (413), 401/403 logged (issue 20)
+
     @app.errorhandler(Exception)
     def _error(error: Exception):
         endpoint = request.url_rule.rule if request.url_rule else "unmatched"
@@ -150,7 +152,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.get("/")
     @app.get("/health")
     def health():
-        answer = health_report(runtime)
+        answer = edge.health_for(health_report(runtime), edge.is_authorized(auth, request.headers.get("Authorization")), settings)
         return jsonify(answer), (200 if answer["status"] == "UP" else 503)
 
     @app.post("/setup")
