@@ -2,8 +2,9 @@
 
 URL forms (task["data"][<Image value>]):
 
-- ``/data/upload/<project>/<file>`` and any other path starting with ``/`` (``upload/...`` too):
-  fetched from LABEL_STUDIO_URL with the API key;
+- ``/data/upload/<project>/<file>`` (``upload/...`` too) and Label Studio's other media paths
+  (labelstudio/media.py): fetched from LABEL_STUDIO_URL with the API key; any other path is refused, and the
+  token goes to media paths only, on every hop (a task image "/api/projects/" never reads the API);
 - ``/data/local-files/?d=<path>``: read from LOCAL_FILES_DOCUMENT_ROOT when it is set (never outside
   it), otherwise fetched from Label Studio like an upload;
 - ``s3://``, ``gs://``, ``azure-blob://``: Label Studio presigns them at
@@ -43,6 +44,7 @@ from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.fetching import local_files
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
 from labelstudio_backend.fetching.safe_http import FetchError, TooLarge, fetch
+from labelstudio_backend.labelstudio.media import is_media_path
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.url_policy import CheckedURL, Resolver, URLRefused, check_url
 
@@ -143,6 +145,10 @@ class ImageLoader:
             path = self._local_files_path(url)
             if path is not None:
                 return Source("local", path, cache_key=url)
+        if not is_media_path(urlparse(url).path):
+            raise ImageHostError(f"{url[:200]!r} is not one of Label Studio's media paths (/data/upload/..., "
+                                 "/data/local-files/?d=..., /storage-data/uploaded/, /tasks/<id>/resolve/); "
+                                 "Label Studio's other paths are never fetched for an image")
         return Source("label_studio", self._ls_absolute(url, url), cache_key=self.ls_url + url)
 
     def decode(self, data: bytes, url: str = "") -> np.ndarray:
@@ -234,7 +240,7 @@ class ImageLoader:
     def _fetch(self, url: str) -> bytes:
         return fetch(self.client.session, url, policy=self.client.policy, timeout=self.settings.fetch_timeout,
                      max_bytes=self.settings.max_image_bytes, label_studio_headers=self.client.auth_headers,
-                     verify=self.settings.verify_ssl)
+                     verify=self.settings.verify_ssl, token_for=self.client.is_media_url)
 
     # the on-disk cache (bounded by IMAGE_CACHE_MB, least recently used files go first)
 
