@@ -218,7 +218,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         if request.method == "POST":
             action = request.args.get("action", "")
             if action == "sync":
-                if runtime.ensure_synced(project_id, force=True) is None:  # QueueFull: 503 with Retry-After
+                if runtime.ensure_synced(project_id, force=True, full=True) is None:  # Label Studio's view wins  # QueueFull: 503 with Retry-After
                     raise BackendError("no Label Studio API sync is configured (LABEL_STUDIO_URL and "
                                        "LABEL_STUDIO_API_KEY); references come from webhooks only")
                 answer["started"] = "sync"

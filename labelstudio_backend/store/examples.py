@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from labelstudio_backend.labelstudio.payload import MAX_ID, ascii_id
@@ -93,6 +93,25 @@ def normalize_timestamp(value: Any) -> str | None:
     if moment.tzinfo is None:  # Label Studio writes UTC; a naive value is taken as UTC
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+FUTURE_SKEW_S = 300.0  # clocks differ; a timestamp further ahead than this is not believed
+
+
+def clamp_future(annotation: dict, now: datetime | None = None, skew_s: float = FUTURE_SKEW_S) -> dict:
+    """`annotation`, or a copy whose updated_at/created_at from the future (beyond `skew_s` seconds) are replaced
+    by now: a forged `updated_at: 9999-12-31` must not win over every later genuine version."""
+    now = now or datetime.now(timezone.utc)
+    limit = normalize_timestamp(now + timedelta(seconds=skew_s))
+    changed = dict(annotation)
+    for key in ("updated_at", "created_at"):
+        try:
+            stamp = normalize_timestamp(annotation.get(key))
+        except StoreError:
+            continue  # reported where the annotation is read
+        if stamp is not None and stamp > limit:
+            changed[key] = normalize_timestamp(now)
+    return changed if changed != annotation else annotation
 
 
 def as_id(value: Any, what: str) -> int:

@@ -375,7 +375,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path):
     release = threading.Event()
     synced: list[int] = []
 
-    def slow_sync(project_id: int) -> None:
+    def slow_sync(project_id: int, full: bool | None = None) -> None:
         release.wait(10)
         synced.append(project_id)
 
