@@ -28,39 +28,13 @@ from PIL import Image
 
 from dinov import prompts
 from labelstudio_backend.labelstudio.label_config import Control
+from labelstudio_backend.labelstudio.region_limits import (  # noqa: F401  (RegionError is this module's too)
+    REGION_AREA_FACTOR, RegionError, RegionTooLarge, check_region_canvas, region_pixel_limit)
 from labelstudio_backend.labelstudio.region_types import REGION_TYPES
 
 MAX_RLE_PIXELS = 200_000_000  # a canvas header above this is an attack or a corrupt region, not an image
-DEFAULT_MAX_REGION_PIXELS = 64_000_000  # MAX_IMAGE_PIXELS's default: the cap when a caller passes none
-REGION_AREA_FACTOR = 4        # a region's canvas may be up to 4x the task image's area (drawn on a 2x copy)
 MAX_POLYGON_POINTS = 100_000  # vertices of one polygon region
 KEYPOINT_MIN_RADIUS = 3.0     # pixels of the disc a keypoint becomes when a mask is needed
-
-
-class RegionError(ValueError):
-    """A region cannot be read; the message names it and says what is wrong."""
-
-
-class RegionTooLarge(RegionError):
-    """A region declares a canvas larger than its task image allows (a region bomb); refused before decoding."""
-
-
-def region_pixel_limit(size: tuple[int, int] | None, max_pixels: int | None = None) -> int:
-    """The most pixels a region's canvas may have on a task image of `size` = (height, width): REGION_AREA_FACTOR
-    times the image's area, never above max_pixels (MAX_IMAGE_PIXELS; DEFAULT_MAX_REGION_PIXELS without one)."""
-    cap = int(max_pixels) if max_pixels else DEFAULT_MAX_REGION_PIXELS
-    if size is None:
-        return cap
-    height, width = size
-    return max(1, min(cap, REGION_AREA_FACTOR * int(height) * int(width)))
-
-
-def check_region_canvas(width: int, height: int, limit: int, rid: str = "?") -> None:
-    """RegionTooLarge when a width x height canvas is above `limit` pixels (checked before anything is allocated)."""
-    if width * height > limit:
-        raise RegionTooLarge(f"region {rid} declares a {width}x{height} canvas ({width * height} pixels), above the "
-                             f"{limit}-pixel limit of its task image (at most {REGION_AREA_FACTOR}x the image's area "
-                             "and MAX_IMAGE_PIXELS); refused before decoding")
 
 
 # --- reading regions -------------------------------------------------------------------------------------
