@@ -156,3 +156,28 @@ def test_a_chunked_body_over_max_request_bytes_is_a_413(server):
     small = b'{"tasks": []}'
     ok = head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(small), small)
     assert request(port, ok).startswith(b"HTTP/1.1 400")  # read whole, and answered by the app: no tasks
+
+
+def test_the_worker_tells_a_complete_request_from_one_still_arriving():
+    from labelstudio_backend.http.serve import _Arriving, request_complete
+
+    def state(*parts: bytes, limit: int = 1000) -> str:
+        arriving = _Arriving(conn=None, now=0.0)
+        result = "wait"
+        for part in parts:
+            arriving.buf += part
+            result = request_complete(arriving, limit)
+        return result
+
+    assert state(b"GET / HTTP/1.1\r\nHost: t\r\n") == "wait"
+    assert state(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n") == "ready"
+    assert state(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc") == "wait"
+    assert state(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nabc", b"de") == "ready"
+    assert state(b"POST / HTTP/1.1\r\nContent-Length: 5000\r\n\r\n") == "ready"  # the app answers 413 unread
+    chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert state(chunked, b"3\r\nabc\r\n") == "wait"
+    assert state(chunked, b"3\r\nabc\r\n", b"0\r\n\r\n") == "ready"
+    assert state(chunked, b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n") == "ready"
+    assert state(chunked, b"%x\r\n" % 70000 + b"x" * 70000 + b"\r\n", limit=100) == "too large"
+    assert state(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n") == "ready"
+    assert state(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 20000) == "ready"  # the parser refuses the head

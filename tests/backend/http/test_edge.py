@@ -134,6 +134,7 @@ def test_project_ids_out_of_range_or_not_ascii_are_a_400(backend, project):
         answer = backend.post(path, payload)
         assert answer.status_code == 400, (path, answer.json)
     assert backend.client.get(f"/references?project={project}").status_code == 400
+    assert backend.client.get(f"/training?project={project}").status_code == 400
 
 
 def test_largest_project_id_is_accepted(backend):
