@@ -152,7 +152,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.get("/")
     @app.get("/health")
     def health():
-        answer = edge.health_for(health_report(runtime), edge.is_authorized(auth, request.headers.get("Authorization")), settings)
+        authorized = edge.is_authorized(auth, request.headers.get("Authorization"))  # else state only (issue 20)
+        answer = edge.health_for(health_report(runtime), authorized, settings)
         return jsonify(answer), (200 if answer["status"] == "UP" else 503)
 
     @app.post("/setup")
@@ -218,7 +219,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         if request.method == "POST":
             action = request.args.get("action", "")
             if action == "sync":
-                if runtime.ensure_synced(project_id, force=True, full=True) is None:  # Label Studio's view wins  # QueueFull: 503 with Retry-After
+                # full: what Label Studio has replaces the store's view; QueueFull: 503 with Retry-After
+                if runtime.ensure_synced(project_id, force=True, full=True) is None:
                     raise BackendError("no Label Studio API sync is configured (LABEL_STUDIO_URL and "
                                        "LABEL_STUDIO_API_KEY); references come from webhooks only")
                 answer["started"] = "sync"

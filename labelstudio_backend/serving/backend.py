@@ -248,7 +248,8 @@ class DINOvBackend:
             raise BackendError("context.result must be a list of regions")
         encoded = self.runtime.encode(config.image_url(task), task_id_of(task.get("id")))
         size = tuple(encoded.image_size)
-        prompts: list[RegionPrompt] = [region_to_prompt(region, size, self.settings.max_image_pixels) for region in drawn
+        limit = self.settings.max_image_pixels  # region bombs: refused before decoding (issue 20)
+        prompts: list[RegionPrompt] = [region_to_prompt(region, size, limit) for region in drawn
                                        if region.get("to_name") in (None, config.image_name)]
         label = next((p.label for p in prompts if p.positive and p.label), None) \
             or next((p.label for p in prompts if p.label), None)
