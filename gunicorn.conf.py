@@ -1,9 +1,15 @@
-"""gunicorn reads ./gunicorn.conf.py by default: the backend's start-up check of where it listens.
+"""gunicorn reads ./gunicorn.conf.py by default: the worker class that protects the threads from slow clients, and
+the backend's start-up check of where it listens.
 
 Command-line options (scripts/start.sh, the Docker image, the tests) still set bind, workers and threads.
 """
 
 from __future__ import annotations
+
+# gthread whose event loop reads each request completely (head within REQUEST_HEAD_TIMEOUT_S, the whole within
+# REQUEST_BODY_TIMEOUT_S) before a thread gets it: slow clients hold no thread, /health keeps answering
+# (labelstudio_backend/http/serve.py; README: Deploy safely).
+worker_class = "labelstudio_backend.http.serve.BufferingThreadWorker"
 
 
 def when_ready(server) -> None:

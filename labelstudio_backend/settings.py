@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,11 +31,13 @@ class SettingsError(ValueError):
     """A setting has a value the backend cannot use; the message names the variable."""
 
 
-def setting(default: Any, env: str, meaning: str, per_project: bool = False, secret: bool = False) -> Any:
+def setting(default: Any, env: str, meaning: str, per_project: bool = False, secret: bool = False,
+            maximum: float | None = None) -> Any:
     """A Settings field: its default, the environment variable that sets it, what it means (the README's
-    table), whether a project's extra_params may override it, and whether it is kept out of repr()."""
+    table), whether a project's extra_params may override it, whether it is kept out of repr(), and the largest
+    value accepted (None: no bound)."""
     return field(default=default, repr=not secret,
-                 metadata={"env": env, "meaning": meaning, "per_project": per_project})
+                 metadata={"env": env, "meaning": meaning, "per_project": per_project, "maximum": maximum})
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,16 @@ class Settings:
     port: int = setting(9090, "PORT",
         "Port of `python _wsgi.py` and scripts/start.sh.")
     workers: int = setting(1, "WORKERS",
-        "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU.")
+        "gunicorn worker processes. Each loads its own model and feature cache; keep 1 per GPU.", maximum=1024)
     threads: int = setting(8, "THREADS",
-        "Threads per worker; model work is serialised per device.")
+        "Threads per worker; model work is serialised per device.", maximum=4096)
     basic_auth_user: str = setting("", "BASIC_AUTH_USER",
         "With BASIC_AUTH_PASS: every endpoint but /health requires HTTP basic auth; give Label Studio the "
         "same in the model connection (README: Deploy safely). Printable ASCII, no ':'.")
     basic_auth_pass: str = setting("", "BASIC_AUTH_PASS",
         "Password for basic auth (printable ASCII).", secret=True)
     max_request_bytes: int = setting(32 * 1024 * 1024, "MAX_REQUEST_BYTES",
-        "Largest request body; larger ones are answered 413.")
+        "Largest request body; larger ones are answered 413.", maximum=1099511627776)
     log_level: str = setting("INFO", "LOG_LEVEL",
         "DEBUG, INFO, WARNING or ERROR.")
     # The model.
@@ -71,35 +75,35 @@ class Settings:
         "auto (CUDA when available), cuda, cuda:<i> or cpu.")
     model_load_retry_s: float = setting(5.0, "MODEL_LOAD_RETRY_S",
         "Seconds before a failed model load is tried again; doubled after each failure, at most 300. "
-        "/health answers 503 with the reason meanwhile.")
+        "/health answers 503 with the reason meanwhile.", maximum=86400.0)
     # Background work.
     work_queue_size: int = setting(64, "WORK_QUEUE_SIZE",
         "Jobs that may wait in each background queue (model loading, webhooks, syncs, reference "
-        "embedding, estimates, deferred predictions); a full queue answers 503 with Retry-After.")
+        "embedding, estimates, deferred predictions); a full queue answers 503 with Retry-After.", maximum=1000000)
     # Pre-annotation (per project).
     # None: the checkpoint's own calibrated threshold (0.12, the official demo's, for the released ones).
     score_threshold: float | None = setting(None, "SCORE_THRESHOLD",
         "Minimum instance score kept by pre-annotation. Unset: the checkpoint's own default (stored in "
         "its metadata, calibrated for the demo model; 0.12, the official demo's, for swinT/swinL).", per_project=True)
     max_instances_per_label: int = setting(20, "MAX_INSTANCES_PER_LABEL",
-        "At most this many regions per label and image.", per_project=True)
+        "At most this many regions per label and image.", per_project=True, maximum=1000)
     min_area: int = setting(16, "MIN_AREA",
-        "Drop predicted regions smaller than this many pixels.", per_project=True)
+        "Drop predicted regions smaller than this many pixels.", per_project=True, maximum=1000000000)
     allow_overlap: bool = setting(False, "ALLOW_OVERLAP",
         "Whether masks of different labels may overlap; if false, a higher-scoring instance keeps the "
         "shared pixels.", per_project=True)
     polygon_tolerance: float = setting(1.5, "POLYGON_TOLERANCE",
-        "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", per_project=True)
+        "Polygon simplification (Douglas-Peucker), in pixels; 0 keeps every contour point.", per_project=True, maximum=1000.0)
     references: str = setting("all", "REFERENCES",
         "Which annotations are in-context examples: all, ground_truth or annotators.", per_project=True)
     reference_annotators: tuple[str, ...] = setting((), "REFERENCE_ANNOTATORS",
         "Comma-separated annotator user ids, for REFERENCES=annotators.", per_project=True)
     max_examples_per_label: int = setting(16, "MAX_EXAMPLES_PER_LABEL",
-        "In-context examples per label (most recent first).", per_project=True)
+        "In-context examples per label (most recent first).", per_project=True, maximum=1000)
     predict_time_budget: float = setting(80.0, "PREDICT_TIME_BUDGET",
         "Seconds a /predict call may spend (Label Studio waits ML_TIMEOUT_PREDICT=100 s); tasks left over "
         "are answered [] (Label Studio stores nothing for them) and finished in the background, which "
-        "posts their predictions through the API.", per_project=True)
+        "posts their predictions through the API.", per_project=True, maximum=86400.0)
     # Interactive refinement (per project).
     interactive_mode: str = setting("object", "INTERACTIVE_MODE",
         "object: a click/box/stroke gives that object's mask; similar: all similar objects in the image.", per_project=True)
@@ -112,40 +116,40 @@ class Settings:
         "Read /data/local-files/?d=... from this directory (never outside it) instead of fetching it from "
         "Label Studio.")
     max_image_bytes: int = setting(64 * 1024 * 1024, "MAX_IMAGE_BYTES",
-        "Largest image download or local file, in bytes.")
+        "Largest image download or local file, in bytes.", maximum=1099511627776)
     max_image_pixels: int = setting(64_000_000, "MAX_IMAGE_PIXELS",
-        "Largest image, width x height, checked from its header before decoding.")
+        "Largest image, width x height, checked from its header before decoding.", maximum=10000000000)
     image_cache_mb: int = setting(2048, "IMAGE_CACHE_MB",
-        "Size bound of the downloaded-image cache in MODEL_DIR.")
+        "Size bound of the downloaded-image cache in MODEL_DIR.", maximum=100000000)
     fetch_timeout: float = setting(30.0, "FETCH_TIMEOUT",
-        "Seconds for a whole image download (redirects and every read) or one API request.")
+        "Seconds for a whole image download (redirects and every read) or one API request.", maximum=86400.0)
     verify_ssl: bool = setting(True, "VERIFY_SSL",
         "Verify TLS certificates when fetching.")
     feature_cache_size: int = setting(8, "FEATURE_CACHE_SIZE",
-        "Encoded images kept per process, so the next click on the same image costs only the decoder.")
+        "Encoded images kept per process, so the next click on the same image costs only the decoder.", maximum=10000)
     # Encodings of concurrent requests collected into one batch (None: 5 ms on CUDA, 0 = off on the CPU).
     batch_window_ms: float | None = setting(None, "BATCH_WINDOW_MS",
         "How long the first of several concurrent image encodings waits for others to share one batch. "
-        "Unset: 5 ms on CUDA (a batch of 8 costs little more than one image), 0 (off) on the CPU.")
+        "Unset: 5 ms on CUDA (a batch of 8 costs little more than one image), 0 (off) on the CPU.", maximum=10000)
     max_batch: int = setting(8, "MAX_BATCH",
-        "Most images encoded in one batch.")
+        "Most images encoded in one batch.", maximum=1024)
     # Fine-tuning per project ("Start Training").
     train_steps: int = setting(0, "TRAIN_STEPS",
-        "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU.")
+        "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU.", maximum=10000000)
     train_minutes: float = setting(0.0, "TRAIN_MINUTES",
-        "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU.")
+        "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU.", maximum=100000)
     train_parameters: str = setting("decoder", "TRAIN_PARAMETERS",
         "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
         "decoder frozen), decoder+pixel_decoder or all. For kinds of objects the model never saw, all "
         "learns far more per minute (BENCHMARKS.md, Start Training).")
     train_every_annotations: int = setting(0, "TRAIN_EVERY_ANNOTATIONS",
         "Also start a fine-tuning after this many new annotations (counted across workers and restarts, "
-        "in MODEL_DIR's training store); 0: only on Start Training.", per_project=True)
+        "in MODEL_DIR's training store); 0: only on Start Training.", per_project=True, maximum=1000000)
     project_model: str = setting("active", "PROJECT_MODEL",
         "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base model (a "
         "rollback that keeps the checkpoint).", per_project=True)
     project_models_in_memory: int = setting(2, "PROJECT_MODELS_IN_MEMORY",
-        "Fine-tuned project models kept loaded per worker (each is a copy of the base model).")
+        "Fine-tuned project models kept loaded per worker (each is a copy of the base model).", maximum=1000)
 
     def __post_init__(self) -> None:
         _check(self.batch_window_ms is None or self.batch_window_ms >= 0, "BATCH_WINDOW_MS", self.batch_window_ms,
@@ -182,6 +186,7 @@ class Settings:
                f"one of {', '.join(PROJECT_MODELS)}")
         _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,
                "an integer >= 1")
+        _check_upper_bounds(self)
         _check(self.max_request_bytes > 0, "MAX_REQUEST_BYTES", self.max_request_bytes, "a positive integer")
         _check(self.model_load_retry_s > 0, "MODEL_LOAD_RETRY_S", self.model_load_retry_s, "a number of seconds > 0")
         _check(self.work_queue_size >= 1, "WORK_QUEUE_SIZE", self.work_queue_size, "an integer >= 1")
@@ -286,6 +291,7 @@ PER_PROJECT_FIELDS = frozenset(row.field for row in SETTINGS_TABLE if row.per_pr
 _PER_PROJECT_KEYS = {key: row.field for row in SETTINGS_TABLE if row.per_project
                      for key in (row.field, row.env.lower())}
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(Settings)}
+_ENV_NAMES = {row.field: row.env for row in SETTINGS_TABLE}
 
 
 def _parse(name: str, raw: Any, source: str) -> Any:
@@ -301,15 +307,22 @@ def _parse(name: str, raw: Any, source: str) -> Any:
                 return False
             raise ValueError("expected true or false")
         if kind == "int":
-            if isinstance(raw, bool) or isinstance(raw, float) and not raw.is_integer():
+            if isinstance(raw, bool) or isinstance(raw, float) and not (math.isfinite(raw) and raw.is_integer()):
                 raise ValueError("expected an integer")
+            if isinstance(raw, str) and not _ASCII_INT.fullmatch(raw.strip()):
+                raise ValueError("expected an integer in ASCII digits")
             return int(raw)
         if kind in ("float", "float | None"):
             if isinstance(raw, bool):
                 raise ValueError("expected a number")
             if kind == "float | None" and (raw is None or str(raw).strip() == ""):
                 return None
-            return float(raw)
+            if isinstance(raw, str) and not _ASCII_FLOAT.fullmatch(raw.strip()):
+                raise ValueError("expected a number in ASCII digits")
+            number = float(raw)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if kind == "Path":
             return Path(str(raw)).expanduser()
         if kind == "Path | None":
@@ -320,6 +333,26 @@ def _parse(name: str, raw: Any, source: str) -> Any:
         return str(raw).strip()
     except (TypeError, ValueError) as e:
         raise SettingsError(f"{source}={raw!r} is not valid: {e}") from None
+
+
+_ASCII_INT = re.compile(r"[+-]?[0-9]{1,19}")
+_ASCII_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?")
+
+# Upper bounds of the numbers a request (extra_params) or the environment may set: beyond them a value is a
+# mistake or an attack (max_examples_per_label=1e21 made every /predict of the project fail).
+# Upper bounds of the numbers a request (extra_params) or the environment may set (each setting's `maximum`):
+# beyond them a value is a mistake or an attack (max_examples_per_label=1e21 made every /predict of the project fail).
+UPPER_BOUNDS = {f.name: f.metadata["maximum"] for f in dataclasses.fields(Settings) if f.metadata["maximum"] is not None}
+
+
+def _check_upper_bounds(settings: Any) -> None:
+    for name, bound in UPPER_BOUNDS.items():
+        value = getattr(settings, name, None)
+        if value is not None and not value <= bound:
+            raise SettingsError(f"{_ENV_NAMES.get(name, name)}={value!r} is not valid: expected at most {bound}")
+    annotators = getattr(settings, "reference_annotators", ())
+    if len(annotators) > 1000 or not all(a.isascii() and len(a) <= 19 for a in annotators):
+        raise SettingsError("REFERENCE_ANNOTATORS is not valid: expected at most 1000 user ids in ASCII digits")
 
 
 def _check(ok: bool, name: str, value: Any, expected: str) -> None:

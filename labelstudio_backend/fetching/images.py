@@ -2,8 +2,9 @@
 
 URL forms (task["data"][<Image value>]):
 
-- ``/data/upload/<project>/<file>`` and any other path starting with ``/`` (``upload/...`` too):
-  fetched from LABEL_STUDIO_URL with the API key;
+- ``/data/upload/<project>/<file>`` (``upload/...`` too) and Label Studio's other media paths
+  (labelstudio/media.py): fetched from LABEL_STUDIO_URL with the API key; any other path is refused, and the
+  token goes to media paths only, on every hop (a task image "/api/projects/" never reads the API);
 - ``/data/local-files/?d=<path>``: read from LOCAL_FILES_DOCUMENT_ROOT when it is set (never outside
   it), otherwise fetched from Label Studio like an upload;
 - ``s3://``, ``gs://``, ``azure-blob://``: Label Studio presigns them at
@@ -28,7 +29,6 @@ import hashlib
 import io
 import logging
 import os
-import posixpath
 import tempfile
 import threading
 import warnings
@@ -41,8 +41,10 @@ import requests
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from labelstudio_backend.errors import LabelStudioError
+from labelstudio_backend.fetching import local_files
 from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
 from labelstudio_backend.fetching.safe_http import FetchError, TooLarge, fetch
+from labelstudio_backend.labelstudio.media import is_media_path
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.url_policy import CheckedURL, Resolver, URLRefused, check_url
 
@@ -142,7 +144,11 @@ class ImageLoader:
         if url.startswith("/data/local-files"):
             path = self._local_files_path(url)
             if path is not None:
-                return Source("local", str(path), cache_key=url)
+                return Source("local", path, cache_key=url)
+        if not is_media_path(urlparse(url).path):
+            raise ImageHostError(f"{url[:200]!r} is not one of Label Studio's media paths (/data/upload/..., "
+                                 "/data/local-files/?d=..., /storage-data/uploaded/, /tasks/<id>/resolve/); "
+                                 "Label Studio's other paths are never fetched for an image")
         return Source("label_studio", self._ls_absolute(url, url), cache_key=self.ls_url + url)
 
     def decode(self, data: bytes, url: str = "") -> np.ndarray:
@@ -170,7 +176,9 @@ class ImageLoader:
         except URLRefused as e:
             raise ImageHostError(str(e)) from None
 
-    def _local_files_path(self, url: str) -> Path | None:
+    def _local_files_path(self, url: str) -> str | None:
+        """The path under LOCAL_FILES_DOCUMENT_ROOT that `url` names (None when no root is set). Checked here for
+        a clear early refusal; the read (local_files.read_under_root) checks again what it really opened."""
         root = self.settings.local_files_root
         if root is None:
             return None
@@ -178,20 +186,24 @@ class ImageLoader:
         relative = values[-1] if values else ""
         if not relative:
             raise ImageError(f"{url}: a /data/local-files/ URL needs ?d=<path>")
-        root = Path(os.path.realpath(root))
-        path = Path(os.path.realpath(root / posixpath.normpath(relative).lstrip("/")))
-        if os.path.commonpath([root, path]) != str(root):
-            raise ImageHostError(f"{url}: the path leaves LOCAL_FILES_DOCUMENT_ROOT={root}; only files under it "
-                                 "are read")
-        return path
-
-    def _read_local(self, path: str, url: str) -> bytes:
-        limit = self.settings.max_image_bytes
         try:
-            with open(path, "rb") as f:
-                data = f.read(limit + 1)  # never more than the limit, even if the file grows meanwhile
-        except OSError:
-            raise ImageError(f"{url}: no such file {path} under LOCAL_FILES_DOCUMENT_ROOT") from None
+            parts = local_files.relative_parts(relative)
+        except local_files.OutsideRoot:
+            raise ImageHostError(f"{url}: the path leaves LOCAL_FILES_DOCUMENT_ROOT; only files under it are read") \
+                from None
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(os.path.join(real_root, *parts))]) != real_root:
+            raise ImageHostError(f"{url}: the path leaves LOCAL_FILES_DOCUMENT_ROOT; only files under it are read")
+        return "/".join(parts)
+
+    def _read_local(self, relative: str, url: str) -> bytes:
+        limit = self.settings.max_image_bytes
+        try:  # never more than the limit, even if the file grows meanwhile
+            data = local_files.read_under_root(self.settings.local_files_root, relative, limit)
+        except local_files.OutsideRoot as e:
+            raise ImageHostError(f"{url}: {e}") from None
+        except local_files.NotReadable as e:
+            raise ImageError(f"{url}: {e}") from None
         check_bytes(len(data), limit, url)
         return data
 
@@ -228,7 +240,7 @@ class ImageLoader:
     def _fetch(self, url: str) -> bytes:
         return fetch(self.client.session, url, policy=self.client.policy, timeout=self.settings.fetch_timeout,
                      max_bytes=self.settings.max_image_bytes, label_studio_headers=self.client.auth_headers,
-                     verify=self.settings.verify_ssl)
+                     verify=self.settings.verify_ssl, token_for=self.client.is_media_url)
 
     # the on-disk cache (bounded by IMAGE_CACHE_MB, least recently used files go first)
 

@@ -21,12 +21,14 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 import requests
 
 from labelstudio_backend.errors import LabelStudioError
 from labelstudio_backend.fetching.safe_http import safe_session
+from labelstudio_backend.labelstudio.media import is_media_path
 from labelstudio_backend.url_policy import HostPolicy, Resolver, URLRefused, check_url
 
 TOKEN_REFRESH_PATH = "/api/token/refresh/"
@@ -106,6 +108,13 @@ class LabelStudioClient:
             return check_url(url).origin == self.policy.label_studio
         except URLRefused:
             return False
+
+    def is_media_url(self, url: str) -> bool:
+        """Whether the absolute `url` is one of Label Studio's media paths (labelstudio.media) on its origin: the
+        only URLs a task image is fetched from with the token."""
+        if not self.is_label_studio_url(url):
+            return False
+        return is_media_path(urlsplit(url).path, urlsplit(self.base_url or "").path)
 
     # --- authentication
 

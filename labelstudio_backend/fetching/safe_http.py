@@ -112,12 +112,14 @@ def safe_session(policy: HostPolicy) -> requests.Session:
 
 def fetch(session: requests.Session, url: str | CheckedURL, *, policy: HostPolicy, timeout: float, max_bytes: int,
           label_studio_headers: Callable[[], dict[str, str]] | None = None, verify: bool | str = True,
-          max_redirects: int = MAX_REDIRECTS, public_ok: bool = False) -> bytes:
+          max_redirects: int = MAX_REDIRECTS, public_ok: bool = False,
+          token_for: Callable[[str], bool] | None = None) -> bytes:
     """GET the body of `url` through `session` (a ``safe_session(policy)``) within `timeout` seconds in all.
 
     Redirects are followed by hand and every hop is decided again; after a redirect from Label Studio any
     host with only public addresses is accepted too (its presigned storage URLs), other redirects widen
-    nothing. label_studio_headers() gives the Authorization header, added only on Label Studio's origin.
+    nothing. label_studio_headers() gives the Authorization header, added only on Label Studio's origin, and
+    with token_for only to the URLs it accepts (every hop decided again: Label Studio's media paths for images).
     Raises URLRefused, TooLarge or FetchError.
     """
     deadline = time.monotonic() + timeout
@@ -130,7 +132,7 @@ def fetch(session: requests.Session, url: str | CheckedURL, *, policy: HostPolic
             raise URLRefused(f"{original} redirected to a refused URL: {e}" if hop else str(e)) from None
         on_label_studio = checked.origin == policy.label_studio
         headers = {"Accept-Encoding": "identity"}
-        if on_label_studio and label_studio_headers is not None:
+        if on_label_studio and label_studio_headers is not None and (token_for is None or token_for(checked.url)):
             headers.update(label_studio_headers())
         request = requests.Request("GET", checked.url, headers=headers).prepare()
         setattr(request, "allow_public", public_ok)  # read by PinnedAdapter, which makes the decision that connects

@@ -41,6 +41,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.fetching.images import ImageLoader
+from labelstudio_backend.http import edge
 from labelstudio_backend.http.auth import REALM, AuthFailed, BasicAuth
 from labelstudio_backend.http.metrics import Metrics
 from labelstudio_backend.http.routes import protocol_blueprint
@@ -102,7 +103,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         logger.warning("basic auth is on but LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY are not both set: the backend "
                        "cannot give its Label Studio webhook the credentials, so webhook events will be refused "
                        "(401) until you set the header 'Authorization: Basic ...' on the webhook yourself")
-    app.register_blueprint(protocol_blueprint(runtime, metrics, webhooks))
+    app.register_blueprint(protocol_blueprint(runtime, metrics, auth, webhooks))
     app.register_blueprint(training_blueprint(runtime))
 
     # --- request plumbing
@@ -125,6 +126,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
         if "started" in g:
             metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - g.started)
         return response
+
+    edge.install(app, settings)  # after auth: chunked bodies counted (413), 401/403 logged (issue 20)
 
     @app.errorhandler(Exception)
     def _error(error: Exception) -> Any:

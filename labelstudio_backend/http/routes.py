@@ -11,6 +11,8 @@ from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from labelstudio_backend.errors import BackendError
+from labelstudio_backend.http import edge
+from labelstudio_backend.http.auth import BasicAuth
 from labelstudio_backend.http.metrics import Metrics, per_label
 from labelstudio_backend.http.training_routes import training_status
 from labelstudio_backend.http.webhook_credentials import WebhookGuard
@@ -21,8 +23,10 @@ from labelstudio_backend.serving.backend import DINOvBackend
 from labelstudio_backend.serving.leave_one_out import leave_one_out
 
 
-def protocol_blueprint(runtime: Runtime, metrics: Metrics, webhooks: WebhookGuard | None) -> Blueprint:
-    """The protocol's and operations' routes over one runtime. webhooks: gives the project's Label Studio webhook
+def protocol_blueprint(runtime: Runtime, metrics: Metrics, auth: BasicAuth | None,
+                       webhooks: WebhookGuard | None) -> Blueprint:
+    """The protocol's and operations' routes over one runtime. auth: basic auth when it is on (an anonymous
+    /health then shows state only). webhooks: gives the project's Label Studio webhook
     the basic auth credentials on /setup (None: basic auth is off, or no Label Studio API to do it with)."""
     routes = Blueprint("protocol", __name__)
 
@@ -43,7 +47,8 @@ def protocol_blueprint(runtime: Runtime, metrics: Metrics, webhooks: WebhookGuar
     @routes.get("/")
     @routes.get("/health")
     def health() -> Any:
-        answer = health_report(runtime)
+        authorized = edge.is_authorized(auth, request.headers.get("Authorization"))  # else state only
+        answer = edge.health_for(health_report(runtime), authorized, runtime.settings)
         return jsonify(answer), (200 if answer["status"] == "UP" else 503)
 
     @routes.post("/setup")
@@ -103,7 +108,8 @@ def protocol_blueprint(runtime: Runtime, metrics: Metrics, webhooks: WebhookGuar
         if request.method == "POST":
             action = request.args.get("action", "")
             if action == "sync":
-                if runtime.ensure_synced(project_id, force=True) is None:  # QueueFull: 503 with Retry-After
+                # full: what Label Studio has replaces the store's view; QueueFull: 503 with Retry-After
+                if runtime.ensure_synced(project_id, force=True, full=True) is None:
                     raise BackendError("no Label Studio API sync is configured (LABEL_STUDIO_URL and "
                                        "LABEL_STUDIO_API_KEY); references come from webhooks only")
                 answer["started"] = "sync"

@@ -14,27 +14,47 @@ from typing import Any
 
 from labelstudio_backend.errors import BackendError
 
+MAX_ID = 2**63 - 1  # SQLite's INTEGER and Label Studio's bigint ids: nothing larger is an id
+
+
+def ascii_id(value: Any) -> int | None:
+    """An id as an int: a non-negative int, or a string of ASCII digits 0-9 (no sign, no other script's digits),
+    at most MAX_ID; None for anything else (a bool, a float, '٣', 2**63)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str):
+        text = value.strip()
+        if not (text.isascii() and text.isdigit()) or len(text) > 19:
+            return None
+        number = int(text)
+    else:
+        return None
+    return number if 0 <= number <= MAX_ID else None
+
 
 def parse_project_id(project: Any) -> int:
     """Label Studio's project reference -> its id.
 
     Label Studio names a project '<id>.<created unix time>' in /setup and /predict; webhooks give
-    {'id': <id>}. Raises BackendError for anything else.
+    {'id': <id>}. Raises BackendError for anything else (ASCII digits only, at most MAX_ID).
     """
     if isinstance(project, dict):
         project = project.get("id")
-    text = str(project if project is not None else "").split(".", 1)[0].strip()
-    if not text.isdigit():
-        raise BackendError(f"project {project!r} is not a Label Studio project id ('<id>' or '<id>.<created>')")
-    return int(text)
+    text = project if isinstance(project, int) and not isinstance(project, bool) else \
+        str(project if project is not None else "").split(".", 1)[0].strip()
+    number = ascii_id(text)
+    if number is None:
+        raise BackendError(f"project {str(project)[:40]!r} is not a Label Studio project id ('<id>' or "
+                           f"'<id>.<created>', ASCII digits, at most {MAX_ID})")
+    return number
 
 
 def task_id_of(value: Any) -> int | None:
-    """A task id as an int, or None when the value is missing or not an integer (e.g. folder-mode tasks)."""
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+    """A task id as an int, or None when the value is missing or not an id (e.g. folder-mode tasks, or out of
+    range: see ascii_id)."""
+    return ascii_id(value)
 
 
 def annotation_task_pairs(data: dict) -> list[tuple[dict, dict]]:

@@ -17,6 +17,7 @@ import binascii
 import io
 import math
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,14 +28,18 @@ from PIL import Image
 
 from dinov import prompts
 from labelstudio_backend.labelstudio.label_config import Control
+from labelstudio_backend.labelstudio.region_limits import (  # noqa: F401  (RegionError is this module's too)
+    REGION_AREA_FACTOR,
+    RegionError,
+    RegionTooLarge,
+    check_region_canvas,
+    region_pixel_limit,
+)
 from labelstudio_backend.labelstudio.region_types import REGION_TYPES
 
 MAX_RLE_PIXELS = 200_000_000  # a canvas header above this is an attack or a corrupt region, not an image
+MAX_POLYGON_POINTS = 100_000  # vertices of one polygon region
 KEYPOINT_MIN_RADIUS = 3.0     # pixels of the disc a keypoint becomes when a mask is needed
-
-
-class RegionError(ValueError):
-    """A region cannot be read; the message names it and says what is wrong."""
 
 
 # --- reading regions -------------------------------------------------------------------------------------
@@ -83,8 +88,10 @@ def is_positive(region: dict) -> bool:
 
 # --- brush RLE ---------------------------------------------------------------------------------------------
 
-def decode_rle(rle: Any, width: int, height: int) -> np.ndarray:
-    """Label Studio brush RLE -> bool mask [height, width] (the alpha channel of the RGBA canvas)."""
+def decode_rle(rle: Any, width: int, height: int, max_pixels: int = MAX_RLE_PIXELS) -> np.ndarray:
+    """Label Studio brush RLE -> bool mask [height, width] (the alpha channel of the RGBA canvas); RegionTooLarge
+    for a canvas above `max_pixels`, before anything is decoded."""
+    check_region_canvas(width, height, max_pixels, "(brush)")
     if isinstance(rle, np.ndarray):
         rle = rle.tolist()
     if not isinstance(rle, list) or len(rle) < 7:
@@ -167,16 +174,20 @@ def _brush_rle_bytes(values: np.ndarray, lengths: np.ndarray, count: int) -> np.
     return out
 
 
-def decode_bitmask(data_url: Any, rid: str = "?") -> np.ndarray:
-    """A BitMask region's imageDataURL (a PNG data URL) -> bool mask: alpha > 0, or any colour if opaque."""
+def decode_bitmask(data_url: Any, rid: str = "?", max_pixels: int = MAX_RLE_PIXELS) -> np.ndarray:
+    """A BitMask region's imageDataURL (a PNG data URL) -> bool mask: alpha > 0, or any colour if opaque.
+    The PNG's header size is checked against `max_pixels` before it is decoded (RegionTooLarge)."""
     prefix = "base64,"
     if not isinstance(data_url, str) or not data_url.startswith("data:image/") or prefix not in data_url:
         raise RegionError(f"bitmask region {rid} needs value.imageDataURL as a base64 'data:image/png' URL")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data_url.split(prefix, 1)[1], validate=True)))
-        if image.width * image.height > MAX_RLE_PIXELS:
-            raise RegionError(f"bitmask region {rid} is {image.width}x{image.height}, above {MAX_RLE_PIXELS} pixels")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is the one that counts
+            image = Image.open(io.BytesIO(base64.b64decode(data_url.split(prefix, 1)[1], validate=True)))
+        check_region_canvas(image.width, image.height, max_pixels, rid)
         rgba = np.asarray(image.convert("RGBA"))
+    except Image.DecompressionBombError as e:
+        raise RegionTooLarge(f"bitmask region {rid}: refused before decoding ({e})") from None
     except (ValueError, OSError, binascii.Error) as e:
         if isinstance(e, RegionError):
             raise
@@ -215,9 +226,13 @@ class RegionPrompt:
         return prompts.points_to_mask(np.array([self.point]) - 0.5, size, radius=self.radius)
 
 
-def region_to_prompt(region: dict, size: tuple[int, int]) -> RegionPrompt:
-    """A Label Studio region -> RegionPrompt on an image of `size` = (height, width)."""
+def region_to_prompt(region: dict, size: tuple[int, int], max_pixels: int | None = None) -> RegionPrompt:
+    """A Label Studio region -> RegionPrompt on an image of `size` = (height, width).
+
+    A brush or bitmask canvas above region_pixel_limit(size, max_pixels) (max_pixels: MAX_IMAGE_PIXELS) raises
+    RegionTooLarge before it is decoded."""
     kind = region_type(region)
+    limit = region_pixel_limit(size, max_pixels)
     label = region_label(region)
     height, width = size
     value = region["value"]
@@ -228,21 +243,23 @@ def region_to_prompt(region: dict, size: tuple[int, int]) -> RegionPrompt:
         if value.get("format", "rle") != "rle" or "rle" not in value:
             raise RegionError(f"brush region {rid} must have value.format 'rle' and value.rle")
         w0, h0 = region_size(region)
-        mask = decode_rle(value["rle"], w0, h0)
+        check_region_canvas(w0, h0, limit, rid)
+        mask = decode_rle(value["rle"], w0, h0, max_pixels=limit)
         if (h0, w0) != (height, width):  # drawn on a differently sized copy of the image
             mask = np.array(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
         return RegionPrompt(kind, label, True, mask=mask)
 
     if kind == "bitmasklabels":
-        mask = decode_bitmask(value.get("imageDataURL"), rid)
+        mask = decode_bitmask(value.get("imageDataURL"), rid, max_pixels=limit)
         if mask.shape != (height, width):
             mask = np.array(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
         return RegionPrompt(kind, label, True, mask=mask)
 
     if kind == "polygonlabels":
         points = _floats(value.get("points"), rid, "points", pairs=True)
-        if len(points) < 3:
-            raise RegionError(f"polygon region {rid} has {len(points)} points; a polygon needs at least 3")
+        if not 3 <= len(points) <= MAX_POLYGON_POINTS:
+            raise RegionError(f"polygon region {rid} has {len(points)} points; a polygon needs at least 3 and at most "
+                              f"{MAX_POLYGON_POINTS}")
         vertices = points * np.array([sx, sy])
         return RegionPrompt(kind, label, True, mask=fill_polygon(vertices, size))
 

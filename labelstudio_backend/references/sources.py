@@ -184,7 +184,7 @@ class StoreReferences:
         Negative keypoints are not examples (None).
         """
         size = tuple(encoded.image_size)
-        prompt = region_to_prompt(region, size)
+        prompt = region_to_prompt(region, size, self.settings.max_image_pixels)
         if prompt.mask is not None:
             return prompt.mask
         if not prompt.positive:

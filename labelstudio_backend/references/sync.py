@@ -85,7 +85,9 @@ def _check_tasks(tasks: list, what: str) -> None:
 
 
 def _apply_task(store: ReferenceStore, project_id: int, task: dict, known: dict[int, tuple[int, str]],
-                report: SyncReport, image_key: str | None) -> None:
+                report: SyncReport, image_key: str | None, full: bool = False) -> None:
+    """Bring one task's annotations in the store to what Label Studio has. A full sync is authoritative: the
+    stored version is replaced even when its timestamp is equal or later (a forged or future one)."""
     task_id = int(task["id"])
     present: set[int] = set()
     for annotation in task.get("annotations") or []:
@@ -99,11 +101,11 @@ def _apply_task(store: ReferenceStore, project_id: int, task: dict, known: dict[
             continue
         present.add(annotation_id)
         stamp = normalize_timestamp(annotation.get("updated_at") or annotation.get("created_at"))
-        if stored is not None and stored[1] == stamp:
+        if stored is not None and stored[1] == stamp and not full:
             report.unchanged += 1
             continue
         try:
-            outcome = store.upsert_annotation(project_id, task, annotation, image_key=image_key)
+            outcome = store.upsert_annotation(project_id, task, annotation, image_key=image_key, authoritative=full)
         except ValueError as exc:  # one malformed annotation must not stop the sync
             report.errors.append(f"task {task_id} annotation {annotation_id}: {exc}")
             logger.warning("sync project %s: skipped annotation %s: %s", project_id, annotation_id, exc)
@@ -188,7 +190,7 @@ def sync_project(
             report.tasks_seen += 1
             if stamp is not None and (newest is None or stamp > newest):
                 newest = stamp
-            _apply_task(store, project_id, task, known, report, image_key)
+            _apply_task(store, project_id, task, known, report, image_key, full)
         if older_than_cutoff:  # (no short-page test: Label Studio may cap page_size, TASK_API_PAGE_SIZE_MAX)
             break
         page += 1
@@ -203,7 +205,7 @@ def sync_project(
             existing = {int(t["id"]): t for t in exported}
             for task_id in chunk:
                 if task_id in existing:
-                    _apply_task(store, project_id, existing[task_id], known, report, image_key)
+                    _apply_task(store, project_id, existing[task_id], known, report, image_key, full)
                 else:
                     report.removed += store.delete_tasks(project_id, [task_id])
 

@@ -301,7 +301,7 @@ class Runtime:
                     self._store = ReferenceStore(self.settings.db_path)
         return self._store
 
-    def ensure_synced(self, project_id: int, force: bool = False) -> Future | None:
+    def ensure_synced(self, project_id: int, force: bool = False, full: bool = False) -> Future | None:
         """Start the project's reference sync in the sync queue (once per process, or again if forced or failed);
         None without a syncer. A sync of the project already waiting is not queued twice; QueueFull when the
         queue holds WORK_QUEUE_SIZE syncs of other projects."""
@@ -310,15 +310,15 @@ class Runtime:
         future = self._syncs.get(project_id)
         if future is not None and not force and not (future.done() and future.exception() is not None):
             return future
-        future = self.queues["sync"].submit(("sync", project_id), self._sync, project_id)
+        future = self.queues["sync"].submit(("sync", project_id, full), self._sync, project_id, full)
         self._syncs.put(project_id, future)
         return future
 
-    def _sync(self, project_id: int) -> Any:
+    def _sync(self, project_id: int, full: bool = False) -> Any:
         if self.syncer is None:
             return None
         try:
-            report = self.syncer(project_id)
+            report = self.syncer(project_id, full=True) if full else self.syncer(project_id)  # full: issue 20
         except Exception as error:  # kept for /references; the store is as it was (sync.py changes nothing then)
             self.sync_errors.put(project_id, f"{type(error).__name__}: {error}"[:1000])
             raise

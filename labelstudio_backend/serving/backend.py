@@ -117,7 +117,7 @@ class DINOvBackend:
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict | list]:
         """One prediction per task, in task order.
 
-        Without context: pre-annotation. A task whose image fails gets an empty result (reason logged); tasks
+        Without context: pre-annotation. A task whose image fails gets `[]` (stored as nothing, reason logged); tasks
         left when PREDICT_TIME_BUDGET runs out get `[]` (stored as nothing) while the runtime's deferral
         predicts and posts them. With a context holding drawn regions: interactive refinement of one task.
         """
@@ -179,7 +179,7 @@ class DINOvBackend:
                 logger.warning("project %s task %s: no prediction: %s", self.project_id, task.get("id"), e,
                                exc_info=not expected)
                 self.runtime.on_task_failed(type(e).__name__)
-                results[index] = empty_prediction(version)
+                results[index] = []  # not predicted: Label Studio stores nothing and asks again
             else:
                 self.runtime.record_task_seconds(time.perf_counter() - task_started)
         return results
@@ -258,7 +258,8 @@ class DINOvBackend:
             raise BackendError("context.result must be a list of regions")
         encoded = self.model.encode(config.image_url(task), task_id_of(task.get("id")))
         size = tuple(encoded.image_size)
-        prompts: list[RegionPrompt] = [region_to_prompt(region, size) for region in drawn
+        limit = self.settings.max_image_pixels  # region bombs: refused before decoding (issue 20)
+        prompts: list[RegionPrompt] = [region_to_prompt(region, size, limit) for region in drawn
                                        if region.get("to_name") in (None, config.image_name)]
         label = next((p.label for p in prompts if p.positive and p.label), None) \
             or next((p.label for p in prompts if p.label), None)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from labelstudio_backend.labelstudio.payload import MAX_ID, ascii_id
 from labelstudio_backend.labelstudio.region_types import base_type
 from labelstudio_backend.store.schema import StoreError
 
@@ -94,14 +95,31 @@ def normalize_timestamp(value: Any) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+FUTURE_SKEW_S = 300.0  # clocks differ; a timestamp further ahead than this is not believed
+
+
+def clamp_future(annotation: dict, now: datetime | None = None, skew_s: float = FUTURE_SKEW_S) -> dict:
+    """`annotation`, or a copy whose updated_at/created_at from the future (beyond `skew_s` seconds) are replaced
+    by now: a forged `updated_at: 9999-12-31` must not win over every later genuine version."""
+    now = now or datetime.now(UTC)
+    limit = normalize_timestamp(now + timedelta(seconds=skew_s))
+    changed = dict(annotation)
+    for key in ("updated_at", "created_at"):
+        try:
+            stamp = normalize_timestamp(annotation.get(key))
+        except StoreError:
+            continue  # reported where the annotation is read
+        if stamp is not None and stamp > limit:
+            changed[key] = normalize_timestamp(now)
+    return changed if changed != annotation else annotation
+
+
 def as_id(value: Any, what: str) -> int:
     """An integer id (int or numeric str); StoreError naming `what` otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise StoreError(f"{what} must be an integer id, got {value!r}")
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise StoreError(f"{what} must be an integer id, got {value!r}") from exc
+    number = ascii_id(value)
+    if number is None:
+        raise StoreError(f"{what} must be an integer id (ASCII digits, 0 to {MAX_ID}), got {str(value)[:40]!r}")
+    return number
 
 
 def _user_id(completed_by: Any) -> int | None:

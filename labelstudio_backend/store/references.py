@@ -18,6 +18,7 @@ from labelstudio_backend.store.examples import (
     Row,
     annotation_rows,
     as_id,
+    clamp_future,
     example_from_row,
     normalize_timestamp,
     row_order,
@@ -63,16 +64,20 @@ class ReferenceStore(EmbeddingCache, WorkStore):
         )
 
     def upsert_annotation(
-        self, project_id: int, task: dict, annotation: dict, image_key: str | None = None
+        self, project_id: int, task: dict, annotation: dict, image_key: str | None = None,
+        authoritative: bool = False,
     ) -> UpsertOutcome:
         """Replace the rows of this annotation by its current regions (none if it was cancelled).
 
         The revision moves only when the rows change, so a repeated webhook or sync is free; a version
-        older than the stored one (by updated_at) is ignored. Returns what happened: "added", "updated", "removed" (cancelled or emptied) or "unchanged".
+        older than the stored one (by updated_at) is ignored, unless `authoritative` (a full sync: what Label
+        Studio holds now wins). A timestamp from the future (beyond FUTURE_SKEW_S) is taken as now. Returns what
+        happened: "added", "updated", "removed" (cancelled or emptied) or "unchanged".
         """
         project_id = as_id(project_id, "project_id")
         if not isinstance(annotation, dict) or "id" not in annotation:
             raise StoreError("annotation must be a JSON object with an 'id'")
+        annotation = clamp_future(annotation)
         annotation_id = as_id(annotation["id"], "annotation.id")
         new_rows = annotation_rows(task, annotation, image_key)
         incoming = normalize_timestamp(annotation.get("updated_at") or annotation.get("created_at"))
@@ -88,7 +93,7 @@ class ReferenceStore(EmbeddingCache, WorkStore):
             if sorted(old_rows, key=row_order) == sorted(new_rows, key=row_order):
                 return "unchanged"
             # A sync page read before a webhook must not undo the webhook's newer version.
-            if old_rows and incoming is not None and incoming < old_rows[0].updated_at:
+            if not authoritative and old_rows and incoming is not None and incoming < old_rows[0].updated_at:
                 return "unchanged"
             db.execute(
                 "DELETE FROM examples WHERE project_id = ? AND annotation_id = ?", (project_id, annotation_id)

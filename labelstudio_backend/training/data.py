@@ -13,6 +13,7 @@ skipped. Class i is the config's i-th output label.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from typing import Any, Sequence
 
@@ -23,6 +24,9 @@ from dinov.data.labelstudio_export import REGION_KINDS, region_mask
 from dinov.data.scenes import Scene, masks_to_boxes
 from dinov.train.finetune import MIN_VALIDATION_TASKS  # the better-or-not rule's minimum, also the split's
 from labelstudio_backend.labelstudio.label_config import ParsedConfig
+from labelstudio_backend.labelstudio.regions import RegionTooLarge, check_region_canvas, region_pixel_limit
+
+logger = logging.getLogger(__name__)
 
 MIN_TRAINING_TASKS = 3
 VALIDATION_FRACTION = 0.25
@@ -97,8 +101,14 @@ def task_scene(task: dict, config: ParsedConfig, images: Any) -> Scene:
     height, width = image.shape[:2]
     class_ids = {label: i for i, label in enumerate(config.output_labels)}
     masks, classes, outlined = [], [], []
+    limit = region_pixel_limit((height, width), getattr(getattr(images, "settings", None), "max_image_pixels", None))
     for kind, label, value, size in annotation_regions(annotation, config):
         h, w = size or (height, width)
+        try:
+            check_region_canvas(w, h, limit, f"{kind} of task {task.get('id')}")
+        except RegionTooLarge as e:  # a region bomb: skipped (logged), the task's other regions still count
+            logger.warning("training data: %s", e)
+            continue
         mask = region_mask(kind, value, h, w)
         if mask.shape != (height, width):  # annotated on another size of the same image
             mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))

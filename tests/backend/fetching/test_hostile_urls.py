@@ -3,7 +3,7 @@
 An internal service (a RecordingListener on 127.0.0.1) records every connection; Label Studio's stand-in
 serves uploads, a redirect to the internal service and a decompression bomb. Whatever a task's image URL
 says, the internal service receives nothing, the token goes nowhere but Label Studio, and the answer is a
-clear 4xx (interactive) or an empty result with a logged reason (pre-annotation).
+clear 4xx (interactive) or `[]` with a logged reason (pre-annotation: Label Studio stores nothing).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_predict_answers_empty_results_with_a_logged_reason(app, internal, label
         response = client.post("/predict", json={"tasks": tasks, "project": "7.1700000000", "label_config": CONFIG})
     assert response.status_code == 200, response.json
     results = response.json["results"]
-    assert len(results) == len(tasks) and all(r["result"] == [] for r in results)
+    assert len(results) == len(tasks) and all(r == [] for r in results)
     assert caplog.text.count("no prediction") >= len(tasks)  # a reason per task
     assert "refused before decoding" in caplog.text and "backslashes" in caplog.text
     assert_nothing_reached(internal, label_studio)
