@@ -635,3 +635,54 @@ def test_a_model_that_is_not_better_is_rejected_and_never_served(ls, tmp_path):
         assert not list((s.model_dir / "project_models").glob("*.safetensors"))
     finally:
         jobs.shutdown()
+
+
+# --- rejected is not failed
+
+RECTANGLE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Red"/><Label value="Blue"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="Red"/><Label value="Blue"/></RectangleLabels>
+</View>"""
+
+
+def rectangle(mask, label: str, rid: str) -> dict:
+    from tests.support.doubles import SIZE
+    ys, xs = np.nonzero(mask)
+    h, w = SIZE
+    return {"id": rid, "type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": w,
+            "original_height": h, "value": {"x": 100 * xs.min() / w, "y": 100 * ys.min() / h,
+                                            "width": 100 * (xs.max() - xs.min() + 1) / w,
+                                            "height": 100 * (ys.max() - ys.min() + 1) / h, "rotation": 0,
+                                            "rectanglelabels": [label]}}
+
+
+@pytest.mark.parametrize("tasks, region, config, reason", [
+    (5, "brush", None, "has 5 annotated tasks; training needs at least 6"),
+    (8, "rectangle", RECTANGLE_CONFIG, "hold no brush, polygon or ellipse region"),
+])
+def test_a_project_that_cannot_train_is_rejected_with_its_reason_and_no_traceback(ls, tmp_path, capfd, tasks,
+                                                                                   region, config, reason):
+    # The real job (a spawned child reading the project from the fake Label Studio's API): too few annotated
+    # tasks, or only rectangles, is the project's data, not a failure: "rejected" with the reason at INFO.
+    from tests.support.doubles import CONFIG as COLOUR_CONFIG, brush, png, scene, settings_for
+
+    config = config or COLOUR_CONFIG
+    ls.add_project(5, config)
+    for tid in range(1, tasks + 1):
+        image, masks = scene(tid)
+        shape = brush if region == "brush" else rectangle
+        ls.add_task(5, tid, png(image), [[shape(masks["Red"], "Red", f"r{tid}")]])
+    s = settings_for(ls, tmp_path, train_steps=2, log_level="INFO")
+    jobs = TrainingJobs(s)
+    try:
+        job = jobs.start(5, config, s, reason="START_TRAINING")
+        ended = wait_for(lambda: (j := jobs.store.job(job["job_id"]))["state"] not in ("queued", "running") and j,
+                         timeout=180)
+    finally:
+        jobs.shutdown()
+    assert ended["state"] == "rejected", ended
+    assert reason in ended["message"] and "the served model stays" in ended["message"]
+    log = capfd.readouterr().err
+    assert f"training job {job['job_id']} rejected: " in log and reason in log
+    assert "Traceback" not in log and " ERROR " not in log
