@@ -77,6 +77,8 @@ class Settings:
     train_minutes: float = 0.0  # 0: 10 on CPU, 15 on a GPU
     train_parameters: str = "decoder"
     train_every_annotations: int = 0
+    train_on_submission_tasks: int = 10
+    train_quiet_s: float = 300.0
     project_model: str = "active"
     project_models_in_memory: int = 2
 
@@ -111,6 +113,9 @@ class Settings:
                f"one of {', '.join(TRAIN_PARAMETERS)}")
         _check(self.train_every_annotations >= 0, "TRAIN_EVERY_ANNOTATIONS", self.train_every_annotations,
                "an integer >= 0 (0: only Start Training)")
+        _check(self.train_on_submission_tasks >= 1, "TRAIN_ON_SUBMISSION_TASKS", self.train_on_submission_tasks,
+               "an integer >= 1")
+        _check(self.train_quiet_s >= 0, "TRAIN_QUIET_S", self.train_quiet_s, "a number of seconds >= 0")
         _check(self.project_model in PROJECT_MODELS, "PROJECT_MODEL", self.project_model,
                f"one of {', '.join(PROJECT_MODELS)}")
         _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,
@@ -273,6 +278,13 @@ SETTINGS_TABLE: tuple[SettingRow, ...] = (
                "per minute (BENCHMARKS.md, Start Training)."),
     SettingRow("TRAIN_EVERY_ANNOTATIONS", "train_every_annotations", "Also start a fine-tuning after this many new annotations (counted across "
                "workers and restarts, in MODEL_DIR's training store); 0: only on Start Training.", True),
+    SettingRow("TRAIN_ON_SUBMISSION_TASKS", "train_on_submission_tasks", "With Label Studio's project switch \"Start "
+               "model training on annotation submission\" on (one START_TRAINING per saved annotation): start a job "
+               "once this many tasks were annotated since the last one started (else TRAIN_QUIET_S after the last "
+               "submission).", True),
+    SettingRow("TRAIN_QUIET_S", "train_quiet_s", "With that switch on: start a job this many seconds after the last "
+               "submission; a running job is not cancelled by submissions (restarted only when the project has 1.5 "
+               "times the annotated tasks it trains on).", True),
     SettingRow("PROJECT_MODEL", "project_model", "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base "
                "model (a rollback that keeps the checkpoint).", True),
     SettingRow("PROJECT_MODELS_IN_MEMORY", "project_models_in_memory", "Fine-tuned project models kept loaded per worker (each is a copy of the base model)."),

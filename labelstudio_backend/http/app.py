@@ -37,7 +37,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from labelstudio_backend.http import training_routes
+from labelstudio_backend.http import label_studio_hooks, training_routes
 from labelstudio_backend.serving import deferred
 from labelstudio_backend.http.auth import REALM, AuthFailed, BasicAuth
 from labelstudio_backend.serving.backend import DINOvBackend
@@ -75,6 +75,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     app.extensions["dinov"] = runtime
     metrics = _Metrics(runtime)
     training_routes.install(app, runtime, metrics.registry)
+    training_routes.install_label_studio_hooks(app, runtime)  # /job_status, /versions
     runtime.on_task_failed = lambda reason: metrics.task_failures.labels(reason=reason).inc()
     if load_model:
         runtime.start_loading()
@@ -91,7 +92,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.before_request
     def _start():
         g.started = time.perf_counter()
-        if auth is None or request.path == "/health":
+        if auth is None or (request.path == "/health" and not label_studio_hooks.health_needs_auth(request.headers)):
             return None
         try:
             auth.check(request.headers.get("Authorization"))
@@ -150,8 +151,8 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.get("/")
     @app.get("/health")
     def health():
-        answer = health_report(runtime)
-        return jsonify(answer), (200 if answer["status"] == "UP" else 503)
+        answer, code = label_studio_hooks.health_answer(health_report(runtime), request.headers)
+        return jsonify(answer), code
 
     @app.post("/setup")
     def setup():

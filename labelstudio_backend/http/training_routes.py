@@ -3,6 +3,11 @@
     GET  /training?project=<id>                          the latest job (state, progress, figures) and the
                                                          active checkpoint
     POST /training?project=<id>&action=start|cancel|rollback
+    POST /job_status {"job": "<id>"}                     Label Studio's question about the job its Start Training
+                                                         started (the `job` of the START_TRAINING answer); 410
+                                                         for a job this backend does not know
+    GET  /versions {"project": "<id>.<created>"}         Label Studio's list of the project's model versions: the
+                                                         base model's and the fine-tuned one's
 
 `install(app, runtime, registry)` adds the route, the training state to GET /references, and the metrics
 dinov_training_state{project,state}, dinov_training_progress{project} and dinov_training_miou{project,model}.
@@ -19,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from labelstudio_backend.errors import BackendError
 from labelstudio_backend.labelstudio.payload import parse_project_id
 from labelstudio_backend.serving.project_models import ProjectModels
+from labelstudio_backend.serving.versions import project_versions
 from labelstudio_backend.runtime.runtime import Runtime
 from labelstudio_backend.store.training import STATES
 from labelstudio_backend.training.scheduler import TrainingJobs
@@ -68,6 +74,29 @@ def install(app: Flask, runtime: Runtime, registry: Any) -> None:
                 raise BackendError("POST /training needs action=start, cancel or rollback")
         answer = {"project": project_id, **training_status(runtime, project_id)}
         return jsonify(answer), (202 if request.method == "POST" else 200)
+
+
+def install_label_studio_hooks(app: Flask, runtime: Runtime) -> None:
+    """Label Studio's /job_status and /versions (what its ml/api_connector.py asks)."""
+
+    @app.route("/job_status", methods=["GET", "POST"])
+    def job_status():
+        data = request.get_json(silent=True, force=True)
+        job = (data.get("job") if isinstance(data, dict) else None) or request.args.get("job")
+        if job in (None, ""):
+            raise BackendError("/job_status needs 'job' (the id the Start Training answer gave)")
+        status = runtime.training.job_status(job)
+        if status is None:  # Label Studio 1.23.2 reads 410 as "removed"
+            return jsonify({"error": f"no training job {job} here (deleted with its project, or another "
+                                     "MODEL_DIR)", "status": 410}), 410
+        return jsonify(status)
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions():
+        data = request.get_json(silent=True, force=True)
+        project = (data.get("project") if isinstance(data, dict) else None) or request.args.get("project")
+        project_id = parse_project_id(project)
+        return jsonify(project_versions(runtime, project_id, runtime.projects.settings_for(project_id)))
 
 
 class _TrainingCollector:

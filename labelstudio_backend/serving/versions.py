@@ -1,0 +1,48 @@
+"""model_version: what Label Studio stores with each prediction and shows, shortened, on the prediction tabs.
+
+    model_version(runtime.for_project(3), settings)   # "p3j7-dinov-demo-a3ed1b15+p3-7ab40343-5c2e9f"
+    project_versions(runtime, 3, settings)            # {"versions": [base, project model], "served": ...}
+
+It changes when the served model or a setting that changes predictions changes, never with the references
+(annotations): Label Studio asks again only for predictions of another version, so new annotations do not pile
+up tabs. Label Studio 1.23.2 shows a name longer than 15 characters as its first 8, "..." and its last 6, so
+both ends tell versions apart: the start names the served model ("base", or "p<project>j<job>" for the project's
+fine-tuned checkpoint of that training job) and the end is a digest of the whole (model and settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from labelstudio_backend.serving.project_models import served_project_model
+from labelstudio_backend.settings import PER_PROJECT_FIELDS, Settings
+
+# the per-project settings that change predictions (not those that only decide when training starts, nor
+# PROJECT_MODEL, whose effect is the served model itself)
+PREDICTION_FIELDS = frozenset(f for f in PER_PROJECT_FIELDS if not f.startswith("train_") and f != "project_model")
+
+
+def model_version(runtime: Any, settings: Settings) -> str:
+    """The version of the model `runtime` serves (a project's view or the base runtime) with `settings`."""
+    active = served_project_model(runtime)
+    served = str(runtime.model_name)
+    tuned = {name: getattr(settings, name) for name in sorted(PREDICTION_FIELDS)}
+    digest = hashlib.sha1(json.dumps([served, str(runtime.checkpoint_id), tuned], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:6]
+    head = f"p{active.project_id}j{active.job_id}" if active is not None else "base"
+    return f"{head}-dinov-{served}-{digest}"
+
+
+def project_versions(runtime: Any, project_id: int, settings: Settings) -> dict:
+    """Label Studio's /versions of a project: the base model's version and, when the project has a fine-tuned
+    model that can be served, its version; `served` is the one predictions are made with now."""
+    base = model_version(runtime, settings)
+    view = runtime.for_project(project_id)
+    served = model_version(view, settings)
+    versions = [base] if served == base else [served, base]
+    active = runtime.training.store.active(project_id) if getattr(runtime, "training", None) else None
+    return {"versions": versions, "served": served, "project": project_id,
+            "project_model": None if active is None else {"checkpoint": active.checkpoint_id, "job": active.job_id,
+                                                          "served": served != base}}
