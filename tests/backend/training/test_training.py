@@ -373,10 +373,10 @@ def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_b
 
     app, runtime, client, built = serving_app(tmp_path)
     base_version = model_version(client)
-    assert base_version.startswith("dinov-fake-ckpt-refs")
+    assert base_version.startswith("base-dinov-fake-ckpt-")
     activate(runtime, tmp_path)
     version = model_version(client)
-    assert version.startswith("dinov-fake-ckpt+p3-0a1b2c3d-refs") and version != base_version
+    assert version.startswith("p3j1-dinov-fake-ckpt+p3-0a1b2c3d-") and version != base_version
     backend = DINOvBackend(3, None, runtime=runtime)
     assert backend.runtime.load_model(timeout=5).checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
     assert DINOvBackend(4, None, runtime=runtime).runtime is runtime  # other projects: the base model
@@ -437,7 +437,7 @@ def test_a_project_model_pushed_out_of_memory_leaves_no_batcher(tmp_path):
 def test_a_checkpoint_of_another_base_is_not_served_and_asks_for_training(tmp_path):
     app, runtime, client, built = serving_app(tmp_path)
     activate(runtime, tmp_path, base="an-older-base")
-    assert model_version(client).startswith("dinov-fake-ckpt-refs")
+    assert model_version(client).startswith("base-dinov-fake-ckpt-")
     status = client.get("/training?project=3").get_json()
     assert status["served"] == "fake-ckpt" and "trained again" in status["needs_training"]
     assert not built
@@ -447,7 +447,7 @@ def test_project_model_base_setting_rolls_back_per_project(tmp_path):
     app, runtime, client, built = serving_app(tmp_path)
     activate(runtime, tmp_path)
     answer = client.post("/setup", json={"project": "3.1", "extra_params": {"project_model": "base"}})
-    assert answer.get_json()["model_version"].startswith("dinov-fake-ckpt-refs")
+    assert answer.get_json()["model_version"].startswith("base-dinov-fake-ckpt-")
 
 
 def test_a_deleted_project_takes_its_checkpoints_with_it(tmp_path):
