@@ -6,8 +6,9 @@
     POST /job_status {"job": "<id>"}                     Label Studio's question about the job its Start Training
                                                          started (the `job` of the START_TRAINING answer); 410
                                                          for a job this backend does not know
-    GET  /versions {"project": "<id>.<created>"}         Label Studio's list of the project's model versions: the
-                                                         base model's and the fine-tuned one's
+    GET  /versions[?project=<id>]                        Label Studio's list of model versions: the project's
+                                                         fine-tuned one's and the base model's (without a project,
+                                                         as Label Studio 1.23.2 asks: every served project model)
 
 `install(app, runtime, registry)` adds the route, the training state to GET /references, and the metrics
 dinov_training_state{project,state}, dinov_training_progress{project} and dinov_training_miou{project,model}.
@@ -24,7 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from labelstudio_backend.errors import BackendError
 from labelstudio_backend.labelstudio.payload import parse_project_id
 from labelstudio_backend.serving.project_models import ProjectModels
-from labelstudio_backend.serving.versions import project_versions
+from labelstudio_backend.serving.versions import all_versions, project_versions
 from labelstudio_backend.runtime.runtime import Runtime
 from labelstudio_backend.store.training import STATES
 from labelstudio_backend.training.scheduler import TrainingJobs
@@ -95,6 +96,8 @@ def install_label_studio_hooks(app: Flask, runtime: Runtime) -> None:
     def versions():
         data = request.get_json(silent=True, force=True)
         project = (data.get("project") if isinstance(data, dict) else None) or request.args.get("project")
+        if project in (None, ""):  # Label Studio 1.23.2's GET carries no body
+            return jsonify(all_versions(runtime))
         project_id = parse_project_id(project)
         return jsonify(project_versions(runtime, project_id, runtime.projects.settings_for(project_id)))
 

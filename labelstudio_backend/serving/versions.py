@@ -1,7 +1,8 @@
 """model_version: what Label Studio stores with each prediction and shows, shortened, on the prediction tabs.
 
     model_version(runtime.for_project(3), settings)   # "p3j7-dinov-demo-a3ed1b15+p3-7ab40343-5c2e9f"
-    project_versions(runtime, 3, settings)            # {"versions": [base, project model], "served": ...}
+    project_versions(runtime, 3, settings)            # {"versions": [project model, base], "served": ...}
+    all_versions(runtime)                             # without a project: what Label Studio 1.23.2 asks
 
 It changes when the served model or a setting that changes predictions changes, never with the references
 (annotations): Label Studio asks again only for predictions of another version, so new annotations do not pile
@@ -46,3 +47,18 @@ def project_versions(runtime: Any, project_id: int, settings: Settings) -> dict:
     return {"versions": versions, "served": served, "project": project_id,
             "project_model": None if active is None else {"checkpoint": active.checkpoint_id, "job": active.job_id,
                                                           "served": served != base}}
+
+
+def all_versions(runtime: Any) -> dict:
+    """/versions without a project, as Label Studio 1.23.2 asks it (ml/api_connector.py get_versions passes the
+    project as a JSON body to a GET, which its client drops): the base model's version (the process's settings)
+    and every project's served fine-tuned model's (each named by its project and job)."""
+    settings_for = runtime.projects.settings_for
+    base = model_version(runtime, settings_for(None))
+    projects = runtime.training.store.projects() if getattr(runtime, "training", None) else []
+    tuned = []
+    for project_id in projects:
+        view = runtime.for_project(project_id)
+        if served_project_model(view) is not None:
+            tuned.append(model_version(view, settings_for(project_id)))
+    return {"versions": [*tuned, base], "served": None, "project": None}

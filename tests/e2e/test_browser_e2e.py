@@ -190,6 +190,8 @@ def test_start_training_from_the_model_card_and_two_versions_on_two_tabs(ls, bac
         serve_a_project_model(backend, E2E_CHECKPOINT, project["id"], job["job_id"] + 1)
         tuned = ls.ml_backend(ml["id"])["model_version"]  # Label Studio's /setup: the served model's version
         assert tuned.startswith(f"p{project['id']}j{job['job_id'] + 1}-") and base.startswith("base-"), (base, tuned)
+        listed = ls.call("GET", f"/api/ml/{ml['id']}/versions")  # Label Studio asks the backend's /versions
+        assert tuned in listed["versions"] and base in listed["versions"], listed
         ls.retrieve_predictions(project["id"], [target])
         wait_for(lambda: {p["model_version"] for p in ls.predictions(target)} == {base, tuned}, timeout=180,
                  what="the project model's prediction")

@@ -145,7 +145,7 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     assert shortened(after_version) != shortened(before_version)
     assert ls.ml_backend(ml["id"])["model_version"] == after_version  # Label Studio's /setup on GET /api/ml/<id>
     listed = ls.call("GET", f"/api/ml/{ml['id']}/versions")  # Label Studio asks the backend's /versions
-    assert listed["versions"] == [after_version, before_version], listed
+    assert after_version in listed["versions"] and before_version in listed["versions"], listed
     status = requests.post(f"{backend.url}/job_status", json={"job": str(job["job_id"])}, timeout=10).json()
     assert status["job_status"] == "finished" and status["figures"] == figures
     after = held_out_quality(ls, tasks, scenes, held_out, after_version)
