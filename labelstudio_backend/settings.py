@@ -145,6 +145,14 @@ class Settings:
     train_every_annotations: int = setting(0, "TRAIN_EVERY_ANNOTATIONS",
         "Also start a fine-tuning after this many new annotations (counted across workers and restarts, "
         "in MODEL_DIR's training store); 0: only on Start Training.", per_project=True, maximum=1000000)
+    train_on_submission_tasks: int = setting(10, "TRAIN_ON_SUBMISSION_TASKS",
+        "With Label Studio's project switch \"Start model training on annotation submission\" on (one "
+        "START_TRAINING per saved annotation): start a job once this many tasks were annotated since the last "
+        "one started (else TRAIN_QUIET_S after the last submission).", per_project=True, maximum=1000000)
+    train_quiet_s: float = setting(300.0, "TRAIN_QUIET_S",
+        "With that switch on: start a job this many seconds after the last submission; a running job is not "
+        "cancelled by submissions (restarted only when the project has 1.5 times the annotated tasks it trains "
+        "on).", per_project=True, maximum=86400.0)
     project_model: str = setting("active", "PROJECT_MODEL",
         "active: serve the project's fine-tuned checkpoint when it has one; base: serve the base model (a "
         "rollback that keeps the checkpoint).", per_project=True)
@@ -182,6 +190,9 @@ class Settings:
                f"one of {', '.join(TRAIN_PARAMETERS)}")
         _check(self.train_every_annotations >= 0, "TRAIN_EVERY_ANNOTATIONS", self.train_every_annotations,
                "an integer >= 0 (0: only Start Training)")
+        _check(self.train_on_submission_tasks >= 1, "TRAIN_ON_SUBMISSION_TASKS", self.train_on_submission_tasks,
+               "an integer >= 1")
+        _check(self.train_quiet_s >= 0, "TRAIN_QUIET_S", self.train_quiet_s, "a number of seconds >= 0")
         _check(self.project_model in PROJECT_MODELS, "PROJECT_MODEL", self.project_model,
                f"one of {', '.join(PROJECT_MODELS)}")
         _check(self.project_models_in_memory >= 1, "PROJECT_MODELS_IN_MEMORY", self.project_models_in_memory,

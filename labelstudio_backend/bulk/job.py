@@ -137,14 +137,18 @@ def run_bulk(options: BulkOptions, settings: Settings | None = None,
 
         if client is not None:
             tasks = list_project_tasks(client, project_id, options.page_size, expected=project.get("task_number"))
-            sink: Sink = (JsonSink(options.out, project_mode=True) if options.out
-                          else LabelStudioSink(client, project_id))
+            sink: Sink = (JsonSink(options.out, project_mode=True, replace=options.refresh_references) if options.out
+                          else LabelStudioSink(client, project_id, replace=options.refresh_references))
         else:
             assert options.out is not None  # checked above
-            sink = JsonSink(options.out, project_mode=False, image_key=config.value_key)
+            sink = JsonSink(options.out, project_mode=False, image_key=config.value_key,
+                            replace=options.refresh_references)
         report.out = str(options.out) if options.out else None
         report.tasks_listed = len(tasks)
-        selected, skipped = select_tasks(tasks, pinned.model_version, options.only_unlabeled, options.task_ids,
+        # --refresh-references: the tasks predicted from fewer references are predicted again (model_version names
+        # the model and settings, not the references), their prediction of this version replaced
+        selected, skipped = select_tasks(tasks, None if options.refresh_references else pinned.model_version,
+                                         options.only_unlabeled, options.task_ids,
                                          sink.done_keys(pinned.model_version))
         report.selected, report.skipped = len(selected), dict(skipped)
         logger.info("%d of %d tasks to predict (%s)", len(selected), len(tasks),

@@ -75,20 +75,21 @@ def in_ranges(task_id: Any, ranges: Sequence[tuple[int, int]] | None) -> bool:
     return value is not None and any(start <= value <= end for start, end in ranges)
 
 
-def select_tasks(tasks: Iterable[dict], model_version: str, only_unlabeled: bool = False,
+def select_tasks(tasks: Iterable[dict], model_version: str | None, only_unlabeled: bool = False,
                  ranges: Sequence[tuple[int, int]] | None = None,
                  done: set | None = None) -> tuple[list[dict], Counter]:
     """The tasks to predict, and how many were skipped for which reason.
 
     A listed task carries "labeled" (it has a non-cancelled annotation) and "versions" (the model versions of
-    its predictions); `done` holds the keys (task ids) written before by this job to a file.
+    its predictions); `done` holds the keys (task ids) written before by this job to a file. model_version None
+    (--refresh-references): tasks already predicted are predicted again.
     """
     selected: list[dict] = []
     skipped: Counter[str] = Counter()
     for task in tasks:
         if not in_ranges(task.get("id"), ranges):
             skipped["outside --task-ids"] += 1
-        elif model_version in task.get("versions", ()) or (done and task_key(task) in done):
+        elif model_version is not None and (model_version in task.get("versions", ()) or (done and task_key(task) in done)):
             skipped["already predicted"] += 1
         elif only_unlabeled and task.get("labeled"):
             skipped["labeled (--only-unlabeled)"] += 1

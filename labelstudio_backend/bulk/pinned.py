@@ -138,6 +138,6 @@ def pin_references(backend: DINOvBackend, labels: Sequence[str], attempts: int =
 
 
 def version_at_revision(backend: DINOvBackend, revision: int) -> str:
-    """The model_version the backend would name at another reference revision (same checkpoint and settings)."""
-    live = backend.runtime.store.revision(backend.project_id) if backend.project_id is not None else 0
-    return backend.model_version.replace(f"-refs{live}-", f"-refs{revision}-")
+    """The model_version the backend would name at another reference revision: the same, since model_version
+    names the served model and its settings, not the references (serving/versions.py)."""
+    return backend.model_version

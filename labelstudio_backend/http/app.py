@@ -41,7 +41,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from labelstudio_backend.errors import BackendError, ModelUnavailable
 from labelstudio_backend.fetching.images import ImageLoader
-from labelstudio_backend.http import edge
+from labelstudio_backend.http import edge, label_studio_hooks
 from labelstudio_backend.http.auth import REALM, AuthFailed, BasicAuth
 from labelstudio_backend.http.metrics import Metrics
 from labelstudio_backend.http.routes import protocol_blueprint
@@ -63,7 +63,7 @@ logger = logging.getLogger(__name__)
 
 def create_runtime(settings: Settings, model_factory: Callable[[Settings], Predictor] | None = None, *,
                    store: ReferenceStore | None = None, images: ImageLoader | None = None,
-                   syncer: Callable[[int], Any] | None = None) -> Runtime:
+                   syncer: Callable[..., Any] | None = None) -> Runtime:
     """The process's Runtime with every part wired: references embedded ahead after each change, deferred
     predictions (resuming what a previous process kept), kept webhook events applied, Start Training's jobs and
     the projects' fine-tuned models."""
@@ -80,7 +80,7 @@ def create_runtime(settings: Settings, model_factory: Callable[[Settings], Predi
 
 def create_app(model_factory: Callable[[Settings], Predictor] | None = None, settings: Settings | None = None, *,
                store: ReferenceStore | None = None, images: ImageLoader | None = None,
-               syncer: Callable[[int], Any] | None = None, load_model: bool = True) -> Flask:
+               syncer: Callable[..., Any] | None = None, load_model: bool = True) -> Flask:
     """The Flask app. model_factory(settings) -> predictor (default: DINOvPredictor.from_checkpoint of
     DINOV_CHECKPOINT); settings default to Settings.from_env(); store, images and syncer replace the
     defaults (the SQLite store in MODEL_DIR, the image loader, no Label Studio API sync). With
@@ -111,7 +111,7 @@ def create_app(model_factory: Callable[[Settings], Predictor] | None = None, set
     @app.before_request
     def _start() -> Any:
         g.started = time.perf_counter()
-        if auth is None or request.path == "/health":
+        if auth is None or (request.path == "/health" and not label_studio_hooks.health_needs_auth(request.headers)):
             return None
         try:
             auth.check(request.headers.get("Authorization"))

@@ -11,7 +11,7 @@ from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from labelstudio_backend.errors import BackendError
-from labelstudio_backend.http import edge
+from labelstudio_backend.http import edge, label_studio_hooks
 from labelstudio_backend.http.auth import BasicAuth
 from labelstudio_backend.http.metrics import Metrics, per_label
 from labelstudio_backend.http.training_routes import training_status
@@ -48,8 +48,9 @@ def protocol_blueprint(runtime: Runtime, metrics: Metrics, auth: BasicAuth | Non
     @routes.get("/health")
     def health() -> Any:
         authorized = edge.is_authorized(auth, request.headers.get("Authorization"))  # else state only
-        answer = edge.health_for(health_report(runtime), authorized, runtime.settings)
-        return jsonify(answer), (200 if answer["status"] == "UP" else 503)
+        # Label Studio is told LOADING (200) while the model loads, so it keeps the connection usable
+        answer, code = label_studio_hooks.health_answer(health_report(runtime), request.headers)
+        return jsonify(edge.health_for(answer, authorized, runtime.settings)), code
 
     @routes.post("/setup")
     def setup() -> Any:

@@ -3,6 +3,12 @@
     GET  /training?project=<id>                          the latest job (state, progress, figures) and the
                                                          active checkpoint
     POST /training?project=<id>&action=start|cancel|rollback
+    POST /job_status {"job": "<id>"}                     Label Studio's question about the job its Start Training
+                                                         started (the `job` of the START_TRAINING answer); 410
+                                                         for a job this backend does not know
+    GET  /versions[?project=<id>]                        Label Studio's list of model versions: the project's
+                                                         fine-tuned one's and the base model's (without a project,
+                                                         as Label Studio 1.23.2 asks: every served project model)
 
 `training_blueprint(runtime)` is registered by create_app, which also wires the runtime's training jobs and project
 models; `training_status` is also shown under "training" in GET /references.
@@ -11,12 +17,14 @@ models; `training_status` is also shown under "training" in GET /references.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from labelstudio_backend.errors import BackendError
 from labelstudio_backend.labelstudio.payload import parse_project_id
 from labelstudio_backend.runtime.runtime import Runtime
+from labelstudio_backend.serving.versions import all_versions, project_versions
 
 logger = logging.getLogger(__name__)
 
@@ -62,5 +70,31 @@ def training_blueprint(runtime: Runtime) -> Blueprint:
                 raise BackendError("POST /training needs action=start, cancel or rollback")
         answer = {"project": project_id, **training_status(runtime, project_id)}
         return jsonify(answer), (202 if request.method == "POST" else 200)
+
+
+    @routes.route("/job_status", methods=["GET", "POST"])
+    def job_status() -> Any:
+        """Label Studio's question about the job its Start Training started (410: a job this backend does not
+        know, which Label Studio 1.23.2 reads as removed)."""
+        data = request.get_json(silent=True, force=True)
+        job = (data.get("job") if isinstance(data, dict) else None) or request.args.get("job")
+        if job in (None, ""):
+            raise BackendError("/job_status needs 'job' (the id the Start Training answer gave)")
+        status = runtime.training.job_status(job) if runtime.training is not None else None
+        if status is None:
+            return jsonify({"error": f"no training job {job} here (deleted with its project, or another "
+                                     "MODEL_DIR)", "status": 410}), 410
+        return jsonify(status)
+
+    @routes.route("/versions", methods=["GET", "POST"])
+    def versions() -> Any:
+        """Label Studio's list of model versions: the project's fine-tuned one's and the base model's (without a
+        project, as Label Studio 1.23.2 asks: every served project model)."""
+        data = request.get_json(silent=True, force=True)
+        project = (data.get("project") if isinstance(data, dict) else None) or request.args.get("project")
+        if project in (None, ""):  # Label Studio 1.23.2's GET carries no body
+            return jsonify(all_versions(runtime))
+        project_id = parse_project_id(project)
+        return jsonify(project_versions(runtime, project_id, runtime.projects.settings_for(project_id)))
 
     return routes

@@ -50,10 +50,14 @@ class WebhookInbox:
             return {"status": "ignored", "event": event}
         project_id = parse_project_id(data.get("project"))
         counted = _check(event, data)
+        training = {}
+        if event == "START_TRAINING" and self.runtime.training is not None:  # the job (or why none) now: its id
+            training = self.runtime.training.request(project_id, _config(self.runtime, project_id, data),  # for LS
+                                                     self.runtime.projects.settings_for(project_id), data.get("project"))
         event_id = self.runtime.store.add_event(project_id, event, data)
         self.runtime.known_projects.add(project_id)
         self.schedule()
-        return {"status": "queued", "event": event, "id": event_id, **counted}
+        return {"status": "queued", "event": event, "id": event_id, **counted, **training}
 
     def schedule(self) -> None:
         """Make sure a drain is pending (one is enough: it applies every kept event). Not queued (a queue shut
@@ -110,8 +114,7 @@ class WebhookInbox:
                 runtime.ensure_synced(pid, force=True)
             except (QueueFull, QueueClosed) as error:  # a sync of the project or of others waits already
                 logger.warning("project %s: START_TRAINING: no sync queued now: %s", pid, error)
-            if runtime.training is not None:  # the fine-tuning job (training.py) reads the project from the API
-                runtime.training.start(pid, _config(runtime, pid, data), runtime.projects.settings_for(pid), event)
+            # the fine-tuning job itself was started (or coalesced) when the event came in: receive()
         elif event == "PROJECT_DELETED":
             runtime.store.delete_project(pid)
             if runtime.training is not None:  # its running job stops

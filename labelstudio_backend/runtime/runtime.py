@@ -95,7 +95,11 @@ class TrainingScheduler(Protocol):
 
     store: TrainingStore
 
-    def start(self, project_id: int, label_config: str | None, settings: Settings, reason: str) -> dict: ...
+    def start(self, project_id: int, label_config: str | None, settings: Settings, reason: str,
+              annotated: int = 0) -> dict: ...
+    def request(self, project_id: int, label_config: str | None, settings: Settings, project: dict | None,
+                reason: str = ...) -> dict: ...
+    def job_status(self, job: Any) -> dict | None: ...
     def count_annotations(self, project_id: int, count: int, label_config: str | None,
                           settings: Settings) -> None: ...
     def cancel(self, project_id: int, why: str) -> list[int]: ...
@@ -137,13 +141,13 @@ class Runtime:
         model_factory: settings -> predictor (default: default_model_factory).
         store: a ReferenceStore (default: MODEL_DIR/references.sqlite3, opened on first use).
         images: the image loader (default: ImageLoader(settings)).
-        syncer: syncer(project_id) pulls a project's annotations from the Label Studio API into the store (run in
+        syncer: syncer(project_id, full=False) pulls a project's annotations from the Label Studio API into the store (run in
             the background on a project's first use and on START_TRAINING; None: webhooks only).
     """
 
     def __init__(self, settings: Settings, model_factory: Callable[[Settings], Predictor] | None = None,
                  store: ReferenceStore | None = None, images: ImageLoader | None = None,
-                 syncer: Callable[[int], Any] | None = None):
+                 syncer: Callable[..., Any] | None = None):
         self.settings = settings
         self.model_factory = model_factory or default_model_factory
         self.images = images or ImageLoader(settings)

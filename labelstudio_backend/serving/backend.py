@@ -17,8 +17,6 @@ mask with the drawn label; INTERACTIVE_MODE=similar returns every similar object
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from typing import Any, Sequence
@@ -33,6 +31,7 @@ from labelstudio_backend.labelstudio.regions import RegionPrompt, region_to_prom
 from labelstudio_backend.references.sources import ReferenceSource, StoreReferences, embed_ahead
 from labelstudio_backend.runtime.runtime import Runtime
 from labelstudio_backend.runtime.work_queues import QueueClosed, QueueFull
+from labelstudio_backend.serving import versions
 from labelstudio_backend.serving.instances import (
     LabeledMask,
     SelectionRules,
@@ -41,7 +40,7 @@ from labelstudio_backend.serving.instances import (
     select_instances,
     similar_to_drawn,
 )
-from labelstudio_backend.settings import PER_PROJECT_FIELDS, Settings
+from labelstudio_backend.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -93,11 +92,9 @@ class DINOvBackend:
 
     @property
     def model_version(self) -> str:
-        """Names the checkpoint, the reference revision and the per-project settings, so that new examples or
-        settings make Label Studio ask for new predictions."""
-        tuned = {name: getattr(self.settings, name) for name in sorted(PER_PROJECT_FIELDS)}
-        digest = hashlib.sha1(json.dumps(tuned, sort_keys=True, default=str).encode()).hexdigest()[:6]
-        return f"dinov-{self.model.model_name}-refs{self.references.revision()}-{digest}"
+        """Names the served model and the settings that change predictions (serving/versions.py), so that a new
+        model or settings make Label Studio ask for new predictions; new annotations do not."""
+        return versions.model_version(self.model, self.settings)
 
     def setup(self, extra_params: Any = None) -> str:
         """Remember the project's config and extra_params, start its reference sync, return model_version."""

@@ -55,8 +55,10 @@ class LabelStudioSink:
     server answering "Retrieve predictions") is left alone, so that no task gets two.
     """
 
-    def __init__(self, client: LabelStudioClient, project_id: int, check_existing: bool = True):
+    def __init__(self, client: LabelStudioClient, project_id: int, check_existing: bool = True,
+                 replace: bool = False):
         self.client, self.project_id, self.check_existing = client, int(project_id), check_existing
+        self.replace = replace  # a task's prediction of the same version is deleted first (a refresh)
 
     def done_keys(self, model_version: str) -> set:
         return set()  # the task list says which tasks hold a prediction
@@ -65,7 +67,9 @@ class LabelStudioSink:
         outcomes: list[Outcome | None] = [None] * len(items)
         payload, where = [], []
         for i, (task, prediction) in enumerate(items):
-            if self.check_existing and has_prediction(self.client, task["id"], prediction["model_version"]):
+            if self.replace:
+                self._delete_version(task["id"], prediction["model_version"])
+            elif self.check_existing and has_prediction(self.client, task["id"], prediction["model_version"]):
                 outcomes[i] = Outcome(EXISTS, "predicted meanwhile by another job")
                 continue
             payload.append({"task": int(task["id"]), "result": prediction["result"],
@@ -90,6 +94,14 @@ class LabelStudioSink:
                 for i, item in zip(where, payload):
                     outcomes[i] = self._post_one(item)
         return [o or Outcome(FAILED, "not written") for o in outcomes]
+
+    def _delete_version(self, task_id: int, model_version: str) -> None:
+        for found in self.client.predictions_of_task(task_id):
+            if found.get("model_version") == model_version and found.get("id") is not None:
+                response = self.client.request("DELETE", f"/api/predictions/{int(found['id'])}/")
+                if response.status_code not in (204, 404):
+                    raise LabelStudioError(f"Label Studio answered {response.status_code} to deleting prediction "
+                                           f"{found['id']}: {response.text[:300]}", response.status_code)
 
     def _post_one(self, item: dict) -> Outcome:
         response = self.client.request("POST", "/api/predictions/", json=item)
@@ -121,11 +133,12 @@ class JsonSink:
     folder mode writes tasks with their predictions (the project import: POST /api/projects/<id>/import).
     """
 
-    def __init__(self, path: Path, project_mode: bool, image_key: str = "image"):
+    def __init__(self, path: Path, project_mode: bool, image_key: str = "image", replace: bool = False):
         self.path = Path(path)
         self.journal = self.path.with_name(self.path.name + ".partial.jsonl")
         self.project_mode = project_mode
         self.image_key = image_key
+        self.replace = replace  # --refresh-references: the predictions written before are all made again
         self.items = self._read_existing()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.journal, "w") as f:  # start the journal with what is kept
@@ -166,7 +179,7 @@ class JsonSink:
     def done_keys(self, model_version: str) -> set:
         """Keys written before with this model version. Items of another version (the job was pinned again)
         are dropped, so that the file never holds two predictions for one task."""
-        kept = [i for i in self.items if self._version(i) == model_version]
+        kept = [] if self.replace else [i for i in self.items if self._version(i) == model_version]
         if len(kept) < len(self.items):
             logger.warning("%s: dropping %d predictions of other model versions (the references were pinned "
                            "again)", self.path, len(self.items) - len(kept))

@@ -25,7 +25,7 @@ from labelstudio_backend.store.schema import Database
 
 OPEN_STATES = ("queued", "running")
 STATES = ("queued", "running", "done", "rejected", "failed", "cancelled")
-_JOB_FIELDS = ("state", "step", "steps", "message", "figures", "worker_pid", "child_pid")
+_JOB_FIELDS = ("state", "step", "steps", "message", "figures", "worker_pid", "child_pid", "annotated")
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,20 @@ def _create_annotation_counts(db: sqlite3.Connection) -> None:
         project_id INTEGER PRIMARY KEY, new_annotations INTEGER NOT NULL)""")
 
 
+def _create_start_requests(db: sqlite3.Connection) -> None:
+    # Label Studio's START_TRAINING events of a project with "train on submission" on, coalesced: how many came
+    # since the last job started, when the last came and the project's annotated tasks it named; and per job the
+    # annotated tasks of the project when it was started (0: not known)
+    db.execute("""CREATE TABLE IF NOT EXISTS start_requests (
+        project_id INTEGER PRIMARY KEY, pending INTEGER NOT NULL, last_request REAL NOT NULL,
+        annotated INTEGER NOT NULL)""")
+    db.execute("ALTER TABLE jobs ADD COLUMN annotated INTEGER NOT NULL DEFAULT 0")
+
+
 # TRAINING_MIGRATIONS[v] upgrades a training store file at user_version v to v + 1.
 TRAINING_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _create_tables,
-                                                                        1: _create_annotation_counts}
+                                                                        1: _create_annotation_counts,
+                                                                        2: _create_start_requests}
 
 
 class TrainingStore(Database):
@@ -81,12 +92,15 @@ class TrainingStore(Database):
 
     # --- jobs
 
-    def create_job(self, project_id: int, reason: str, steps: int = 0) -> int:
+    def create_job(self, project_id: int, reason: str, steps: int = 0, annotated: int = 0) -> int:
+        """A queued job; annotated: the project's annotated tasks when it was started (0: not known). Any
+        coalesced START_TRAINING requests of the project are answered by it (their count is reset)."""
         now = utc_now()
         with self.transaction() as db:
             cursor = db.execute("INSERT INTO jobs (project_id, reason, state, steps, worker_pid, created_at, "
-                                "updated_at) VALUES (?, ?, 'queued', ?, ?, ?, ?)",
-                                (int(project_id), reason, int(steps), os.getpid(), now, now))
+                                "updated_at, annotated) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
+                                (int(project_id), reason, int(steps), os.getpid(), now, now, int(annotated)))
+            db.execute("UPDATE start_requests SET pending = 0 WHERE project_id = ?", (int(project_id),))
             return int(cursor.lastrowid or 0)  # set by every INSERT
 
     def update_job(self, job_id: int, only_open: bool = True, **fields: Any) -> bool:
@@ -148,6 +162,38 @@ class TrainingStore(Database):
                 db.execute("UPDATE annotation_counts SET new_annotations = 0 WHERE project_id = ?", (int(project_id),))
         return due
 
+    def add_start_request(self, project_id: int, annotated: int, now: float) -> int:
+        """Count a coalesced START_TRAINING request (at epoch time `now`, naming `annotated` tasks); returns how
+        many are pending since the project's last job started."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO start_requests (project_id, pending, last_request, annotated) VALUES (?, 1, ?, ?) "
+                       "ON CONFLICT (project_id) DO UPDATE SET pending = pending + 1, last_request = excluded."
+                       "last_request, annotated = max(annotated, excluded.annotated)",
+                       (int(project_id), float(now), int(annotated)))
+            return int(db.execute("SELECT pending FROM start_requests WHERE project_id = ?",
+                                  (int(project_id),)).fetchone()[0])
+
+    def start_requests(self, project_id: int) -> dict | None:
+        """{"pending", "last_request", "annotated"} of the project's coalesced START_TRAINING requests, or None."""
+        row = self.connection().execute("SELECT pending, last_request, annotated FROM start_requests "
+                                        "WHERE project_id = ?", (int(project_id),)).fetchone()
+        return dict(row) if row is not None else None
+
+    def claim_quiet_start(self, project_id: int, quiet_before: float) -> int | None:
+        """When START_TRAINING requests are pending, the last came before `quiet_before` (epoch) and no job of the
+        project is open: claim them (reset; of the workers asking at once exactly one succeeds) and return the
+        annotated tasks they named. Otherwise None."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE project_id = ? AND state IN ('queued', 'running')",
+                          (int(project_id),)).fetchone():
+                return None
+            row = db.execute("SELECT annotated FROM start_requests WHERE project_id = ? AND pending > 0 AND "
+                             "last_request <= ?", (int(project_id), float(quiet_before))).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE start_requests SET pending = 0 WHERE project_id = ?", (int(project_id),))
+            return int(row[0])
+
     # --- active checkpoints
 
     def set_active(self, model: ActiveModel) -> None:
@@ -175,6 +221,7 @@ class TrainingStore(Database):
             db.execute("DELETE FROM active_models WHERE project_id = ?", (int(project_id),))
             db.execute("DELETE FROM jobs WHERE project_id = ?", (int(project_id),))
             db.execute("DELETE FROM annotation_counts WHERE project_id = ?", (int(project_id),))
+            db.execute("DELETE FROM start_requests WHERE project_id = ?", (int(project_id),))
 
 
 def _job(row: sqlite3.Row | None) -> dict | None:

@@ -25,6 +25,7 @@ from dinov.data.scenes import Scene, masks_to_boxes
 from dinov.train.finetune import MIN_VALIDATION_TASKS  # the better-or-not rule's minimum, also the split's
 from labelstudio_backend.labelstudio.label_config import ParsedConfig
 from labelstudio_backend.labelstudio.regions import RegionTooLarge, check_region_canvas, region_pixel_limit
+from labelstudio_backend.training.outcome import Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,23 @@ VALIDATION_FRACTION = 0.25
 PAGE_SIZE = 100
 
 
-class NotEnoughData(ValueError):
+class NotEnoughData(Rejection):
     """The project has too few annotated tasks to train and validate on."""
+
+
+class NoMaskRegions(Rejection):
+    """The training tasks hold no region that can supervise a mask."""
+
+
+def check_supervision(train: Sequence[Scene], project_id: int) -> None:
+    """Raise NoMaskRegions when no training scene has a region with a shape (brush, polygon, ellipse): rectangles
+    supervise boxes only and keypoints nothing, so the masks the model makes could not be taught."""
+    if not any(bool(np.asarray(s.has_mask).any()) for s in train):
+        regions = sum(len(s.classes) for s in train)
+        raise NoMaskRegions(
+            f"project {project_id}'s {len(train)} training tasks hold no brush, polygon or ellipse region of the "
+            f"config's labels ({regions} other regions: rectangles supervise boxes only, keypoints nothing); "
+            "annotate objects with a brush, polygon or ellipse")
 
 
 def project_tasks(client: Any, project_id: int) -> list[dict]:

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
+from labelstudio_backend.training.outcome import Rejection
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ def run_job(spec: JobSpec) -> None:
         pass
     try:
         train_project(spec, store)
+    except Rejection as e:  # too few tasks, nothing that supervises a mask: the project's data, not a failure
+        store.update_job(spec.job_id, state="rejected", message=f"rejected, the served model stays: {e}")
+        logger.info("project %s: training job %s rejected: %s", spec.project_id, spec.job_id, e)
     except Exception as e:  # reported, not raised: the parent only sees the exit code
         logger.exception("training job %s of project %s failed", spec.job_id, spec.project_id)
         store.update_job(spec.job_id, state="failed", message=f"{type(e).__name__}: {e}")
@@ -93,7 +97,7 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     from labelstudio_backend.fetching.images import ImageLoader
     from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
     from labelstudio_backend.labelstudio.label_config import parse_label_config
-    from labelstudio_backend.training.data import project_tasks, split_tasks, task_scene
+    from labelstudio_backend.training.data import check_supervision, project_tasks, split_tasks, task_scene
 
     torch.set_num_threads(1)
     settings, job_id, pid = spec.settings, spec.job_id, spec.project_id
@@ -107,6 +111,7 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     images = ImageLoader(settings)
     train = [task_scene(tasks[t], config, images) for t in train_ids]
     val = [task_scene(tasks[t], config, images) for t in val_ids]
+    check_supervision(train, pid)
 
     device = str(resolve_device(settings.device))
     model, model_config, base_digest = load_model(settings.checkpoint, cache_dir=settings.model_dir)

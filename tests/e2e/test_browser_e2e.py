@@ -21,7 +21,7 @@ from dinov.data.scenes import COLOURS, shape_mask
 from dinov.metrics import iou as mask_iou
 
 from .conftest import PASSWORD, USERNAME
-from .labelstudio import region_label, region_mask, wait_for
+from .labelstudio import brush_region, region_label, region_mask, wait_for
 from .test_labelstudio_e2e import config
 
 pytestmark = pytest.mark.e2e
@@ -120,3 +120,85 @@ def test_smart_keypoint_click_in_the_web_ui_gives_the_clicked_object(ls, backend
     assert mask_iou(mask, masks["red circle"]) >= 0.8, mask_iou(mask, masks["red circle"])
     spill = (mask & masks["red square"]).sum() / masks["red square"].sum()
     assert spill < 0.05, f"the click mask covers {spill:.0%} of the red square next to the red circle"
+
+
+def shortened(version: str) -> str:
+    """Label Studio 1.23.2's prediction tab label (web/dist/apps/labelstudio/358.js): a name longer than 15
+    characters as its first 8, "..." and its last 6."""
+    return version if len(version) <= 15 else f"{version[:8]}...{version[-6:]}"
+
+
+def serve_a_project_model(backend, checkpoint: str, project_id: int, job_id: int) -> None:
+    """Make the backend serve a project checkpoint as a finished, better job would: a delta of the demo model's own
+    decoder weights (predictions as the base model's, a version of its own), recorded in its training store."""
+    from dinov.checkpoint import file_digest, load_model
+    from dinov.delta import save_delta, trainable_names
+    from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
+
+    model, _, base_digest = load_model(checkpoint, cache_dir=backend.model_dir)
+    names = [n for n in trainable_names(model) if ".decoder." in n or n.startswith("decoder")][:4] or \
+        trainable_names(model)[:4]
+    path = backend.model_dir / "project_models" / f"project{project_id}-job{job_id}.safetensors"
+    save_delta(model, names, path, base_digest, metadata={"project": str(project_id), "job": str(job_id)})
+    TrainingStore(training_db(backend.model_dir)).set_active(ActiveModel(
+        project_id=project_id, path=str(path), checkpoint_id=f"{base_digest}+p{project_id}-{file_digest(path)[:8]}",
+        base_digest=base_digest, score_threshold=float(model.default_score_threshold), job_id=job_id))
+
+
+def test_start_training_from_the_model_card_and_two_versions_on_two_tabs(ls, backend, label_studio_url, browser):
+    """The admin's path: Start Training from the model card's menu; with 5 annotated tasks the job is rejected
+    with its reason and the connection stays Connected; once the project's model is served, a task's predictions
+    of the base and the project model show as two tabs with different labels."""
+    import requests
+
+    from .conftest import E2E_CHECKPOINT
+
+    labels = list(OBJECTS)
+    project = ls.create_project(config(labels))
+    image, masks = ui_scene()
+    tasks = ls.upload_images(project["id"], {f"t{i}.png": image for i in range(6)})
+    ml = ls.connect_ml_backend(project["id"], backend.url, is_interactive=True)
+    for name in list(tasks)[:5]:
+        ls.create_annotation(tasks[name]["id"], [brush_region(masks[label], label) for label in labels])
+    target = tasks["t5.png"]["id"]
+
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    try:
+        page.goto(f"{label_studio_url}/user/login/")
+        page.fill("input[name=email]", USERNAME)
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_load_state("networkidle")
+        page.goto(f"{label_studio_url}/projects/{project['id']}/settings/ml")
+        page.get_by_text("Connected").first.wait_for(timeout=60_000)
+        page.locator("[aria-label='Machine learning model options']").first.click()
+        page.get_by_text("Start Training", exact=True).last.click()  # the menu item: opens the dialog
+        page.get_by_role("button", name="Start Training").click()    # the dialog's button
+        page.get_by_text("Request Sent!").wait_for(timeout=60_000)
+
+        def ended():
+            job = requests.get(f"{backend.url}/training", params={"project": project["id"]}, timeout=10).json()["job"]
+            return job if job and job["state"] not in ("queued", "running") else None
+        job = wait_for(ended, timeout=120, what="the training job to end")
+        assert job["state"] == "rejected" and "has 5 annotated tasks" in job["message"], job
+        page.goto(f"{label_studio_url}/projects/{project['id']}/settings/ml")
+        page.get_by_text("Connected").first.wait_for(timeout=60_000)  # not Error, not Disconnected
+
+        ls.retrieve_predictions(project["id"], [target])
+        base = wait_for(lambda: [p["model_version"] for p in ls.predictions(target)], timeout=180,
+                        what="the base model's prediction")[0]
+        serve_a_project_model(backend, E2E_CHECKPOINT, project["id"], job["job_id"] + 1)
+        tuned = ls.ml_backend(ml["id"])["model_version"]  # Label Studio's /setup: the served model's version
+        assert tuned.startswith(f"p{project['id']}j{job['job_id'] + 1}-") and base.startswith("base-"), (base, tuned)
+        listed = ls.call("GET", f"/api/ml/{ml['id']}/versions")  # Label Studio asks the backend's /versions
+        assert tuned in listed["versions"] and base in listed["versions"], listed
+        ls.retrieve_predictions(project["id"], [target])
+        wait_for(lambda: {p["model_version"] for p in ls.predictions(target)} == {base, tuned}, timeout=180,
+                 what="the project model's prediction")
+        assert shortened(base) != shortened(tuned)
+        page.goto(f"{label_studio_url}/projects/{project['id']}/data?task={target}")
+        page.locator("img[alt=image]").wait_for(timeout=60_000)
+        for version in (base, tuned):  # each prediction's tab shows its version, shortened
+            page.get_by_text(shortened(version)).first.wait_for(timeout=30_000)
+    finally:
+        page.close()

@@ -72,6 +72,35 @@ def training_backend(backend_factory):
     return backend_factory(TRAIN_STEPS="480", TRAIN_MINUTES="10", TRAIN_PARAMETERS="all")
 
 
+def shortened(version: str) -> str:
+    """Label Studio 1.23.2's prediction tab label: a name longer than 15 characters as its first 8, "...", its last 6."""
+    return version if len(version) <= 15 else f"{version[:8]}...{version[-6:]}"
+
+
+def test_too_few_annotated_tasks_are_rejected_with_the_reason_and_no_traceback(ls, training_backend):
+    # Through Label Studio's own Start Training: 5 annotated tasks give "rejected" with the reason, no failure
+    backend = training_backend
+    pid = ls.create_project(CONFIG)["id"]
+    scenes = {f"few{seed}.png": generate_extra_scene(seed, size=SIZE, num_objects=(2, 3)) for seed in range(200, 205)}
+    tasks = ls.upload_images(pid, {name: scene.image for name, scene in scenes.items()})
+    ml = ls.connect_ml_backend(pid, backend.url)
+    for name, scene in scenes.items():
+        ls.create_annotation(tasks[name]["id"], [brush_region(m, label) for label, m in truth(scene)])
+    ls.start_training(ml["id"])
+
+    def finished():
+        job = requests.get(f"{backend.url}/training", params={"project": pid}, timeout=10).json()["job"]
+        return job if job and job["state"] not in ("queued", "running") else None
+    job = wait_for(finished, timeout=300, interval=1, what="the training job to end")
+    assert job["state"] == "rejected", job
+    assert "has 5 annotated tasks; training needs at least 6" in job["message"], job["message"]
+    status = requests.post(f"{backend.url}/job_status", json={"job": str(job["job_id"])}, timeout=10).json()
+    assert status["job_status"] == "rejected" and status["message"] == job["message"]
+    log = backend.log_tail(5000)
+    assert f"training job {job['job_id']} rejected" in log and "Traceback" not in log, log
+    assert ls.ml_backend(ml["id"])["state"] == "CO"  # the connection stays usable
+
+
 def test_start_training_serves_a_better_project_model(ls, training_backend):
     _require_demo_model()
     backend = training_backend
@@ -111,6 +140,14 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     after_version = predict(ls, pid, tasks, held_out, before_version)
     checkpoint = f"+p{pid}-{status['served'].rsplit('-', 1)[-1]}"  # model_version: dinov-demo-1a2b3c4d+p1-5e6f...
     assert checkpoint in after_version and checkpoint not in before_version, (before_version, after_version)
+    # the versions read apart on Label Studio's tabs; the connection's model version is the new model's
+    assert after_version.startswith(f"p{pid}j{job['job_id']}-") and before_version.startswith("base-")
+    assert shortened(after_version) != shortened(before_version)
+    assert ls.ml_backend(ml["id"])["model_version"] == after_version  # Label Studio's /setup on GET /api/ml/<id>
+    listed = ls.call("GET", f"/api/ml/{ml['id']}/versions")  # Label Studio asks the backend's /versions
+    assert after_version in listed["versions"] and before_version in listed["versions"], listed
+    status = requests.post(f"{backend.url}/job_status", json={"job": str(job["job_id"])}, timeout=10).json()
+    assert status["job_status"] == "finished" and status["figures"] == figures
     after = held_out_quality(ls, tasks, scenes, held_out, after_version)
     print(f"\nproject {pid}: held-out tasks: before {before}, after {after}; validation {figures}")
     assert after["miou"] > before["miou"], (before, after)

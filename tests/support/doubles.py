@@ -172,6 +172,7 @@ class FakeLabelStudio:
         self.tasks: dict[int, dict] = {}
         self.files: dict[str, bytes] = {}
         self.predictions: list[dict] = []
+        self._prediction_ids = iter(range(1, 10**9))
         self.requests: list[tuple[str, str]] = []
         self.fail_imports = 0  # answer this many imports with 500
         self.refuse_imports = False  # answer every import with 400 (as for a list with a foreign task)
@@ -276,6 +277,9 @@ class FakeLabelStudio:
         with self.lock:
             return sum(1 for m, p in self.requests if m == method and p.startswith(prefix))
 
+    def next_prediction_id(self) -> int:
+        return next(self._prediction_ids)
+
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
@@ -363,6 +367,21 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
                 return self._send(200, ls.of_task(int(query["task"][0])))
         self._send(404, {"detail": "Not found."})
 
+    def do_DELETE(self):
+        ls, url = self.ls, urlparse(self.path)
+        with ls.lock:
+            ls.requests.append(("DELETE", url.path))
+        if self._faulty() or not self._authorised():
+            return
+        parts = url.path.strip("/").split("/")
+        if parts[:2] == ["api", "predictions"] and len(parts) == 3:
+            with ls.lock:
+                before = len(ls.predictions)
+                ls.predictions[:] = [p for p in ls.predictions if p.get("id") != int(parts[2])]
+                if len(ls.predictions) < before:
+                    return self._send(204, b"", "text/plain")
+        self._send(404, {"detail": "Not found."})
+
     def do_POST(self):
         ls, url = self.ls, urlparse(self.path)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"null")
@@ -382,7 +401,7 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
                 created = 0
                 for item in body:  # bulk_create: the tasks' updated_at stays
                     if all(isinstance(r, dict) and "type" in r for r in item["result"]):
-                        ls.predictions.append(dict(item))
+                        ls.predictions.append({**item, "id": ls.next_prediction_id()})
                         created += 1
                 if ls.unparsable_201:
                     return self._send(201, b"<html>created</html>", "text/html")
@@ -391,7 +410,7 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
                 task = ls.tasks.get(body.get("task"))
                 if task is None:
                     return self._send(400, {"task": ["Invalid pk - object does not exist."]})
-                ls.predictions.append(dict(body))
+                ls.predictions.append({**body, "id": ls.next_prediction_id()})
                 task["updated_at"] = ls.stamp()  # Prediction.save() touches its task
                 return self._send(201, body)
         self._send(404, {"detail": "Not found."})

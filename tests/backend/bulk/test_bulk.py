@@ -53,6 +53,7 @@ def run(ls, tmp_path, model=None, **options) -> bulk.BulkReport:
 
 
 def without_ids(prediction: dict) -> dict:
+    prediction = {k: v for k, v in prediction.items() if k != "id"}  # the fake Label Studio's prediction id
     return {**prediction, "result": [{k: v for k, v in r.items() if k != "id"} for r in prediction["result"]]}
 
 
@@ -80,7 +81,7 @@ def test_bulk_posts_one_prediction_per_task_in_batches(ls, tmp_path):
     report = run(ls, tmp_path, model, batch_size=3, workers=2, only_unlabeled=True)
     assert (report.selected, report.done, report.failed) == (7, 7, [])
     assert report.skipped == {"labeled (--only-unlabeled)": 2}
-    assert "-refs2-" in report.model_version  # two annotations in the store
+    assert report.model_version.startswith("base-dinov-fake-ckpt-") and report.revision == 2  # two annotations
     assert ls.count("POST", "/api/projects/3/import/predictions") == math.ceil(7 / 3)
     assert ls.count("POST", "/api/predictions") == 0
     assert [b for b in model.batches[-3:]] == [3, 3, 1]  # the task images, batched (after the references)
@@ -141,11 +142,12 @@ def test_a_rerun_keeps_the_pinned_references_unless_refreshed(ls, tmp_path):
     assert again.model_version == first.model_version and again.done == 0
     assert again.skipped["already predicted"] == 3
     refreshed = run(ls, tmp_path, only_unlabeled=True, refresh_references=True)
-    assert refreshed.model_version != first.model_version and "-refs3-" in refreshed.model_version
+    # the same model and settings: the same version, from the newest references; each task's prediction of it
+    # replaced (Label Studio keeps one tab per version)
+    assert refreshed.model_version == first.model_version and refreshed.revision == 3 and first.revision == 2
     assert refreshed.done == 3
-    assert all(sorted(p["model_version"] for p in ls.of_task(t)) == sorted([first.model_version,
-                                                                            refreshed.model_version])
-               for t in truth)
+    assert all([p["model_version"] for p in ls.of_task(t)] == [first.model_version] for t in truth)
+    assert ls.count("DELETE", "/api/predictions/") == 3
 
 
 def test_broken_image_is_reported_and_skipped(ls, tmp_path, monkeypatch, capsys):
@@ -240,7 +242,7 @@ def test_out_file_instead_of_posting_and_resume(ls, tmp_path):
     image, masks = scene(98)
     ls.add_task(3, 98, png(image), [[brush(masks["Blue"], "Blue", "b9")]])
     third = run(ls, tmp_path, batch_size=2, out=out, only_unlabeled=True, refresh_references=True)
-    assert third.model_version != second.model_version and third.done == 5
+    assert third.model_version == second.model_version and third.revision > second.revision and third.done == 5
     items = json.loads(out.read_text())
     assert sorted(i["task"] for i in items) == sorted(truth)
     assert {i["model_version"] for i in items} == {third.model_version}

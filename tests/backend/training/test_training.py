@@ -373,10 +373,10 @@ def test_model_version_names_the_active_checkpoint_and_rollback_returns_to_the_b
 
     app, runtime, client, built = serving_app(tmp_path)
     base_version = model_version(client)
-    assert base_version.startswith("dinov-fake-ckpt-refs")
+    assert base_version.startswith("base-dinov-fake-ckpt-")
     activate(runtime, tmp_path)
     version = model_version(client)
-    assert version.startswith("dinov-fake-ckpt+p3-0a1b2c3d-refs") and version != base_version
+    assert version.startswith("p3j1-dinov-fake-ckpt+p3-0a1b2c3d-") and version != base_version
     backend = DINOvBackend(3, None, runtime=runtime)
     assert backend.model.load_model(timeout=5).checkpoint_id == "fake-ckpt+p3-0a1b2c3d"
     assert DINOvBackend(4, None, runtime=runtime).model is runtime  # other projects: the base model
@@ -437,7 +437,7 @@ def test_a_project_model_pushed_out_of_memory_leaves_no_batcher(tmp_path):
 def test_a_checkpoint_of_another_base_is_not_served_and_asks_for_training(tmp_path):
     app, runtime, client, built = serving_app(tmp_path)
     activate(runtime, tmp_path, base="an-older-base")
-    assert model_version(client).startswith("dinov-fake-ckpt-refs")
+    assert model_version(client).startswith("base-dinov-fake-ckpt-")
     status = client.get("/training?project=3").get_json()
     assert status["served"] == "fake-ckpt" and "trained again" in status["needs_training"]
     assert not built
@@ -447,7 +447,7 @@ def test_project_model_base_setting_rolls_back_per_project(tmp_path):
     app, runtime, client, built = serving_app(tmp_path)
     activate(runtime, tmp_path)
     answer = client.post("/setup", json={"project": "3.1", "extra_params": {"project_model": "base"}})
-    assert answer.get_json()["model_version"].startswith("dinov-fake-ckpt-refs")
+    assert answer.get_json()["model_version"].startswith("base-dinov-fake-ckpt-")
 
 
 def test_a_deleted_project_takes_its_checkpoints_with_it(tmp_path):
@@ -635,3 +635,55 @@ def test_a_model_that_is_not_better_is_rejected_and_never_served(ls, tmp_path):
         assert not list((s.model_dir / "project_models").glob("*.safetensors"))
     finally:
         jobs.shutdown()
+
+
+# --- rejected is not failed
+
+RECTANGLE_CONFIG = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="Red"/><Label value="Blue"/></BrushLabels>
+  <RectangleLabels name="box" toName="image"><Label value="Red"/><Label value="Blue"/></RectangleLabels>
+</View>"""
+
+
+def rectangle(mask, label: str, rid: str) -> dict:
+    from tests.support.doubles import SIZE
+    ys, xs = np.nonzero(mask)
+    h, w = SIZE
+    return {"id": rid, "type": "rectanglelabels", "from_name": "box", "to_name": "image", "original_width": w,
+            "original_height": h, "value": {"x": 100 * xs.min() / w, "y": 100 * ys.min() / h,
+                                            "width": 100 * (xs.max() - xs.min() + 1) / w,
+                                            "height": 100 * (ys.max() - ys.min() + 1) / h, "rotation": 0,
+                                            "rectanglelabels": [label]}}
+
+
+@pytest.mark.parametrize("tasks, region, config, reason", [
+    (5, "brush", None, "has 5 annotated tasks; training needs at least 6"),
+    (8, "rectangle", RECTANGLE_CONFIG, "hold no brush, polygon or ellipse region"),
+])
+def test_a_project_that_cannot_train_is_rejected_with_its_reason_and_no_traceback(ls, tmp_path, capfd, tasks,
+                                                                                   region, config, reason):
+    # The real job (a spawned child reading the project from the fake Label Studio's API): too few annotated
+    # tasks, or only rectangles, is the project's data, not a failure: "rejected" with the reason at INFO.
+    from tests.support.doubles import CONFIG as COLOUR_CONFIG
+    from tests.support.doubles import brush, png, scene, settings_for
+
+    config = config or COLOUR_CONFIG
+    ls.add_project(5, config)
+    for tid in range(1, tasks + 1):
+        image, masks = scene(tid)
+        shape = brush if region == "brush" else rectangle
+        ls.add_task(5, tid, png(image), [[shape(masks["Red"], "Red", f"r{tid}")]])
+    s = settings_for(ls, tmp_path, train_steps=2, log_level="INFO")
+    jobs = TrainingJobs(s)
+    try:
+        job = jobs.start(5, config, s, reason="START_TRAINING")
+        ended = wait_for(lambda: (j := jobs.store.job(job["job_id"]))["state"] not in ("queued", "running") and j,
+                         timeout=180)
+    finally:
+        jobs.shutdown()
+    assert ended["state"] == "rejected", ended
+    assert reason in ended["message"] and "the served model stays" in ended["message"]
+    log = capfd.readouterr().err
+    assert f"training job {job['job_id']} rejected: " in log and reason in log
+    assert "Traceback" not in log and " ERROR " not in log
