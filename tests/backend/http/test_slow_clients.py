@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SLOW = 8          # slow connections per kind: 4x the worker's threads
 ANSWER_S = 10.0   # a generous bound for /health's answer on a loaded machine
 
