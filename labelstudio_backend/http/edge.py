@@ -26,7 +26,8 @@ READ_CHUNK = 64 * 1024
 
 
 def install(app: Flask, settings: Settings) -> None:
-    """Register the edge's request hooks on `app` (before the routes' own: registered first)."""
+    """Register the edge's request hooks on `app`; call it after the auth hook, so that a caller without the
+    credentials is refused before its body is read."""
     limit = settings.max_request_bytes
 
     @app.before_request
@@ -36,7 +37,8 @@ def install(app: Flask, settings: Settings) -> None:
     @app.after_request
     def _log_refusal(response: Response) -> Response:
         if response.status_code in (401, 403):
-            logger.warning("%s %s -> %d for client %s", request.method, request.path, response.status_code,
+            # the path quoted (%r): a %0a in it cannot forge a log line
+            logger.warning("%s %r -> %d for client %s", request.method, request.path[:300], response.status_code,
                            request.remote_addr or "?")
         return response
 

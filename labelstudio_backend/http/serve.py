@@ -18,6 +18,8 @@ thread, until it is complete:
 
 Keep-alive connections go through the same reading for their next request. TLS and HTTP/2 prior knowledge are
 left to gthread (the backend serves neither; a reverse proxy terminates TLS). gunicorn.conf.py selects the class.
+It builds on gthread's internals of gunicorn 27 (TConn, the poller, the deferred-connection handling):
+requirements.txt pins that major version.
 """
 
 from __future__ import annotations
