@@ -21,7 +21,8 @@ at once. With it on (the event's project has min_annotations_to_start_training >
 starts when TRAIN_ON_SUBMISSION_TASKS annotated tasks were added since the last job started, or TRAIN_QUIET_S
 after the last event; a running job keeps running unless it trains on less than 1/RESTART_RATIO of the
 annotated tasks that now exist (then it is restarted); nothing starts while the project has fewer annotated tasks
-than a job needs.
+than a job needs. The quiet-period timer lives in the process that got the last event (a restart forgets it; the
+pending count stays in the store, and the next event arms it again).
 """
 
 from __future__ import annotations
