@@ -21,7 +21,8 @@ at once. With it on (the event's project has min_annotations_to_start_training >
 starts when TRAIN_ON_SUBMISSION_TASKS annotated tasks were added since the last job started, or TRAIN_QUIET_S
 after the last event; a running job keeps running unless it trains on less than 1/RESTART_RATIO of the
 annotated tasks that now exist (then it is restarted); nothing starts while the project has fewer annotated tasks
-than a job needs.
+than a job needs. The quiet-period timer lives in the process that got the last event (a restart forgets it; the
+pending count stays in the store, and the next event arms it again).
 """
 
 from __future__ import annotations
@@ -103,8 +104,9 @@ class TrainingJobs:
                 return self._started(self.start(project_id, label_config, settings,
                                                  f"{reason}: {annotated} annotated tasks, the running job had "
                                                  f"{job['annotated']}", annotated), settings)
-            self.store.add_start_request(project_id, annotated, time.time())
-            self._after_quiet(project_id, label_config, settings)
+            now = time.time()
+            self.store.add_start_request(project_id, annotated, now)
+            self._after_quiet(project_id, label_config, settings, now)
             return {"job": str(job["job_id"]), "job_status": LS_JOB_STATUS[job["state"]],
                     "message": f"training job {job['job_id']} of project {project_id} keeps running (it trains on "
                                f"{job['annotated'] or 'the'} annotated tasks; {annotated} now); the new annotations "
@@ -119,8 +121,9 @@ class TrainingJobs:
         if annotated and added >= settings.train_on_submission_tasks:
             return self._started(self.start(project_id, label_config, settings,
                                              f"{reason}: {added} newly annotated tasks", annotated), settings)
-        self.store.add_start_request(project_id, annotated, time.time())
-        self._after_quiet(project_id, label_config, settings)
+        now = time.time()
+        self.store.add_start_request(project_id, annotated, now)
+        self._after_quiet(project_id, label_config, settings, now)
         return {"job": None, "job_status": None,
                 "message": f"training of project {project_id} starts {settings.train_quiet_s:.0f} s after the last "
                            f"submission, or at once when {settings.train_on_submission_tasks} more tasks are "
@@ -138,25 +141,39 @@ class TrainingJobs:
                            f"(the model version changes), otherwise the current one stays. Follow it: GET "
                            f"/training?project={pid} or the backend's log"}
 
-    def _after_quiet(self, project_id: int, label_config: str, settings: Settings) -> None:
-        """Start the project's job TRAIN_QUIET_S after its last coalesced request (a timer of this process; the
-        store decides which worker's timer starts it). While a job runs, look again after another quiet period."""
+    def _after_quiet(self, project_id: int, label_config: str, settings: Settings, armed_at: float,
+                     delay: float | None = None) -> None:
+        """A timer of this process: start_when_quiet() TRAIN_QUIET_S after the request made at `armed_at`."""
         def fire() -> None:
             try:
-                if self._closed:
-                    return
-                annotated = self.store.claim_quiet_start(project_id, time.time() - settings.train_quiet_s + 0.5)
-                if annotated is not None:
-                    self.start(project_id, label_config, settings, "START_TRAINING: quiet after submissions",
-                               annotated)
-                elif self.store.open_jobs(project_id) and (self.store.start_requests(project_id) or {}).get("pending"):
-                    self._after_quiet(project_id, label_config, settings)  # after the running job
+                if not self._closed:
+                    self.start_when_quiet(project_id, label_config, settings, armed_at)
             except Exception:  # a timer never takes the process down; the next request tries again
                 logger.exception("project %s: the coalesced training start failed", project_id)
 
-        timer = threading.Timer(max(0.0, settings.train_quiet_s), fire)
+        timer = threading.Timer(max(0.0, settings.train_quiet_s if delay is None else delay), fire)
         timer.daemon = True
         timer.start()
+
+    def start_when_quiet(self, project_id: int, label_config: str, settings: Settings, armed_at: float,
+                         now: float | None = None) -> dict | None:
+        """The quiet period's check for the coalesced request made at `armed_at` (epoch): when it is still the
+        project's last and TRAIN_QUIET_S passed, start the job (the store decides which worker does); while a job
+        runs, look again after another quiet period. Returns the started job, or None."""
+        now = time.time() if now is None else now
+        pending = self.store.start_requests(project_id)
+        if not pending or not pending["pending"] or pending["last_request"] > armed_at:
+            return None  # a job answered the requests already, or a newer request's timer decides
+        left = pending["last_request"] + settings.train_quiet_s - now
+        if left > 0:  # the timer's clock and the request's differ a little
+            self._after_quiet(project_id, label_config, settings, armed_at, delay=left)
+            return None
+        annotated = self.store.claim_quiet_start(project_id, now - settings.train_quiet_s)
+        if annotated is not None:
+            return self.start(project_id, label_config, settings, "START_TRAINING: quiet after submissions", annotated)
+        if self.store.open_jobs(project_id):
+            self._after_quiet(project_id, label_config, settings, armed_at)  # once the running job ends
+        return None
 
     def job_status(self, job: Any) -> dict | None:
         """Label Studio's /job_status of a job id: {"job_status" (its words), "state", "message", "step", "steps",

@@ -124,15 +124,29 @@ def test_train_on_submission_events_coalesce(app):
 
 
 def test_after_a_quiet_period_the_coalesced_submissions_start_one_job(app):
-    runtime, client = app(target=training_doubles.rejected_job, train_quiet_s=0.5)
-    store = runtime.training.store
+    runtime, client = app(target=training_doubles.rejected_job, train_quiet_s=3600)
+    jobs, store = runtime.training, runtime.training.store
+    settings = runtime.projects.settings_for(3)
     for annotated in (6, 7, 7):
         assert start_training(client, min_annotations_to_start_training=1,
                               num_tasks_with_annotations=annotated)["job"] is None
-    job = wait_for(lambda: store.latest_job(3))
+    last = store.start_requests(3)["last_request"]
+    # what the timers do when TRAIN_QUIET_S has passed (called here with that moment, not waited for)
+    assert jobs.start_when_quiet(3, CONFIG, settings, armed_at=last - 1, now=last + 3600) is None  # an older timer
+    assert jobs.start_when_quiet(3, CONFIG, settings, armed_at=last, now=last + 10) is None  # not quiet yet
+    job = jobs.start_when_quiet(3, CONFIG, settings, armed_at=last, now=last + 3600)
     assert job["annotated"] == 7 and "quiet after submissions" in job["reason"]
+    assert store.start_requests(3)["pending"] == 0
+    assert jobs.start_when_quiet(3, CONFIG, settings, armed_at=last, now=last + 3600) is None  # started once
     wait_for(lambda: store.job(job["job_id"])["state"] == "rejected")
-    assert len([j for j in [store.job(i) for i in range(1, job["job_id"] + 3)] if j]) == 1  # exactly one job
+    assert store.latest_job(3)["job_id"] == job["job_id"]
+
+
+def test_the_quiet_period_timer_starts_the_job(app):
+    runtime, client = app(target=training_doubles.rejected_job, train_quiet_s=0.2)
+    assert start_training(client, min_annotations_to_start_training=1, num_tasks_with_annotations=6)["job"] is None
+    job = wait_for(lambda: runtime.training.store.latest_job(3))
+    assert job["annotated"] == 6 and "quiet after submissions" in job["reason"]
 
 
 def test_versions_name_the_served_model_and_read_apart_when_shortened(app, tmp_path):
