@@ -195,6 +195,9 @@ class GenericPick:
 #                      (BENCHMARKS.md "The demo model"); it needs every query's mask before the threshold.
 # The thresholds a calibration or a fine-tuning chooses among (dinov.eval.calibrate, dinov.train.finetune).
 SCORE_THRESHOLD_GRID = np.round(np.arange(0.05, 0.951, 0.01), 2)
+# Per score form (SCORE_FORMS below): a quality x margin score runs lower than a class probability.
+FORM_THRESHOLDS = {"class_probability": SCORE_THRESHOLD_GRID,
+                   "quality_x_margin": np.round(np.arange(0.01, 0.951, 0.01), 2)}
 SCORE_FORMS = ("class_probability", "quality_x_margin")
 
 

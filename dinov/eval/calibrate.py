@@ -26,14 +26,13 @@ from dinov.checkpoint import write_metadata
 from dinov.data.scenes import generate_scene
 from dinov.eval.example_pool import example_pool
 from dinov.metrics import mask_iou, match_greedily
-from dinov.postprocess import SCORE_FORMS, SCORE_THRESHOLD_GRID
+from dinov.postprocess import FORM_THRESHOLDS, SCORE_FORMS, SCORE_THRESHOLD_GRID
 from dinov.predictor import DINOvPredictor
 
 CALIBRATION_TARGET_SEED = 30_000_000
 CALIBRATION_POOL_SEED = 31_000_000
 THRESHOLDS = SCORE_THRESHOLD_GRID
 # the thresholds tried for each score form: a quality x margin score runs lower than a class probability
-FORM_THRESHOLDS = {"class_probability": THRESHOLDS, "quality_x_margin": np.round(np.arange(0.01, 0.951, 0.01), 2)}
 
 
 def best_f1_threshold(scores: np.ndarray, matched: np.ndarray, num_truths: int,

@@ -44,6 +44,12 @@ IOU_FOUND = 0.5
 LOWEST_THRESHOLD = 0.05  # regions are collected from this score up; thresholds are applied afterwards
 
 
+def form_thresholds(predictor) -> np.ndarray:
+    """The thresholds tried for a predictor's score form (``dinov.postprocess.FORM_THRESHOLDS``; a quality x margin
+    score runs lower than a class probability); regions are collected from the first one up."""
+    return FORM_THRESHOLDS.get(str(getattr(predictor, "score_form", "class_probability")), SCORE_THRESHOLD_GRID)
+
+
 def finetune_config(model_config: DINOvConfig, trainable: str, steps: int, batch_size: int = 2, lr: float = 6e-4,
                     seed: int = 0) -> TrainConfig:
     """The TrainConfig of a fine-tuning: the frozen parts of `trainable`, a short warm-up, no periodic files, and
@@ -123,7 +129,8 @@ def collect_regions(predictor: DINOvPredictor, examples: Sequence[Scene], target
     bank = [np.stack(pool[c]) for c in classes]
     collected = []
     for scene in targets:
-        found = predictor.segment_generic(predictor.encode_image(scene.image), bank, score_threshold=LOWEST_THRESHOLD,
+        lowest = min(LOWEST_THRESHOLD, float(form_thresholds(predictor)[0]))
+        found = predictor.segment_generic(predictor.encode_image(scene.image), bank, score_threshold=lowest,
                                           max_instances=max_instances, max_examples=max_examples) if bank else []
         if select is not None:
             found = select(found)
@@ -165,14 +172,14 @@ def figures_at(collected: Sequence[TargetRegions], score_threshold: float, lower
 
 
 def best_threshold_figures(collected: Sequence[TargetRegions], max_wrong_per_image: float,
-                           lowered_until_found: bool) -> dict:
+                           lowered_until_found: bool, thresholds: Sequence[float] = SCORE_THRESHOLD_GRID) -> dict:
     """The figures at the score threshold a new model is served with. Of the thresholds that make at most
     `max_wrong_per_image` wrong regions per image (the served model's count: a new model errs no more), the highest
     whose mIoU is within one standard error of the best of them (the one-standard-error rule: on a few validation
     images a lower threshold's better mIoU is as likely chance, and its extra regions are where new tasks get
     wrong ones). When no threshold is within the bound, the one with the fewest wrong regions (the
-    better-or-not rule then rejects the model)."""
-    figures = [figures_at(collected, float(t), lowered_until_found) for t in SCORE_THRESHOLD_GRID]
+    better-or-not rule then rejects the model). `thresholds`: those tried (``form_thresholds`` of the model)."""
+    figures = [figures_at(collected, float(t), lowered_until_found) for t in thresholds]
     allowed = [f for f in figures if f["wrong_per_image"] <= max_wrong_per_image + 1e-9]
     if not allowed:
         return min(figures, key=lambda f: (f["wrong_per_image"], -f["miou"], -f["score_threshold"]))

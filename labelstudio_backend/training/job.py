@@ -92,7 +92,8 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     from dinov.checkpoint import file_digest
     from dinov.delta import apply_delta, read_delta, save_delta, trainable_names
     from dinov.predictor import DINOvPredictor, resolve_device
-    from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better
+    from dinov.train.finetune import (best_threshold_figures, figures_at, finetune, finetune_config, form_thresholds,
+                                      is_better)
     from dinov.train.trainer import Trainer
     from labelstudio_backend.fetching.images import ImageLoader
     from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient
@@ -146,12 +147,14 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
 
     history = finetune(trainer, train, minutes * 60, on_progress=progress)
     store.update_job(job_id, step=trainer.step, message="measuring the trained model")
-    collected = collect(DINOvPredictor(trainer.model.eval(), device=device), train, val)
+    trained = DINOvPredictor(trainer.model.eval(), device=device)
+    collected = collect(trained, train, val)
     if pinned is not None:  # the project's SCORE_THRESHOLD applies to the new model too
         after = figures_at(collected, pinned, lowered_until_found=False)
     else:  # its own: among the thresholds making no more wrong regions than the served model, the highest with
         #   an mIoU within one standard error of their best
-        after = best_threshold_figures(collected, before["wrong_per_image"], lowered_until_found=True)
+        after = best_threshold_figures(collected, before["wrong_per_image"], lowered_until_found=True,
+                                       thresholds=form_thresholds(trained))
     better, why = is_better(before, after)
     figures = {"before": before, "after": after, "steps": trainer.step, "train_tasks": len(train),
                "validation_tasks": len(val), "seconds": round(time.monotonic() - started, 1),

@@ -100,3 +100,19 @@ def test_start_training_trains_the_shape_encoder_of_a_model_that_has_one():
         trainer = Trainer(model, config, finetune_config(config, trainable, steps=2))
         trained = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
         assert all(id(p) in trained for p in model.head.shape_encoder.parameters()), trainable
+
+
+def test_embedding_keys_change_with_the_embeddings_form():
+    """The backend's embedding cache keys on the model's embedding form, so that a model of another form encodes
+    its examples again; the official form keeps the keys it always had."""
+    from types import SimpleNamespace
+
+    from labelstudio_backend.references.sources import embedding_checkpoint
+
+    def runtime(form: str | None):
+        model = SimpleNamespace() if form is None else SimpleNamespace(embedding_form=form)
+        return SimpleNamespace(checkpoint_id="abc123", load_model=lambda: model)
+
+    assert embedding_checkpoint(runtime(None)) == "abc123"
+    assert embedding_checkpoint(runtime("content")) == "abc123"
+    assert embedding_checkpoint(runtime("content+shape32")) == "abc123+content+shape32"

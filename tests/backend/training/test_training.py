@@ -637,6 +637,21 @@ def test_a_model_that_is_not_better_is_rejected_and_never_served(ls, tmp_path):
         jobs.shutdown()
 
 
+def test_a_quality_x_margin_model_is_measured_from_its_lower_scores():
+    from dinov.train.finetune import form_thresholds
+
+    scene, elsewhere = two_region_scene()
+    official = TwoRegionPredictor(scene, elsewhere, right=0.02, wrong=0.2)
+    margin = TwoRegionPredictor(scene, elsewhere, right=0.02, wrong=0.2)
+    margin.score_form = "quality_x_margin"
+    assert form_thresholds(official)[0] == 0.05 and form_thresholds(margin)[0] == 0.01
+    assert len(collect_regions(official, [scene], [scene])[0].scores) == 1  # 0.02 is below what is collected
+    collected = collect_regions(margin, [scene], [scene])
+    assert sorted(collected[0].scores.tolist()) == [0.02, 0.2]
+    after = best_threshold_figures(collected, 1.0, lowered_until_found=False, thresholds=form_thresholds(margin))
+    assert after["miou"] == 1.0 and after["score_threshold"] <= 0.02
+
+
 # --- rejected is not failed
 
 RECTANGLE_CONFIG = """<View>
