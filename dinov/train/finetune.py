@@ -25,7 +25,7 @@ from dinov.config import DINOvConfig
 from dinov.data.scenes import Scene
 from dinov.eval.example_pool import example_pool
 from dinov.metrics import mask_iou
-from dinov.postprocess import SCORE_THRESHOLD_GRID, official_threshold
+from dinov.postprocess import FORM_THRESHOLDS, SCORE_THRESHOLD_GRID, official_threshold
 from dinov.train.config import TrainConfig
 from dinov.train.sampling import batches
 from dinov.train.trainer import Trainer

@@ -92,8 +92,14 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     from dinov.checkpoint import file_digest
     from dinov.delta import apply_delta, read_delta, save_delta, trainable_names
     from dinov.predictor import DINOvPredictor, resolve_device
-    from dinov.train.finetune import (best_threshold_figures, figures_at, finetune, finetune_config, form_thresholds,
-                                      is_better)
+    from dinov.train.finetune import (
+        best_threshold_figures,
+        figures_at,
+        finetune,
+        finetune_config,
+        form_thresholds,
+        is_better,
+    )
     from dinov.train.trainer import Trainer
     from labelstudio_backend.fetching.images import ImageLoader
     from labelstudio_backend.fetching.labelstudio_client import LabelStudioClient

@@ -307,11 +307,10 @@ def test_region_scores_quality_times_margin():
 
 
 def test_a_checkpoint_score_form_is_what_generic_regions_score_and_threshold():
-    from dinov.data.scenes import generate_scene
-    from dinov.predictor import DINOvPredictor
-
     from dinov.config import demo
+    from dinov.data.scenes import generate_scene
     from dinov.modeling.dinov import build_dinov
+    from dinov.predictor import DINOvPredictor
 
     assert DINOvPredictor(build_dinov(demo())).score_form == "class_probability"  # no metadata: the official
     predictor = DINOvPredictor.from_checkpoint("demo", device="cpu")
