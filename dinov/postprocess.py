@@ -263,7 +263,7 @@ def mask_nms(mask_logits: Tensor, iou_threshold: float = DEFAULT_NMS_IOU) -> Ten
     return torch.tensor(kept, dtype=torch.long, device=mask_logits.device)
 
 
-def prediction_score(region_scores: Sequence[float], candidate_score_sum: float | None) -> float:
+def prediction_score(region_scores: Sequence[float] | np.ndarray, candidate_score_sum: float | None) -> float:
     """One image's prediction score from the scores of the regions returned: with ``candidate_score_sum`` (the
     summed scores of every candidate region, one per object after mask NMS, whatever the threshold) the share of
     the candidates' score mass that was returned, which falls when likely objects are left out or uncertain (it

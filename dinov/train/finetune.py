@@ -44,7 +44,7 @@ IOU_FOUND = 0.5
 LOWEST_THRESHOLD = 0.05  # regions are collected from this score up; thresholds are applied afterwards
 
 
-def form_thresholds(predictor) -> np.ndarray:
+def form_thresholds(predictor: DINOvPredictor) -> np.ndarray:
     """The thresholds tried for a predictor's score form (``dinov.postprocess.FORM_THRESHOLDS``; a quality x margin
     score runs lower than a class probability); regions are collected from the first one up."""
     return FORM_THRESHOLDS.get(str(getattr(predictor, "score_form", "class_probability")), SCORE_THRESHOLD_GRID)
@@ -172,7 +172,7 @@ def figures_at(collected: Sequence[TargetRegions], score_threshold: float, lower
 
 
 def best_threshold_figures(collected: Sequence[TargetRegions], max_wrong_per_image: float,
-                           lowered_until_found: bool, thresholds: Sequence[float] = SCORE_THRESHOLD_GRID) -> dict:
+                           lowered_until_found: bool, thresholds: Sequence[float] | np.ndarray = SCORE_THRESHOLD_GRID) -> dict:
     """The figures at the score threshold a new model is served with. Of the thresholds that make at most
     `max_wrong_per_image` wrong regions per image (the served model's count: a new model errs no more), the highest
     whose mIoU is within one standard error of the best of them (the one-standard-error rule: on a few validation

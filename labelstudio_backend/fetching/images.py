@@ -197,9 +197,11 @@ class ImageLoader:
         return "/".join(parts)
 
     def _read_local(self, relative: str, url: str) -> bytes:
-        limit = self.settings.max_image_bytes
+        limit, root = self.settings.max_image_bytes, self.settings.local_files_root
+        if root is None:
+            raise ImageHostError(f"{url}: a local file, but LOCAL_FILES_DOCUMENT_ROOT is not set")
         try:  # never more than the limit, even if the file grows meanwhile
-            data = local_files.read_under_root(self.settings.local_files_root, relative, limit)
+            data = local_files.read_under_root(root, relative, limit)
         except local_files.OutsideRoot as e:
             raise ImageHostError(f"{url}: {e}") from None
         except local_files.NotReadable as e:

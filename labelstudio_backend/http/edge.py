@@ -31,7 +31,7 @@ def install(app: Flask, settings: Settings) -> None:
     limit = settings.max_request_bytes
 
     @app.before_request
-    def _count_unsized_body():
+    def _count_unsized_body() -> None:
         buffer_unsized_body(request.environ, limit)
 
     @app.after_request

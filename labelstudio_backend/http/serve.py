@@ -29,6 +29,7 @@ import os
 import selectors
 import time
 from functools import partial
+from typing import Any
 
 from gunicorn import http
 from gunicorn.http2 import negotiation
@@ -73,7 +74,7 @@ def request_complete(arriving: _Arriving, max_body: int) -> str:
             return "ready" if len(buf) > MAX_HEAD_BYTES else "wait"
         arriving.head_end = end + 4
         head = bytes(buf[:end]).decode("latin-1").lower().split("\r\n")[1:]
-        fields = {}
+        fields: dict[str, list[str]] = {}
         for line in head:
             name, _, value = line.partition(":")
             fields.setdefault(name.strip(), []).append(value.strip())
@@ -96,8 +97,8 @@ def request_complete(arriving: _Arriving, max_body: int) -> str:
 
 
 def _chunked(arriving: _Arriving, max_body: int) -> str:
-    buf = arriving.buf
-    if len(buf) - arriving.head_end > max_body + 64 * 1024:  # chunk framing included
+    buf, head_end = arriving.buf, arriving.head_end or 0
+    if len(buf) - head_end > max_body + 64 * 1024:  # chunk framing included
         return "too large"
     while True:
         eol = buf.find(b"\r\n", arriving.scan)
@@ -120,7 +121,7 @@ def _chunked(arriving: _Arriving, max_body: int) -> str:
 class BufferingThreadWorker(ThreadWorker):
     """gthread whose event loop reads each request completely before a thread gets it (see the module)."""
 
-    def init_process(self):
+    def init_process(self) -> None:
         self.arriving: dict[int, _Arriving] = {}
         self.buffered = 0
         try:
@@ -131,10 +132,10 @@ class BufferingThreadWorker(ThreadWorker):
             self.max_body = DEFAULT_MAX_REQUEST_BYTES
         super().init_process()
 
-    def _threads_read(self, client) -> bool:
+    def _threads_read(self, client: Any) -> bool:
         return bool(self.cfg.is_ssl) or negotiation.prior_knowledge_allowed(self.cfg, client)
 
-    def accept(self, listener):
+    def accept(self, listener: Any) -> None:
         try:
             sock, client = listener.accept()
         except OSError as e:
@@ -149,7 +150,7 @@ class BufferingThreadWorker(ThreadWorker):
             return
         self._read_request(conn)
 
-    def on_client_socket_readable(self, conn, client):
+    def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
         """A kept-alive connection's next request: read by the event loop too."""
         self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
@@ -164,7 +165,7 @@ class BufferingThreadWorker(ThreadWorker):
         self.arriving[id(arriving)] = arriving
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, arriving))
 
-    def _on_readable(self, arriving: _Arriving, sock) -> None:
+    def _on_readable(self, arriving: _Arriving, sock: Any) -> None:
         try:
             data = sock.recv(256 * 1024)
         except (BlockingIOError, InterruptedError):
@@ -212,7 +213,7 @@ class BufferingThreadWorker(ThreadWorker):
         self.nr_conns -= 1
         arriving.conn.close()
 
-    def murder_pending(self):
+    def murder_pending(self) -> None:
         """gthread's sweep, and the requests that take longer than their deadline: 408, closed."""
         super().murder_pending()
         now = time.monotonic()

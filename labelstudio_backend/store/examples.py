@@ -109,7 +109,7 @@ def clamp_future(annotation: dict, now: datetime | None = None, skew_s: float = 
             stamp = normalize_timestamp(annotation.get(key))
         except StoreError:
             continue  # reported where the annotation is read
-        if stamp is not None and stamp > limit:
+        if stamp is not None and limit is not None and stamp > limit:
             changed[key] = normalize_timestamp(now)
     return changed if changed != annotation else annotation
 
