@@ -95,3 +95,11 @@ def test_swin_stage_with_window_gathers_equals_plain(batch: int, size: tuple[int
     for g, w in zip(got[:2], want[:2]):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     assert got[2:] == want[2:]
+
+
+def test_autocast_and_other_dtypes_use_the_plain_layers() -> None:
+    x = torch.zeros(2, 2)
+    with torch.no_grad():
+        assert not fused.inference_fusable(x.double())
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            assert not fused.inference_fusable(x)

@@ -32,7 +32,8 @@ def inference_fusable(*tensors: Tensor) -> bool:
     with two threads on a loaded machine the many small products (one synchronisation of the threads each) were
     slower than the plain layers (pixel decoder 20.0 s against 13.4 s wall clock, load 6-7; see BENCHMARKS.md)."""
     return (ENABLED and not torch.is_grad_enabled() and torch.get_num_threads() == 1
-            and all(t.device.type == "cpu" for t in tensors))
+            and not torch.is_autocast_enabled("cpu")  # mixed precision: the plain layers, as autocast casts them
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:
