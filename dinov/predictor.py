@@ -401,6 +401,10 @@ class DINOvPredictor:
         granularity candidates each, with predicted IoUs); a stroke contributes queries at
         points along it.
 
+        The candidate is chosen on the model's stride-4 logit grid and only the chosen one is upsampled to the
+        original size (see :meth:`_choose_on_logit_grid`); the other candidates' masks are their grid masks
+        enlarged to the original size.
+
         The answer stays on the object the user pointed at (:func:`restrict_to_prompts`, applied to
         every candidate): a box keeps only what lies inside it; of the mask's connected parts, it keeps
         those a positive click or the stroke touches (with only a box, all parts inside it) and drops
@@ -455,6 +459,10 @@ class DINOvPredictor:
             )
         ious = outputs["pred_ious"][0].float()  # [P, 6]
         mask_logits = outputs["pred_masks"][0].float()  # [P * 6, h, w]
+        chosen = self._choose_on_logit_grid(encoded, mask_logits, ious, positive, negative, bxs, stroke)
+        if chosen is not None:
+            return chosen
+        # No candidate survives on the stride-4 grid: decide on the full-size masks of all of them.
         candidates = []
         for q in range(ious.shape[0]):
             for g in range(ious.shape[1]):
@@ -463,6 +471,67 @@ class DINOvPredictor:
                 candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g, query_index=q,
                                             kept_fraction=float(mask.sum() / max(1, raw.sum()))))
         return InteractiveResult(best=choose_candidate(candidates, positive, negative, stroke), candidates=candidates)
+
+    def _choose_on_logit_grid(self, encoded: EncodedImage, mask_logits: torch.Tensor, ious: torch.Tensor,
+                              positive: np.ndarray, negative: np.ndarray, boxes: np.ndarray,
+                              stroke: np.ndarray | None) -> InteractiveResult | None:
+        """Choose the candidate on the stride-4 logit grid (the model's own resolution), then upsample only it.
+
+        Each candidate's mask is its positive logits over the cells that cover the image; the prompts are mapped
+        onto that grid (a click to the cell under it, boxes scaled, the stroke to the cells it touches), and the
+        rule of :func:`restrict_to_prompts` and :func:`choose_candidate` runs there. The chosen candidate is then
+        upsampled like before (bilinear to the input, to the original size) and restricted at full size; the
+        others keep their grid masks enlarged (nearest cell) to the original size. None when no candidate
+        survives on the grid (the caller then decides on full-size masks) or the chosen one vanishes at full
+        size.
+        """
+        height, width = encoded.image_size
+        in_h, in_w = encoded.input_size
+        grid_h, grid_w = -(-in_h // 4), -(-in_w // 4)
+        # original pixel centre -> grid coordinates (cell i spans input pixels [4i, 4i + 4))
+        fy, fx = in_h / height / 4, in_w / width / 4
+        grid = (mask_logits[:, :grid_h, :grid_w] > 0).cpu().numpy()
+
+        def to_grid(points: np.ndarray) -> np.ndarray:
+            points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+            return np.stack([(points[:, 0] + 0.5) * fx - 0.5, (points[:, 1] + 0.5) * fy - 0.5], 1)
+
+        grid_boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([fx, fy, fx, fy])
+        grid_stroke = None
+        if stroke is not None:
+            ys, xs = np.nonzero(stroke)
+            grid_stroke = np.zeros((grid_h, grid_w), bool)
+            grid_stroke[np.minimum(((ys + 0.5) * fy).astype(int), grid_h - 1),
+                        np.minimum(((xs + 0.5) * fx).astype(int), grid_w - 1)] = True
+        grid_positive, grid_negative = to_grid(positive), to_grid(negative)
+        num_tokens = ious.shape[1]
+        grid_candidates = []
+        for q in range(ious.shape[0]):
+            for g in range(num_tokens):
+                raw = grid[q * num_tokens + g]
+                mask = restrict_to_prompts(raw, grid_positive, grid_negative, grid_boxes, grid_stroke)
+                grid_candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g,
+                                                 query_index=q, kept_fraction=float(mask.sum() / max(1, raw.sum()))))
+        best = choose_candidate(grid_candidates, grid_positive, grid_negative, grid_stroke)
+        if best is None:
+            return None
+        index = next(i for i, candidate in enumerate(grid_candidates) if candidate is best)
+        raw = self._mask_to_original(mask_logits[best.query_index * num_tokens + best.granularity], encoded)
+        mask = restrict_to_prompts(raw, positive, negative, boxes, stroke)
+        if not mask.any():
+            return None
+        rows = np.minimum(((np.arange(height) + 0.5) * fy).astype(int), grid_h - 1)
+        cols = np.minimum(((np.arange(width) + 0.5) * fx).astype(int), grid_w - 1)
+        candidates = []
+        for i, candidate in enumerate(grid_candidates):
+            if i == index:
+                candidates.append(Candidate(mask=mask, predicted_iou=best.predicted_iou, granularity=best.granularity,
+                                            query_index=best.query_index,
+                                            kept_fraction=float(mask.sum() / max(1, raw.sum()))))
+            else:
+                candidate.mask = candidate.mask[rows[:, None], cols[None, :]]
+                candidates.append(candidate)
+        return InteractiveResult(best=candidates[index], candidates=candidates)
 
     # ----------------------------------------------------------------- helpers
     def _mask_to_original(self, logits: torch.Tensor, encoded: EncodedImage) -> np.ndarray:

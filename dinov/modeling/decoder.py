@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .box_ops import inverse_sigmoid
-from .fused import inference_fusable, residual_feed_forward
 from .ms_deform_attn import MSDeformAttn, ms_deform_attn_core
 
 
@@ -214,12 +213,6 @@ class DeformableDecoderLayer(nn.Module):
             attended = self.cross_attn(tgt + query_pos, per_level, memory, spatial_shapes, level_start_index)
         tgt = self.norm1(tgt + self.dropout1(attended))
 
-        if inference_fusable(tgt):
-            # Inference: FFN, residual and norm in cached row blocks (dinov.modeling.fused).
-            batch, num_queries, channels = tgt.shape
-            out = residual_feed_forward(tgt.reshape(-1, channels), self.linear1, self.linear2, torch.relu_,
-                                        norm_out=self.norm3)
-            return out.view(batch, num_queries, channels)
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
 

@@ -27,11 +27,13 @@ ENABLED = True
 
 
 def inference_fusable(*tensors: Tensor) -> bool:
-    """Fused paths run when no gradient is recorded, no autocast is on (the plain layers cast per operation) and
-    the tensors are on the CPU (on CUDA the plain layers already run at the device's speed and these Python loops
-    would only add launches)."""
-    return (ENABLED and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and all(t.device.type == "cpu" for t in tensors))
+    """Fused paths run when no gradient is recorded, the tensors are on the CPU (on CUDA the plain layers
+    already run at the device's speed and these Python loops would only add launches) and torch uses one thread:
+    with two threads on a loaded machine the many small products (one synchronisation of the threads each) were
+    slower than the plain layers (pixel decoder 20.0 s against 13.4 s wall clock, load 6-7; see BENCHMARKS.md)."""
+    return (ENABLED and not torch.is_grad_enabled() and torch.get_num_threads() == 1
+            and not torch.is_autocast_enabled("cpu")  # mixed precision: the plain layers, as autocast casts them
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors))
 
 
 def _layer_norm(x: Tensor, norm: nn.LayerNorm) -> Tensor:

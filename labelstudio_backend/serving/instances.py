@@ -50,7 +50,10 @@ def select_instances(instances: Iterable[LabeledMask], rules: SelectionRules) ->
     inside better regions of its label (or of any label, when labels may not overlap): that is an object already
     found, or a part of one (Mask2Former's overlap rule); no pixel shared between labels unless allowed (the better
     instance keeps it); at least rules.min_area pixels (and at least 1) after that. Returns the kept instances,
-    best first."""
+    best first.
+
+    Every test and update works inside the instance's bounding box (found once per instance), not over the whole
+    image: nothing outside it can change the answer."""
     kept: list[LabeledMask] = []
     counts: dict[str, int] = defaultdict(int)
     claimed: np.ndarray | None = None
@@ -59,21 +62,36 @@ def select_instances(instances: Iterable[LabeledMask], rules: SelectionRules) ->
         label = instance.label
         if counts[label] >= rules.max_per_label:
             continue
-        mask = np.asarray(instance.mask, dtype=bool)
+        full = np.asarray(instance.mask, dtype=bool)
         if claimed is None:
-            claimed = np.zeros_like(mask)
-        taken = claimed if not rules.allow_overlap else own.get(label, np.zeros_like(mask))
+            claimed = np.zeros_like(full)
+        rows = np.flatnonzero(full.any(axis=1))
+        if len(rows) == 0:
+            continue  # an empty mask has fewer than max(1, min_area) pixels
+        cols = np.flatnonzero(full.any(axis=0))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        crop = mask = full[box]
+        label_own = own.get(label)
+        taken = claimed[box] if not rules.allow_overlap else (label_own[box] if label_own is not None else None)
         area = int(mask.sum())
-        if area and int((mask & taken).sum()) >= COVERED_FRACTION * area:
+        if taken is not None and int(np.count_nonzero(mask & taken)) >= COVERED_FRACTION * area:
             continue
         if not rules.allow_overlap:
-            mask = mask & ~(claimed & ~own.get(label, np.zeros_like(mask)))
+            others = claimed[box] if label_own is None else claimed[box] & ~label_own[box]
+            mask = mask & ~others
         if int(mask.sum()) < max(1, rules.min_area):
             continue
-        kept.append(LabeledMask(label, mask, instance.score))
+        if mask is crop:
+            out = full
+        else:
+            out = np.zeros_like(full)
+            out[box] = mask
+        kept.append(LabeledMask(label, out, instance.score))
         counts[label] += 1
-        claimed |= mask
-        own[label] = own.get(label, np.zeros_like(mask)) | mask
+        claimed[box] |= mask
+        if label_own is None:
+            label_own = own[label] = np.zeros_like(full)
+        label_own[box] |= mask
     return kept
 
 

@@ -10,6 +10,23 @@ from dinov.modeling.pixel_decoder import MSDeformAttnEncoderLayer
 from dinov.modeling.swin import SwinTransformerBlock
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the fused paths run with one torch thread (dinov.modeling.fused.inference_fusable)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fused_paths_run_with_one_thread_only() -> None:
+    x = torch.zeros(2, 2)
+    with torch.no_grad():
+        assert fused.inference_fusable(x)
+        torch.set_num_threads(2)
+        assert not fused.inference_fusable(x)
+
+
 @pytest.mark.parametrize("rows, block_rows", [(1, 256), (255, 256), (256, 256), (1000, 256), (1000, 7)])
 def test_residual_feed_forward_equals_the_plain_layers(rows: int, block_rows: int) -> None:
     torch.manual_seed(0)
@@ -78,3 +95,11 @@ def test_swin_stage_with_window_gathers_equals_plain(batch: int, size: tuple[int
     for g, w in zip(got[:2], want[:2]):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     assert got[2:] == want[2:]
+
+
+def test_autocast_and_other_dtypes_use_the_plain_layers() -> None:
+    x = torch.zeros(2, 2)
+    with torch.no_grad():
+        assert not fused.inference_fusable(x.double())
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            assert not fused.inference_fusable(x)

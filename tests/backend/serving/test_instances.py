@@ -49,3 +49,48 @@ def test_similar_objects_leave_out_negative_clicks_and_keep_the_drawn_one():
     similar = similar_to_drawn([other, refused], drawn, negatives=[(1.4, 7.2)])  # (x, y) inside `refused`
     assert similar == [other, drawn]
     assert similar_to_drawn([drawn], drawn, negatives=[]) == [drawn]
+
+
+def _select_on_whole_masks(instances, rules):
+    """The rule computed on whole-image masks (the implementation before issue 22), as the reference."""
+    from collections import defaultdict
+
+    kept, counts, claimed, own = [], defaultdict(int), None, {}
+    for instance in sorted(instances, key=lambda item: -item.score):
+        label = instance.label
+        if counts[label] >= rules.max_per_label:
+            continue
+        mask = np.asarray(instance.mask, dtype=bool)
+        if claimed is None:
+            claimed = np.zeros_like(mask)
+        taken = claimed if not rules.allow_overlap else own.get(label, np.zeros_like(mask))
+        area = int(mask.sum())
+        if area and int((mask & taken).sum()) >= 0.8 * area:
+            continue
+        if not rules.allow_overlap:
+            mask = mask & ~(claimed & ~own.get(label, np.zeros_like(mask)))
+        if int(mask.sum()) < max(1, rules.min_area):
+            continue
+        kept.append(LabeledMask(label, mask, instance.score))
+        counts[label] += 1
+        claimed |= mask
+        own[label] = own.get(label, np.zeros_like(mask)) | mask
+    return kept
+
+
+def test_selection_inside_boxes_equals_the_whole_mask_rule():
+    rng = np.random.default_rng(22)
+    for trial in range(200):
+        height, width = (int(v) for v in rng.integers(5, 60, 2))
+        found = []
+        for k in range(int(rng.integers(0, 12))):
+            mask = np.zeros((height, width), bool)
+            y0, x0 = int(rng.integers(0, height)), int(rng.integers(0, width))
+            mask[y0 : y0 + int(rng.integers(0, 30)), x0 : x0 + int(rng.integers(0, 30))] = True
+            if k % 3 == 0:
+                mask &= rng.random((height, width)) < 0.7  # holes and separate parts
+            found.append(LabeledMask(str(rng.choice(["cat", "dog"])), mask, float(rng.random())))
+        rules = SelectionRules(int(rng.integers(1, 6)), int(rng.integers(0, 40)), bool(trial % 2))
+        got, want = select_instances(found, rules), _select_on_whole_masks(found, rules)
+        assert [(g.label, g.score) for g in got] == [(w.label, w.score) for w in want]
+        assert all(np.array_equal(g.mask, w.mask) for g, w in zip(got, want))
