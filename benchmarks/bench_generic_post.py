@@ -7,7 +7,7 @@ and their instances are compared (count, masks pixel by pixel, boxes, scores). T
 masks of every object query at stride 4, filtered them with `postprocess.filter_generic`, and upsampled each
 kept mask over the whole image with `DINOvPredictor._mask_to_original`; the current one
 (`DINOvPredictor.segment_generic`) thresholds and orders first, computes the masks of the returnable instances
-only, and upsamples each only around its positive cells (`postprocess.MaskResizer`).
+only, and upsamples each only around its positive cells (`dinov.mask_upsampling.MaskResizer`).
 `--original HxW` makes the original image differ from the model input (a second resize, as in the backend).
 """
 
@@ -28,8 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from dinov import postprocess
 from dinov.config import PRESETS
+from dinov.interactive import mask_box
 from dinov.modeling.dinov import build_dinov
-from dinov.predictor import DINOvPredictor, EncodedImage, Instance, mask_box
+from dinov.predictor import DINOvPredictor, EncodedImage
+from dinov.results import Instance
 from dinov.transforms import ResizeConfig, padded_size
 
 

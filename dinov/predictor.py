@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,15 +25,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 
 from dinov import postprocess
 from dinov.config import DINOvConfig
-from dinov.metrics import box_region, point_in_mask
+from dinov.interactive import (
+    DrawnPrompts,
+    InteractiveResult,
+    choose_on_full_size,
+    choose_on_logit_grid,
+    stroke_sample_points,
+)
+from dinov.mask_upsampling import MaskResizer, upsample_masks
 from dinov.modeling.box_ops import box_xyxy_to_cxcywh, grid_points, point_boxes
 from dinov.modeling.dinov import DINOv
 from dinov.modeling.prompt_encoder import PromptContent
-from dinov.prompts import points_to_mask
+from dinov.results import GenericInstances, Instance
 from dinov.transforms import (
     InputError,
     ResizeConfig,
@@ -65,39 +71,6 @@ class EncodedImage:
     def scale(self) -> tuple[float, float]:
         """(y, x) factors from original pixels to model-input pixels."""
         return self.input_size[0] / self.image_size[0], self.input_size[1] / self.image_size[1]
-
-
-@dataclass
-class Instance:
-    mask: np.ndarray  # bool [H, W] at the original size
-    score: float
-    class_index: int  # index of the class (generic) or of the prompt (referring)
-    box: tuple[float, float, float, float]  # (x0, y0, x1, y1) of the mask, pixels, x1/y1 exclusive
-    # generic: the mean probability of the stride-4 mask over its positive cells (how sure the mask is of itself)
-    mask_quality: float | None = None
-
-
-class GenericInstances(list):
-    """segment_generic's regions (a list of Instance), with ``candidate_score_sum``: the summed scores of every
-    candidate region (one per object after mask NMS, at any score) when the score form computes every query's
-    mask, else None; ``postprocess.prediction_score`` turns both into an image's score."""
-
-    candidate_score_sum: float | None = None
-
-
-@dataclass
-class Candidate:
-    mask: np.ndarray  # bool [H, W]
-    predicted_iou: float
-    granularity: int  # 0..5, which of the six granularity tokens produced it
-    query_index: int  # which position query (point or box) it came from
-    kept_fraction: float = 1.0  # the share of the model's mask that stayed on the prompted object(s)
-
-
-@dataclass
-class InteractiveResult:
-    best: Candidate | None
-    candidates: list[Candidate] = field(default_factory=list)
 
 
 class DINOvPredictor:
@@ -159,16 +132,16 @@ class DINOvPredictor:
 
         return float(getattr(self.model, "default_score_threshold", OFFICIAL_SCORE_THRESHOLD))
 
-    def _autocast(self):
+    def _autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     # ----------------------------------------------------------------- images
-    def _prepare(self, image) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    def _prepare(self, image: np.ndarray | Image.Image) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
         rgb = as_rgb_uint8(image)
-        original = rgb.shape[:2]
-        size = resized_size(*original, self.resize)
+        original = (int(rgb.shape[0]), int(rgb.shape[1]))
+        size = resized_size(original[0], original[1], self.resize)
         resized = resize_image(rgb, size, self.resize.image_interpolation)
         return torch.from_numpy(np.ascontiguousarray(resized).copy()).permute(2, 0, 1), original, size
 
@@ -292,7 +265,7 @@ class DINOvPredictor:
         index = torch.arange(logits.shape[0], device=logits.device)
         mask_logits = postprocess.mask_logits_of(outputs["mask_embed"][0].float(), encoded.mask_features[0].float(),
                                                  index)
-        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
+        resizer = MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         masks = np.zeros((len(index), *encoded.image_size), bool)
         for q, resized in enumerate(resizer.resize_all(mask_logits)):
             if resized is not None:
@@ -313,7 +286,7 @@ class DINOvPredictor:
         pick = postprocess.select_generic(logits, score_threshold, max_instances,
                                           default_threshold=self.default_score_threshold, scores=scores)
         instances = GenericInstances()
-        if all_masks is not None:
+        if all_masks is not None and scores is not None:
             order = torch.argsort(scores, descending=True)
             candidates = order[postprocess.mask_nms(all_masks[order], postprocess.DEFAULT_NMS_IOU if nms_iou is None
                                                     else nms_iou)]
@@ -327,7 +300,7 @@ class DINOvPredictor:
             keep = postprocess.mask_nms(mask_logits, nms_iou)
             mask_logits, scores, labels = mask_logits[keep], scores[keep], labels[keep]
         quality = postprocess.mask_quality(mask_logits)
-        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
+        resizer = MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         for resized, score, label, q in zip(resizer.resize_all(mask_logits), scores.tolist(), labels.tolist(),
                                             quality.tolist()):
             if resized is not None:  # empty at the image size: never an instance
@@ -378,7 +351,7 @@ class DINOvPredictor:
         )
         if selection.index.numel() == 0:  # no proposal survived the filter: nothing matches
             return [None] * len(embeddings)
-        resizer = postprocess.MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
+        resizer = MaskResizer(encoded.padded_size, encoded.input_size, encoded.image_size)
         results: list[Instance | None] = []
         for prompt_index, resized in enumerate(resizer.resize_all(selection.mask_logits.float())):
             score = float(selection.scores[prompt_index])
@@ -402,32 +375,18 @@ class DINOvPredictor:
         points along it.
 
         The candidate is chosen on the model's stride-4 logit grid and only the chosen one is upsampled to the
-        original size (see :meth:`_choose_on_logit_grid`); the other candidates' masks are their grid masks
-        enlarged to the original size.
+        original size (:func:`dinov.interactive.choose_on_logit_grid`); the other candidates' masks are their grid
+        masks enlarged to the original size.
 
-        The answer stays on the object the user pointed at (:func:`restrict_to_prompts`, applied to
+        The answer stays on the object the user pointed at (:func:`dinov.interactive.restrict_to_prompts`, applied to
         every candidate): a box keeps only what lies inside it; of the mask's connected parts, it keeps
         those a positive click or the stroke touches (with only a box, all parts inside it) and drops
         those a negative click touches. The chosen candidate then covers every positive click,
-        overlaps the stroke most, and has the highest predicted IoU (see :func:`choose_candidate`).
+        overlaps the stroke most, and has the highest predicted IoU (:func:`dinov.interactive.choose_candidate`).
         """
         height, width = encoded.image_size
-        pts = np.zeros((0, 2)) if points is None else np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        labels = np.ones(len(pts), dtype=int) if point_labels is None else np.asarray(point_labels, dtype=int).reshape(-1)
-        if len(labels) != len(pts):
-            raise InputError(f"got {len(pts)} points but {len(labels)} point labels")
-        bxs = np.zeros((0, 4)) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        if stroke is not None:
-            stroke = np.asarray(stroke, dtype=bool)
-            if stroke.shape != (height, width) or not stroke.any():
-                raise InputError(f"stroke must be a non-empty bool mask of shape {(height, width)}, got {stroke.shape}")
-        positive, negative = pts[labels > 0], pts[labels <= 0]
-        if len(positive) == 0 and len(bxs) == 0 and stroke is None:
-            raise InputError("interactive segmentation needs a positive point, a box or a stroke")
-
-        for x0, y0, x1, y1 in bxs:
-            if not (x1 > x0 and y1 > y0):
-                raise InputError(f"box must have x1 > x0 and y1 > y0, got {(x0, y0, x1, y1)}")
+        prompts = DrawnPrompts.parse(points, point_labels, boxes, stroke, (height, width))
+        positive, bxs, stroke = prompts.positive, prompts.boxes, prompts.stroke
         # Position queries in model-input pixels: clicks (and points along the stroke) as +-3 px
         # boxes, as the official interactive code; boxes as drawn.
         sy, sx = encoded.scale
@@ -444,13 +403,7 @@ class DINOvPredictor:
 
         # The content query only shapes match scores, not the candidates' masks or IoUs; give it
         # the drawn prompt itself so that it is meaningful.
-        prompt_mask = np.zeros((height, width), bool)
-        if len(positive):
-            prompt_mask |= points_to_mask(positive, (height, width), radius=max(3.0, 0.01 * min(height, width)))
-        for x0, y0, x1, y1 in bxs:
-            prompt_mask[max(0, int(y0)) : int(np.ceil(y1)), max(0, int(x0)) : int(np.ceil(x1))] = True
-        if stroke is not None:
-            prompt_mask |= stroke
+        prompt_mask = prompts.as_mask((height, width))
         prompt_masks = self._prompt_masks(encoded, prompt_mask[None])
         with self._lock, self._autocast():
             content = self.model.head.encode_prompts(encoded.multi_scale_features, prompt_masks)
@@ -459,85 +412,15 @@ class DINOvPredictor:
             )
         ious = outputs["pred_ious"][0].float()  # [P, 6]
         mask_logits = outputs["pred_masks"][0].float()  # [P * 6, h, w]
-        chosen = self._choose_on_logit_grid(encoded, mask_logits, ious, positive, negative, bxs, stroke)
-        if chosen is not None:
-            return chosen
-        # No candidate survives on the stride-4 grid: decide on the full-size masks of all of them.
-        candidates = []
-        for q in range(ious.shape[0]):
-            for g in range(ious.shape[1]):
-                raw = self._mask_to_original(mask_logits[q * ious.shape[1] + g], encoded)
-                mask = restrict_to_prompts(raw, positive, negative, bxs, stroke)
-                candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g, query_index=q,
-                                            kept_fraction=float(mask.sum() / max(1, raw.sum()))))
-        return InteractiveResult(best=choose_candidate(candidates, positive, negative, stroke), candidates=candidates)
-
-    def _choose_on_logit_grid(self, encoded: EncodedImage, mask_logits: torch.Tensor, ious: torch.Tensor,
-                              positive: np.ndarray, negative: np.ndarray, boxes: np.ndarray,
-                              stroke: np.ndarray | None) -> InteractiveResult | None:
-        """Choose the candidate on the stride-4 logit grid (the model's own resolution), then upsample only it.
-
-        Each candidate's mask is its positive logits over the cells that cover the image; the prompts are mapped
-        onto that grid (a click to the cell under it, boxes scaled, the stroke to the cells it touches), and the
-        rule of :func:`restrict_to_prompts` and :func:`choose_candidate` runs there. The chosen candidate is then
-        upsampled like before (bilinear to the input, to the original size) and restricted at full size; the
-        others keep their grid masks enlarged (nearest cell) to the original size. None when no candidate
-        survives on the grid (the caller then decides on full-size masks) or the chosen one vanishes at full
-        size.
-        """
-        height, width = encoded.image_size
-        in_h, in_w = encoded.input_size
-        grid_h, grid_w = -(-in_h // 4), -(-in_w // 4)
-        # original pixel centre -> grid coordinates (cell i spans input pixels [4i, 4i + 4))
-        fy, fx = in_h / height / 4, in_w / width / 4
-        grid = (mask_logits[:, :grid_h, :grid_w] > 0).cpu().numpy()
-
-        def to_grid(points: np.ndarray) -> np.ndarray:
-            points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-            return np.stack([(points[:, 0] + 0.5) * fx - 0.5, (points[:, 1] + 0.5) * fy - 0.5], 1)
-
-        grid_boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * np.array([fx, fy, fx, fy])
-        grid_stroke = None
-        if stroke is not None:
-            ys, xs = np.nonzero(stroke)
-            grid_stroke = np.zeros((grid_h, grid_w), bool)
-            grid_stroke[np.minimum(((ys + 0.5) * fy).astype(int), grid_h - 1),
-                        np.minimum(((xs + 0.5) * fx).astype(int), grid_w - 1)] = True
-        grid_positive, grid_negative = to_grid(positive), to_grid(negative)
-        num_tokens = ious.shape[1]
-        grid_candidates = []
-        for q in range(ious.shape[0]):
-            for g in range(num_tokens):
-                raw = grid[q * num_tokens + g]
-                mask = restrict_to_prompts(raw, grid_positive, grid_negative, grid_boxes, grid_stroke)
-                grid_candidates.append(Candidate(mask=mask, predicted_iou=float(ious[q, g]), granularity=g,
-                                                 query_index=q, kept_fraction=float(mask.sum() / max(1, raw.sum()))))
-        best = choose_candidate(grid_candidates, grid_positive, grid_negative, grid_stroke)
-        if best is None:
-            return None
-        index = next(i for i, candidate in enumerate(grid_candidates) if candidate is best)
-        raw = self._mask_to_original(mask_logits[best.query_index * num_tokens + best.granularity], encoded)
-        mask = restrict_to_prompts(raw, positive, negative, boxes, stroke)
-        if not mask.any():
-            return None
-        rows = np.minimum(((np.arange(height) + 0.5) * fy).astype(int), grid_h - 1)
-        cols = np.minimum(((np.arange(width) + 0.5) * fx).astype(int), grid_w - 1)
-        candidates = []
-        for i, candidate in enumerate(grid_candidates):
-            if i == index:
-                candidates.append(Candidate(mask=mask, predicted_iou=best.predicted_iou, granularity=best.granularity,
-                                            query_index=best.query_index,
-                                            kept_fraction=float(mask.sum() / max(1, raw.sum()))))
-            else:
-                candidate.mask = candidate.mask[rows[:, None], cols[None, :]]
-                candidates.append(candidate)
-        return InteractiveResult(best=candidates[index], candidates=candidates)
+        to_original = lambda logits: self._mask_to_original(logits, encoded)  # noqa: E731
+        return choose_on_logit_grid(mask_logits, ious, prompts, encoded.image_size, encoded.input_size, to_original) \
+            or choose_on_full_size(mask_logits, ious, prompts, to_original)
 
     # ----------------------------------------------------------------- helpers
     def _mask_to_original(self, logits: torch.Tensor, encoded: EncodedImage) -> np.ndarray:
         """Stride-4 mask logits -> bool mask at the original size, as the official post-processing:
         bilinear to the padded input, crop the padding, bilinear to the original size, logit > 0."""
-        up = postprocess.upsample_masks(logits[None], encoded.padded_size, encoded.input_size)[None]
+        up = upsample_masks(logits[None], encoded.padded_size, encoded.input_size)[None]
         if encoded.input_size != encoded.image_size:
             up = F.interpolate(up, size=encoded.image_size, mode="bilinear", align_corners=False)
         return (up[0, 0] > 0).cpu().numpy()
@@ -557,79 +440,3 @@ def point_grid_boxes(points_per_side: int, padded: tuple[int, int]) -> torch.Ten
     return point_boxes(grid_points(points_per_side, padded), padded, CLICK_HALF_SIZE)
 
 
-def stroke_sample_points(stroke: np.ndarray, count: int) -> list[tuple[float, float]]:
-    """`count` stroke pixels spread along it (in raster order, which follows a stroke well enough)."""
-    ys, xs = np.nonzero(stroke)
-    picks = np.linspace(0, len(xs) - 1, num=min(count, len(xs))).round().astype(int)
-    return [(float(xs[i]), float(ys[i])) for i in picks]
-
-
-def restrict_to_prompts(mask: np.ndarray, positive: np.ndarray, negative: np.ndarray, boxes: np.ndarray,
-                        stroke: np.ndarray | None) -> np.ndarray:
-    """The part of a candidate mask that is the object(s) the user pointed at.
-
-    A box keeps only the pixels inside it (inside any box, when several are drawn). Of the connected parts
-    (8-connected) of what is left, those touched by a positive click or by the stroke are kept; when none is
-    touched, the part nearest to a positive click is kept (a click just beside the mask's edge); with only
-    boxes, every part inside them is kept. Parts a negative click touches are dropped.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if len(boxes):
-        inside = np.zeros_like(mask)
-        for box in boxes:
-            inside |= box_region(box, mask.shape)
-        mask = mask & inside
-    if not mask.any():
-        return mask
-    parts, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
-    if count == 0:
-        return mask
-    keep = np.zeros(count + 1, dtype=bool)
-    anchored = len(positive) > 0 or stroke is not None
-    if not anchored:
-        keep[1:] = True
-    for x, y in positive:
-        if point_in_mask(mask, x, y):
-            keep[parts[min(max(int(round(y)), 0), mask.shape[0] - 1), min(max(int(round(x)), 0), mask.shape[1] - 1)]] = True
-    if stroke is not None:
-        keep[np.unique(parts[stroke & mask])] = True
-    keep[0] = False
-    if anchored and not keep.any() and len(positive):
-        # no part under any click: the part nearest to the clicks (distance from each pixel to the nearest click)
-        ys, xs = np.nonzero(mask)
-        distance = np.min([(xs - x) ** 2 + (ys - y) ** 2 for x, y in positive], axis=0)
-        keep[parts[ys[int(np.argmin(distance))], xs[int(np.argmin(distance))]]] = True
-    for x, y in negative:
-        if point_in_mask(mask, x, y):
-            keep[parts[min(max(int(round(y)), 0), mask.shape[0] - 1), min(max(int(round(x)), 0), mask.shape[1] - 1)]] = False
-    return keep[parts]
-
-
-def choose_candidate(
-    candidates: list[Candidate], positive: np.ndarray, negative: np.ndarray, stroke: np.ndarray | None
-) -> Candidate | None:
-    """Pick the candidate a user means: contains no negative click, covers the most positive
-    clicks, overlaps the stroke most, then the highest predicted IoU, discounted by how much of
-    the model's mask had to be cut off to stay on the object (a candidate that spilled onto
-    other objects is a worse guess of the object's extent than one that did not)."""
-    best_key, best = None, None
-    for candidate in candidates:
-        if not candidate.mask.any():
-            continue
-        if any(point_in_mask(candidate.mask, *p) for p in negative):
-            continue
-        covered = sum(point_in_mask(candidate.mask, *p) for p in positive)
-        overlap = float((candidate.mask & stroke).sum() / stroke.sum()) if stroke is not None else 0.0
-        key = (covered, round(overlap, 2), candidate.predicted_iou * candidate.kept_fraction)
-        if best_key is None or key > best_key:
-            best_key, best = key, candidate
-    return best
-
-
-def mask_box(mask: np.ndarray) -> tuple[float, float, float, float] | None:
-    """Tight (x0, y0, x1, y1) box of a bool mask, x1/y1 exclusive; None for an empty mask."""
-    ys = np.flatnonzero(mask.any(axis=1))
-    if len(ys) == 0:
-        return None
-    xs = np.flatnonzero(mask.any(axis=0))
-    return float(xs[0]), float(ys[0]), float(xs[-1] + 1), float(ys[-1] + 1)

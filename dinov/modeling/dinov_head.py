@@ -16,7 +16,7 @@ queries of generic decoding (``decode_generic(denoising_boxes=...)``); without t
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -217,7 +217,7 @@ class DINOvHead(nn.Module):
 
     def decode_generic(self, multi_scale_features: Sequence[Tensor], mask_features: Tensor, class_embeddings: Tensor,
                        with_masks: bool = True, aux_masks: bool = False, aux: bool = True,
-                       denoising_boxes: Tensor | None = None, denoising_groups: int = 1) -> dict[str, object]:
+                       denoising_boxes: Tensor | None = None, denoising_groups: int = 1) -> dict[str, Any]:
         """Generic (open-set) decoding of B target images against C classes.
 
         class_embeddings: [1, C, D] (or [B, C, D]) content labels, one per class (a class with several examples
@@ -299,7 +299,7 @@ class DINOvHead(nn.Module):
                 dn_outputs.append({"pred_logits": projected[:, :num_dn] @ classes.transpose(1, 2),
                                    "pred_boxes": dn_boxes,
                                    "pred_masks": torch.einsum("bqc,bchw->bqhw", dn_embed, mask_features)})
-        result: dict[str, object] = dict(outputs[-1])
+        result: dict[str, Any] = dict(outputs[-1])  # tensors by name, and the auxiliary and denoising outputs
         result["aux_outputs"] = outputs[:-1]
         if num_dn:
             result["denoising"] = dict(dn_outputs[-1], aux_outputs=dn_outputs[:-1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ class Conv2dNorm(nn.Conv2d):
     """Conv2d followed by a norm and an optional ReLU; keys ``weight``, ``bias``, ``norm.*``
     like detectron2's ``Conv2d``, so the released checkpoints load."""
 
-    def __init__(self, *args, norm: nn.Module, relu: bool = False, **kwargs) -> None:
+    def __init__(self, *args: Any, norm: nn.Module, relu: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.norm = norm
         self.relu = relu
@@ -258,8 +259,9 @@ class DeformablePixelDecoder(nn.Module):
             channels = conv_dim
         self.input_proj = nn.ModuleList(proj)
         for p in self.input_proj:
-            nn.init.xavier_uniform_(p[0].weight, gain=1)
-            nn.init.zeros_(p[0].bias)
+            conv = p[0]  # type: ignore[index]  # each projection is an nn.Sequential(conv, norm)
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
 
         self.transformer = DeformableTransformerEncoder(
             d_model=conv_dim,

@@ -110,6 +110,8 @@ def _batched(index: Tensor, batch: int, stride: int) -> Tensor:
 
 
 class WindowAttention(nn.Module):
+    relative_position_index: Tensor  # a persistent buffer
+
     """Multi-head self-attention inside square windows, with a learned relative position bias."""
 
     def __init__(
@@ -308,7 +310,8 @@ class BasicLayer(nn.Module):
         layouts: dict[int, WindowLayout] = {}
         if inference_fusable(x):
             layouts = {shift: WindowLayout(height, width, ws, shift, x.device) for shift in {0, self.shift_size}}
-        for blk in self.blocks:
+        blocks: list[SwinTransformerBlock] = list(self.blocks)  # type: ignore[arg-type]  # a ModuleList of them
+        for blk in blocks:
             if self.use_checkpoint and self.training:
                 x = torch.utils.checkpoint.checkpoint(blk, x, height, width, shift_mask, use_reentrant=False)
             else:

@@ -32,8 +32,10 @@ import torch
 
 from dinov import postprocess
 from dinov.config import PRESETS
+from dinov.mask_upsampling import MaskResizer
 from dinov.modeling import fused
-from dinov.modeling.dinov import build_dinov
+from dinov.modeling.dinov import DINOv, build_dinov
+from dinov.modeling.prompt_encoder import PromptContent
 from dinov.predictor import DINOvPredictor, EncodedImage, point_grid_boxes
 from dinov.transforms import ResizeConfig, padded_size
 
@@ -65,7 +67,7 @@ def _timed_rounds(stages: dict[str, Callable[[], object]], repeats: int, device:
     return results
 
 
-def encode_flops(model, image: torch.Tensor) -> int:
+def encode_flops(model: DINOv, image: torch.Tensor) -> int:
     """Multiply-add work (2 per multiply-add) of encoding `image`, counted on the plain layers (the fused ones do
     the same products through in-place calls the counter does not see)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -89,7 +91,8 @@ def _plain(fn: Callable[[], object]) -> Callable[[], object]:
     return run_plain
 
 
-def referring(model, multi_scale, mask_features, content, grid):
+def referring(model: DINOv, multi_scale: list[torch.Tensor], mask_features: torch.Tensor, content: PromptContent,
+              grid: torch.Tensor) -> postprocess.ReferringSelection:
     """Referring as the predictor runs it: decode the grid, then the official filter, computing masks
     only for the proposals that survive NMS."""
     out = model.head.decode_referring(multi_scale, mask_features, content, grid, with_masks=False)
@@ -100,7 +103,7 @@ def referring(model, multi_scale, mask_features, content, grid):
 
 
 def run(preset: str, height: int, width: int, device: str, repeats: int, classes: int, dtype: str,
-        baseline: bool = False, batch: int = 1, max_instances: int = 100, model=None,
+        baseline: bool = False, batch: int = 1, max_instances: int = 100, model: DINOv | None = None,
         sgemm_size: int = 2048) -> dict[str, float]:
     """Median seconds of every stage; `model` reuses an already built network of the preset (random weights)."""
     torch.manual_seed(0)
@@ -129,7 +132,7 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
         logits, mask_embed = decoded["pred_logits"][0].float(), decoded["mask_embed"][0].float()
         pick = postprocess.select_generic(logits, None, max_instances)
         mask_logits = postprocess.mask_logits_of(mask_embed, mask_features[0], pick.index)
-        resizer = postprocess.MaskResizer((ph, pw), (height, width), (height, width))
+        resizer = MaskResizer((ph, pw), (height, width), (height, width))
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sgemm_a = torch.randn(sgemm_size, sgemm_size, device=dev)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from dinov.data.scenes import generate_scene
-from dinov.predictor import DINOvPredictor, Instance
+from dinov.predictor import DINOvPredictor
+from dinov.results import Instance
 
 
 def mask_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:

@@ -25,6 +25,7 @@ import torch
 from dinov import postprocess
 from dinov.checkpoint import load_into, read_state_dict
 from dinov.config import PRESETS, from_official_overrides
+from dinov.mask_upsampling import upsample_masks
 from dinov.modeling.box_ops import point_boxes
 from dinov.modeling.dinov import DINOv, build_dinov
 from dinov.predictor import CLICK_HALF_SIZE, point_grid_boxes
@@ -87,7 +88,7 @@ def recompute(model: DINOv, io: dict[str, torch.Tensor]) -> dict[str, torch.Tens
                 out[f"{prefix}_raw_aux{i}_{key}"] = aux[key]
         if prefix == "openset":
             selection = postprocess.filter_generic(final["pred_logits"][0], final["pred_masks"][0])
-            out["openset_mask_logits"] = postprocess.upsample_masks(selection.mask_logits, tgt_pad, (tgt_h, tgt_w))
+            out["openset_mask_logits"] = upsample_masks(selection.mask_logits, tgt_pad, (tgt_h, tgt_w))
             out["openset_scores"] = selection.scores
 
     grid = point_grid_boxes(model.points_per_side, tgt_pad)
@@ -108,7 +109,7 @@ def recompute(model: DINOv, io: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     out["refer_selected_index"] = refer_selection.index
     out["refer_scores"] = refer_selection.scores
     out["refer_kept_index"] = refer_selection.kept_index
-    out["refer_mask_logits"] = postprocess.upsample_masks(refer_selection.mask_logits, tgt_pad, (tgt_h, tgt_w))
+    out["refer_mask_logits"] = upsample_masks(refer_selection.mask_logits, tgt_pad, (tgt_h, tgt_w))
 
     click_content = head.encode_prompts(tgt_ms, padded_masks([io["tgt_mask"]], tgt_pad))
     out["click_content_label"] = click_content.label

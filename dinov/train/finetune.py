@@ -31,7 +31,8 @@ from dinov.train.sampling import batches
 from dinov.train.trainer import Trainer
 
 if TYPE_CHECKING:
-    from dinov.predictor import DINOvPredictor, Instance
+    from dinov.predictor import DINOvPredictor
+    from dinov.results import Instance
 
 # What a fine-tuning trains; the rest stays frozen.
 TRAINABLE = {

@@ -24,7 +24,7 @@ SAME_OBJECT_IOU = 0.5      # a found instance overlapping the drawn object more 
 
 @dataclass(frozen=True)
 class LabeledMask:
-    """One segmented object with its label's name: bool mask [H, W] and score in [0, 1] (dinov.predictor.Instance
+    """One segmented object with its label's name: bool mask [H, W] and score in [0, 1] (dinov.results.Instance
     is the model's, with a class index and a box)."""
 
     label: str

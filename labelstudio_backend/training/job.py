@@ -42,7 +42,7 @@ def served_collector(settings: Settings, num_labels: int) -> Callable:
     """collect(predictor, examples, targets): dinov.train.finetune.collect_regions with what pre-annotation does to
     the regions (the project's instance count, overlap and minimum-area rules), so that the figures are those of
     the predictions annotators would get."""
-    from dinov.predictor import Instance
+    from dinov.results import Instance
     from dinov.train.finetune import collect_regions
     from labelstudio_backend.serving.instances import LabeledMask, SelectionRules, select_instances
 

@@ -1,6 +1,6 @@
 """Interactive answers stay on the object the user pointed at (issue 11).
 
-The rule (dinov.predictor.restrict_to_prompts, applied by segment_interactive): a click keeps only what is
+The rule (dinov.interactive.restrict_to_prompts, applied by segment_interactive): a click keeps only what is
 connected to the positive clicks and drops parts a negative click touches; a box keeps at most 2 % of the mask
 outside the box (here: none); a stroke keeps the object(s) it covers. Checked on synthetic masks, and with the
 demo model on a generated 320x256 scene at the exact geometries Label Studio 1.23.2's UI sends.
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from dinov.data.scenes import class_colour, class_id, generate_scene, shape_mask
+from dinov.interactive import Candidate, choose_candidate, restrict_to_prompts
 from dinov.metrics import fraction_outside_box, point_in_mask
-from dinov.predictor import Candidate, DINOvPredictor, choose_candidate, restrict_to_prompts
+from dinov.predictor import DINOvPredictor
 
 WIDTH, HEIGHT = 320, 256
 # The keypoint of the captured payload: {"x": 84.888, "y": 77.978} percent of the image

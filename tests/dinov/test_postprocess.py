@@ -6,17 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dinov.mask_upsampling import MaskResizer, upsample_masks
 from dinov.modeling.box_ops import point_boxes
 from dinov.modeling.dinov_head import DINOvHead
 from dinov.modeling.prompt_encoder import PromptContent
-from dinov.postprocess import (
-    MaskResizer,
-    filter_generic,
-    filter_referring,
-    official_threshold,
-    select_generic,
-    upsample_masks,
-)
+from dinov.postprocess import filter_generic, filter_referring, official_threshold, select_generic
 
 PREFIX = "model.sem_seg_head.predictor."
 TOL = 1e-4

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from dinov.build import load_model
-from dinov.predictor import Candidate, DINOvPredictor, choose_candidate, mask_box
+from dinov.interactive import Candidate, choose_candidate, mask_box
+from dinov.predictor import DINOvPredictor
 from dinov.transforms import InputError, ResizeConfig
 
 

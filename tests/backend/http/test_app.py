@@ -691,7 +691,7 @@ def test_deleting_a_task_removes_its_references(backend):
 def test_the_prediction_score_is_the_kept_share_of_the_candidates_when_the_model_reports_them(tmp_path):
     class ReportsCandidates(ColourPredictor):
         def segment_generic(self, *args, **kwargs):
-            from dinov.predictor import GenericInstances
+            from dinov.results import GenericInstances
 
             found = GenericInstances(super().segment_generic(*args, **kwargs))
             found.candidate_score_sum = 2.0 * sum(i.score for i in found)
