@@ -13,16 +13,17 @@ The modules, in the order a job meets them:
     options   BulkOptions, task id ranges, listing the project's tasks, which tasks to predict
     folder    folder mode (a folder of images and a Label Studio export, no Label Studio)
     pinned    the references pinned at the job's start, as the backend's reference source
-    pipeline  images fetched ahead, encoded in batches, segmented by the backend, written while the next
-              batch runs; the report
-    sinks     where predictions go: Label Studio's import API or a JSON file
-    ray_mode  the same pipeline on Ray Data
+    ray_mode  the same batches on Ray Data
+
+Below them, in serving/ (shared with the deferred predictions of /predict): task_batches (images fetched ahead,
+encoded in batches, segmented by the backend, written while the next batch runs; the report) and sinks (where
+predictions go: Label Studio's import API or a JSON file).
 
 Label Studio 1.23.2 facts this relies on (checked against a running server):
 - GET /api/projects/<id>/tasks/?page=&page_size= lists tasks with their annotations and predictions, newest
   updated_at first, 404 past the last page. POST /api/predictions/ (one prediction) sets its task's
   updated_at, which moves the task to the first page; POST /api/projects/<id>/import/predictions bulk-creates
-  without touching updated_at (sinks.py).
+  without touching updated_at (serving/sinks.py).
 - A prediction with an empty result is stored (it marks the task as predicted). Among the entries of a
   /predict answer, [] stores nothing for its task (so do {} and an entry without "result", which Label Studio
   logs as errors); a null entry fails the whole request.

@@ -115,7 +115,7 @@ class DINOvBackend:
         """One prediction per task, in task order.
 
         Without context: pre-annotation. A task whose image fails gets `[]` (stored as nothing, reason logged); tasks
-        left when PREDICT_TIME_BUDGET runs out get `[]` (stored as nothing) while the runtime's deferral
+        left when PREDICT_TIME_BUDGET runs out get `[]` (stored as nothing) while the runtime's deferred predictions
         predicts and posts them. With a context holding drawn regions: interactive refinement of one task.
         """
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
