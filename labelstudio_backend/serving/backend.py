@@ -45,6 +45,7 @@ from labelstudio_backend.settings import Settings
 logger = logging.getLogger(__name__)
 
 FIRST_SYNC_WAIT_S = 20.0       # how long the first prediction of a project waits for its reference sync
+SETUP_MODEL_WAIT_S = 2.0       # how long /setup waits for a model that is loading, to name it in model_version
 
 
 class DINOvBackend:
@@ -109,6 +110,10 @@ class DINOvBackend:
                 self.runtime.ensure_synced(self.project_id)
             except (QueueFull, QueueClosed) as error:  # the first /predict asks again
                 logger.warning("project %s: no reference sync queued now: %s", self.project_id, error)
+        try:  # the version names the loaded model (its file's digest): give a load under way a moment
+            self.model.load_model(timeout=SETUP_MODEL_WAIT_S)
+        except ModelUnavailable:
+            pass  # still loading (a first download) or failed: the configured name stands in until it loads
         return self.model_version
 
     def predict(self, tasks: list[dict], context: dict | None = None, **kwargs: Any) -> list[dict | list]:

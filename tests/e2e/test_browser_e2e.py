@@ -131,7 +131,8 @@ def shortened(version: str) -> str:
 def serve_a_project_model(backend, checkpoint: str, project_id: int, job_id: int) -> None:
     """Make the backend serve a project checkpoint as a finished, better job would: a delta of the demo model's own
     decoder weights (predictions as the base model's, a version of its own), recorded in its training store."""
-    from dinov.checkpoint import file_digest, load_model
+    from dinov.build import load_model
+    from dinov.checkpoint import file_digest
     from dinov.delta import save_delta, trainable_names
     from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
 

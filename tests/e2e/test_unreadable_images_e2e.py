@@ -51,6 +51,6 @@ def test_a_missing_image_is_stored_as_nothing_then_predicted_once_it_exists(ls, 
     ls.retrieve_predictions(pid, [target])  # asked again, now that the image exists
     predictions = wait_for(lambda: ls.predictions(target), timeout=120, what="the task's prediction")
     assert len(predictions) == 1
-    assert predictions[0]["model_version"].startswith("dinov-")
+    assert predictions[0]["model_version"].startswith("base-dinov-")  # the base model served it
     log = backend.log_path.read_text(errors="replace")
     assert f"task {target}: no prediction" in log  # the reason is in the backend's log
