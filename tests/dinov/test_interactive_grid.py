@@ -32,7 +32,7 @@ def test_grid_choice_agrees_with_the_full_size_choice(predictor: DINOvPredictor,
             pairs.append((grid.best, full.best))
             truth.append(mask)
     same = [(a.query_index, a.granularity) == (b.query_index, b.granularity) for a, b in pairs]
-    assert sum(same) >= 0.75 * len(pairs)  # 26 of 32 with demo-364c5977, step 2000 (69 of 75 with demo-a3ed1b15)
+    assert sum(same) >= 0.75 * len(pairs)  # 26 of 32 with demo-364c5977 (69 of 75 with the previous demo)
     # the same candidate gives the same full-size mask
     for (a, b), equal in zip(pairs, same):
         if equal:
