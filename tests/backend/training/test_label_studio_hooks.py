@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 
 import pytest
 
@@ -16,18 +15,13 @@ from labelstudio_backend.http.app import create_app
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel
 from tests.support.doubles import CONFIG, ColourPredictor
+from tests.support.fault_harness import wait_for as poll
 
 LS_AGENT = {"User-Agent": "heartex/1.23.2"}  # what Label Studio's MLApi sends
 
 
 def wait_for(check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+    return poll(check, timeout=timeout)
 
 
 def shortened(version: str) -> str:

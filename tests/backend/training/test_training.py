@@ -23,6 +23,7 @@ from labelstudio_backend.settings import Settings
 from labelstudio_backend.store.training import ActiveModel, TrainingStore, training_db
 from labelstudio_backend.training.data import NotEnoughData, split_tasks, task_scene
 from labelstudio_backend.training.scheduler import TrainingJobs
+from tests.support.fault_harness import wait_for as poll
 from tests.support.paths import REPO_ROOT
 
 # --- delta checkpoints
@@ -265,13 +266,7 @@ def settings(tmp_path) -> Settings:
 
 
 def wait_for(check, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError("timed out")
+    return poll(check, timeout=timeout)
 
 
 def test_a_newer_start_cancels_the_running_job(tmp_path):
