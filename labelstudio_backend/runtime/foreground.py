@@ -3,7 +3,8 @@ image shared between whoever asks for it at the same time.
 
     with runtime.foreground.request():       # around a /predict (serving/backend.py)
         ...
-    runtime.foreground.wait_quiet(0.5)       # background work: True once no request is in flight
+    runtime.foreground.wait_quiet(0.5, settle_s=1.0)   # background work: True once no request has been in
+                                                       # flight for settle_s
 
     shared = SharedWork()
     shared.run(key, compute)                 # a second caller of the same key waits for the first one's result
@@ -15,6 +16,7 @@ who opens a task while that task's image is being encoded ahead gets that encodi
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -24,9 +26,11 @@ from typing import Any
 class Foreground:
     """Counts the requests being answered, so that background work can wait for none."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._cond = threading.Condition()
         self._in_flight = 0
+        self._last_end = float("-inf")  # when the latest request ended
 
     @property
     def in_flight(self) -> int:
@@ -42,13 +46,23 @@ class Foreground:
         finally:
             with self._cond:
                 self._in_flight -= 1
+                self._last_end = self._clock()
                 if self._in_flight == 0:
                     self._cond.notify_all()
 
-    def wait_quiet(self, timeout: float) -> bool:
-        """Wait up to `timeout` seconds until no request is in flight; whether none is."""
+    def wait_quiet(self, timeout: float, settle_s: float = 0.0) -> bool:
+        """Wait up to `timeout` seconds until no request is in flight and none ended in the last `settle_s`
+        seconds (an annotator who just opened a task tends to click next); whether that is so."""
+        deadline = self._clock() + timeout
         with self._cond:
-            return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
+            while True:
+                now = self._clock()
+                settled_in = self._last_end + settle_s - now if self._in_flight == 0 else None
+                if settled_in is not None and settled_in <= 0:
+                    return True
+                if now >= deadline:
+                    return False
+                self._cond.wait(deadline - now if settled_in is None else min(deadline - now, settled_in))
 
 
 class SharedWork:

@@ -12,8 +12,9 @@ pre-annotated in the background, so that opening one of them costs a cache hit i
   or skipped. Other samplings (uniform, uncertainty) pick at random or by score: nothing is prepared for them
   (logged once per project at INFO). The project's sampling is read from its API and kept SAMPLING_TTL_S.
 - At low priority: one worker (the "ahead" queue) prepares one image at a time, each after waiting until no
-  request is in flight (runtime.foreground), so an annotator's request waits at most for the image already
-  started; one opened while its own image is being encoded ahead shares that encoding (Runtime.encode_with).
+  request has been in flight for SETTLE_S (runtime.foreground: the click that follows an open comes first), so
+  an annotator's request waits at most for the image already started; one opened while its own image is being
+  encoded ahead shares that encoding (Runtime.encode_with).
 - Bounded by the feature cache: at most FEATURE_CACHE_SIZE - 1 tasks ahead, so the opened task's features stay
   cached; predictions made ahead sit in runtime.predicted_ahead (as many as the feature cache holds) and are used
   only while nothing they depend on changed (DINOvBackend.ahead_key: a new annotation makes them stale, then the
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLING_TTL_S = 300.0  # a project's sampling is read again from Label Studio after this long
 QUIET_POLL_S = 0.5  # while requests are in flight, whether the open is still the latest is checked this often
+SETTLE_S = 1.0  # background model work starts only once no request has been answered for this long
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,10 @@ class EncodeAhead:
         return not self.stop.is_set() and self._latest.get(project_id) == opened
 
     def _wait_turn(self, project_id: int, opened: Opened) -> bool:
-        """Wait until no request is in flight; False once the open is superseded (or the process stops)."""
+        """Wait until no request is in flight (nor was for SETTLE_S); False once the open is superseded (or the
+        process stops)."""
         while self._current(project_id, opened):
-            if self.runtime.foreground.wait_quiet(QUIET_POLL_S):
+            if self.runtime.foreground.wait_quiet(QUIET_POLL_S, settle_s=SETTLE_S):
                 return self._current(project_id, opened)
         return False
 
