@@ -3,6 +3,7 @@
     python benchmarks/bench_serving.py --checkpoint demo --annotators 1,2,4,8 --images 4 --json serving.json
     python benchmarks/bench_serving.py --checkpoint swinT --annotators 1 --images 2      # Swin-T, random weights
     python benchmarks/bench_serving.py --checkpoint demo --annotators 4 --hostile 200    # with hostile requests
+    python benchmarks/bench_serving.py --checkpoint demo --in-order --tasks 8 --seconds-per-task 20  # in order
 
 The backend runs as in production (`gunicorn _wsgi:app`, one worker, `--threads` threads, MODEL_DIR in a
 temporary folder, no Label Studio API: references arrive by webhook). Task images are generated scenes
@@ -29,6 +30,16 @@ huge and odd URLs, paths out of the local-files root, unknown labels, a text fil
 images, empty or malformed task lists, unknown routes) and counts answers by class (2xx/4xx/5xx/no answer)
 and by kind; the RSS of the gunicorn worker is reported after the warm-up and at the end. Exit status 1 when
 any request got a 5xx or no answer.
+
+`--in-order` measures labeling in order instead: one annotator opens `--tasks` new tasks one after the other,
+as Label Studio's Sequential sampling gives them (task ids 1, 2, ...), clicks once on an object of each, spends
+`--seconds-per-task` seconds on it in all and submits it (the annotation in Label Studio, then the
+ANNOTATION_CREATED webhook Label Studio sends). The backend runs once per value of `--ahead` (ENCODE_AHEAD_TASKS,
+default "0,2": without and with encoding ahead) against a small stand-in for Label Studio's API on 127.0.0.1
+(`MiniLabelStudio`: the project with its sampling, the task list the reference sync reads, the data manager's
+task list the encode-ahead reads), with FEATURE_CACHE_SIZE at its default of 8; the references (one brush region
+per label) are annotations the backend's sync reads at /setup. Reported: the first task's open, task open p50 /
+p95 over the tasks after the first, and the click after open.
 """
 
 from __future__ import annotations
@@ -46,8 +57,10 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import requests
@@ -132,12 +145,13 @@ class Backend:
 
 
 def start_backend(model_dir: Path, images_root: Path, checkpoint: str, device: str, threads: int,
-                  torch_threads: int | None, log_path: Path, timeout: float = 600.0) -> Backend:
+                  torch_threads: int | None, log_path: Path, timeout: float = 600.0,
+                  extra_env: dict[str, str] | None = None) -> Backend:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "DINOV_"))}
     env.update({"MODEL_DIR": str(model_dir), "DINOV_CHECKPOINT": checkpoint, "DEVICE": device,
                 "LOCAL_FILES_DOCUMENT_ROOT": str(images_root), "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
-                "OMP_WAIT_POLICY": "PASSIVE", "FEATURE_CACHE_SIZE": "32"})
+                "OMP_WAIT_POLICY": "PASSIVE", "FEATURE_CACHE_SIZE": "32", **(extra_env or {})})
     if torch_threads:
         env["OMP_NUM_THREADS"] = str(torch_threads)
     argv = [sys.executable, "-m", "gunicorn", "_wsgi:app", "--bind", f"127.0.0.1:{port}", "--workers", "1",
@@ -475,6 +489,216 @@ def print_table(report: dict) -> None:
     print(f"worker RSS: {report['rss_mb']}")
 
 
+# --------------------------------------------------------------------------------------------- labeling in order
+
+MINI_TOKEN = "0123456789abcdef0123456789abcdef01234567"  # a legacy token of the stand-in Label Studio
+
+
+class MiniLabelStudio:
+    """The few API endpoints of Label Studio 1.23.2 the backend reads while one annotator labels in order, on
+    127.0.0.1: the project (with its sampling), the project's task list (newest updated_at first, 404 past the
+    end: the reference sync), the export by ids and the data manager's task list (/api/tasks/ with the id /
+    total_annotations / cancelled_annotations filters and id ordering of its query: the encode-ahead)."""
+
+    def __init__(self, config: str, sampling: str = "Sequential sampling"):
+        self.lock = threading.Lock()
+        self.tasks: dict[int, dict] = {}
+        self.clock = 0
+        self.project = {"id": 1, "title": "bench", "sampling": sampling, "label_config": config,
+                        "parsed_label_config": {"tag": {"type": "BrushLabels", "to_name": ["image"],
+                                                        "inputs": [{"type": "Image", "value": "image"}]}}}
+        self.requests: Counter = Counter()
+        handler = type("Handler", (_MiniHandler,), {"ls": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stamp(self) -> str:
+        self.clock += 1
+        return f"2026-12-01T10:{self.clock // 60:02d}:{self.clock % 60:02d}.000000Z"
+
+    def add_task(self, task_id: int, url: str) -> None:
+        with self.lock:
+            self.tasks[task_id] = {"id": task_id, "project": 1, "data": {"image": url}, "annotations": [],
+                                   "updated_at": self.stamp()}
+
+    def annotate(self, task_id: int, result: list[dict]) -> dict:
+        """A submitted annotation: kept on its task; returns it as the webhook carries it."""
+        with self.lock:
+            stamp = self.stamp()
+            annotation = {"id": 500_000 + self.clock, "task": task_id, "project": 1, "result": result,
+                          "was_cancelled": False, "ground_truth": False, "completed_by": 1, "created_at": stamp,
+                          "updated_at": stamp}
+            self.tasks[task_id]["annotations"].append(annotation)
+            self.tasks[task_id]["updated_at"] = stamp
+            return annotation
+
+    def answer(self, path: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        with self.lock:
+            self.requests[path] += 1
+            if path.rstrip("/") == "/api/projects/1":
+                return 200, {**self.project, "task_number": len(self.tasks)}
+            if path.rstrip("/") == "/api/projects/1/tasks":
+                page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["100"])[0])
+                ordered = sorted(self.tasks.values(), key=lambda t: (t["updated_at"], t["id"]), reverse=True)
+                chunk = ordered[(page - 1) * size: page * size]
+                return (200, chunk) if chunk else (404, {"detail": "Invalid page."})
+            if path.rstrip("/") == "/api/projects/1/export":
+                wanted = {int(i) for i in query.get("ids[]", [])}
+                return 200, [t for t in self.tasks.values() if t["id"] in wanted]
+            if path.rstrip("/") == "/api/tasks":
+                prepared = json.loads(query.get("query", ["{}"])[0])
+                rows = [{"id": t["id"], "project": 1, "data": t["data"], "is_labeled": bool(t["annotations"]),
+                         "total_annotations": len(t["annotations"]), "cancelled_annotations": 0}
+                        for t in sorted(self.tasks.values(), key=lambda t: t["id"])]
+                for item in (prepared.get("filters") or {}).get("items", []):
+                    name = item["filter"].removeprefix("filter:tasks:")
+                    if item["operator"] == "greater":
+                        rows = [r for r in rows if r[name] > item["value"]]
+                    elif item["operator"] == "equal":
+                        rows = [r for r in rows if r[name] == item["value"]]
+                return 200, {"tasks": rows[: int(query.get("page_size", ["30"])[0])], "total": len(rows)}
+        return 404, {"detail": "Not found."}
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _MiniHandler(BaseHTTPRequestHandler):
+    ls: MiniLabelStudio
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        if self.headers.get("Authorization") != f"Token {MINI_TOKEN}":
+            status, body = 401, {"detail": "Authentication credentials were not provided."}
+        else:
+            status, body = self.ls.answer(url.path, parse_qs(url.query))
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def object_of(scene: Any, labels: list[str]) -> tuple[np.ndarray, str]:
+    """The mask and label of the scene's first object of a labeled class (the one the annotator works on)."""
+    label_of = dict(zip(CLASSES, labels))
+    target = next((i for i, c in enumerate(scene.classes) if int(c) in label_of), 0)
+    return scene.masks[target], label_of.get(int(scene.classes[target]), labels[0])
+
+
+def label_in_order(backend_url: str, ls: MiniLabelStudio, tasks: list[tuple[int, str, Any]], config: str,
+                   labels: list[str], seconds_per_task: float, results: Results) -> None:
+    """One annotator through `tasks` in order: open, one click, the rest of the time on the task, submit."""
+    session = requests.Session()
+    predict = f"{backend_url}/predict"
+    for position, (task_id, url, scene) in enumerate(tasks):
+        started = time.perf_counter()
+        one = task(task_id, url)
+        results.timed("first_open" if position == 0 else "task_open", session, predict, predict_body([one], config))
+        mask, label = object_of(scene, labels)
+        x, y = inner_point(mask)
+        results.timed("click", session, predict,
+                      predict_body([one], config, {"result": [keypoint(x, y, scene.image.shape[:2], label)]}))
+        time.sleep(max(0.0, seconds_per_task - (time.perf_counter() - started)))
+        annotation = ls.annotate(task_id, [brush(mask, label)])  # submitted: Label Studio sends the webhook
+        session.post(f"{backend_url}/webhook", timeout=60, json={
+            "action": "ANNOTATION_CREATED", "annotation": annotation, "task": one,
+            "project": {"id": 1, "label_config": config}}).raise_for_status()
+
+
+def run_in_order(args: argparse.Namespace, work: Path, checkpoint: str, config: str, labels: list[str],
+                 size: tuple[int, int], ahead: int) -> dict:
+    """Labeling in order with ENCODE_AHEAD_TASKS=ahead: a fresh backend, stand-in Label Studio and images."""
+    images_root, model_dir = work / f"images-{ahead}", work / f"model_dir-{ahead}"
+    images_root.mkdir()
+    scenes = Scenes(images_root, size)
+    ls = MiniLabelStudio(config)
+    for number, (class_index, label) in enumerate(zip(CLASSES, labels)):  # one reference per label
+        for _ in range(20):
+            url, scene = scenes.new("reference")
+            hits = [i for i, c in enumerate(scene.classes) if c == class_index]
+            if hits:
+                break
+        else:
+            raise RuntimeError(f"no generated scene holds class {label}")
+        ls.add_task(900_001 + number, url)
+        ls.annotate(900_001 + number, [brush(scene.masks[hits[0]], label)])
+    tasks = []
+    for task_id in range(1, args.tasks + 1):
+        url, scene = scenes.new()
+        ls.add_task(task_id, url)
+        tasks.append((task_id, url, scene))
+    backend = None
+    try:
+        backend = start_backend(model_dir, images_root, checkpoint, args.device, args.threads, args.torch_threads,
+                                work / f"backend-{ahead}.log", extra_env={
+                                    "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": MINI_TOKEN,
+                                    "ENCODE_AHEAD_TASKS": str(ahead), "FEATURE_CACHE_SIZE": "8", "LOG_LEVEL": "INFO"})
+        session = requests.Session()
+        session.post(f"{backend.url}/setup", json={"project": PROJECT, "schema": config, "extra_params": None,
+                                                   "hostname": ls.url, "access_token": MINI_TOKEN},
+                     timeout=60).raise_for_status()
+        # warm-up on an image that is no task of the stream (its id is past them all: nothing follows it)
+        warm = Results()
+        url, scene = scenes.new("warmup")
+        mask, label = object_of(scene, labels)
+        for _ in range(2):
+            warm.timed("warmup", session, f"{backend.url}/predict", predict_body([task(990_000, url)], config))
+            x, y = inner_point(mask)
+            warm.timed("warmup", session, f"{backend.url}/predict", predict_body(
+                [task(990_000, url)], config, {"result": [keypoint(x, y, size, label)]}))
+        if warm.failures:
+            raise RuntimeError(f"warm-up failed: {warm.failures}")
+        results = Results()
+        load_before = os.getloadavg()[0]
+        started = time.perf_counter()
+        label_in_order(backend.url, ls, tasks, config, labels, args.seconds_per_task, results)
+        wall = time.perf_counter() - started
+        log = backend.log_path.read_text(errors="replace")
+        return {
+            "encode_ahead_tasks": ahead,
+            "first_open_ms": round(1000 * results.latencies["first_open"][0], 1) if results.latencies["first_open"]
+            else None,
+            "task_open": percentiles(results.latencies["task_open"]),
+            "click": percentiles(results.latencies["click"]),
+            "regions_per_task_open": round(float(np.mean(results.regions["task_open"])), 1)
+            if results.regions["task_open"] else 0,
+            "encode_ahead_runs": log.count("next tasks in"),  # the encode-ahead's log line, one per open
+            "data_manager_requests": ls.requests["/api/tasks/"],
+            "wall_s": round(wall, 1),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "statuses": dict(results.statuses),
+            "failures": results.failures[:10],
+            "backend_alive": backend.process.poll() is None,
+        }
+    finally:
+        if backend is not None:
+            backend.stop()
+        ls.stop()
+
+
+def print_in_order(report: dict) -> None:
+    s = report["settings"]
+    print(f"\nlabeling in order: checkpoint={s['checkpoint']} device={s['device']} image={s['image_size']} "
+          f"tasks={s['tasks']} seconds_per_task={s['seconds_per_task']} torch_threads={s['torch_threads']}")
+    print("| ENCODE_AHEAD_TASKS | first task open | task open p50 / p95 (after the first) | click p50 / p95 | "
+          "load |")
+    print("|---|---|---|---|---|")
+    for mode in report["modes"]:
+        def cell(stats: dict) -> str:
+            return f"{stats['p50_ms']:.0f} / {stats['p95_ms']:.0f} ms" if stats.get("n") else "-"
+        print(f"| {mode['encode_ahead_tasks']} | {mode['first_open_ms']:.0f} ms | {cell(mode['task_open'])} | "
+              f"{cell(mode['click'])} | {mode['load_average_1min'][1]} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo", help="demo, swinT (random weights: no download) or a file")
@@ -487,9 +711,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hostile", type=int, default=0, metavar="N", help="hostile requests sent per level")
     parser.add_argument("--json", help="write the report to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, store)")
+    parser.add_argument("--in-order", action="store_true", help="labeling in order instead (see above)")
+    parser.add_argument("--tasks", type=int, default=8, help="--in-order: tasks the annotator labels")
+    parser.add_argument("--seconds-per-task", type=float, default=20.0, help="--in-order: time spent on each task")
+    parser.add_argument("--ahead", default="0,2", help="--in-order: ENCODE_AHEAD_TASKS values, one run each")
     args = parser.parse_args(argv)
+    if args.in_order:
+        return main_in_order(args)
     levels = [int(v) for v in args.annotators.split(",") if v.strip()]
-    size = tuple(int(v) for v in args.image_size.lower().split("x"))
+    height, width = (int(v) for v in args.image_size.lower().split("x"))
+    size = (height, width)
     labels = [class_names()[c] for c in CLASSES]
     config = label_config(labels)
 
@@ -553,6 +784,37 @@ def main(argv: list[str] | None = None) -> int:
               or (level.get("hostile") or {}).get("by_class", {}).get("5xx")
               or (level.get("hostile") or {}).get("by_class", {}).get("no answer") for level in report["levels"])
     return 1 if bad or not report["backend_alive"] else 0
+
+
+def main_in_order(args: argparse.Namespace) -> int:
+    height, width = (int(v) for v in args.image_size.lower().split("x"))
+    size = (height, width)
+    labels = [class_names()[c] for c in CLASSES]
+    config = label_config(labels)
+    work = Path(tempfile.mkdtemp(prefix="bench-in-order-"))
+    checkpoint = args.checkpoint
+    if checkpoint == "swinT":
+        checkpoint = str(random_swin_t_checkpoint(work / "swinT_random.safetensors"))
+    report: dict[str, Any] = {
+        "settings": {"checkpoint": args.checkpoint, "device": args.device, "image_size": args.image_size,
+                     "tasks": args.tasks, "seconds_per_task": args.seconds_per_task,
+                     "gunicorn_threads": args.threads, "torch_threads": args.torch_threads or "default",
+                     "cpu_count": os.cpu_count()},
+        "modes": []}
+    try:
+        for ahead in (int(v) for v in args.ahead.split(",") if v.strip()):
+            report["modes"].append(run_in_order(args, work, checkpoint, config, labels, size, ahead))
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print_in_order(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    bad = any(m["statuses"].get("5xx") or m["statuses"].get("no answer") or m["failures"] or not m["backend_alive"]
+              for m in report["modes"])
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

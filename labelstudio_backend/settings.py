@@ -127,6 +127,11 @@ class Settings:
         "Verify TLS certificates when fetching.")
     feature_cache_size: int = setting(8, "FEATURE_CACHE_SIZE",
         "Encoded images kept per process, so the next click on the same image costs only the decoder.", maximum=10000)
+    encode_ahead_tasks: int = setting(2, "ENCODE_AHEAD_TASKS",
+        "When an annotator opens a task of a project with Sequential sampling, the next this many unlabeled "
+        "tasks (by task id) are encoded and pre-annotated in the background, one image at a time and only while "
+        "no request is being answered, so that opening them costs a cache hit; at most FEATURE_CACHE_SIZE - 1. "
+        "Needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY; 0: off.", maximum=1000)
     # Encodings of concurrent requests collected into one batch (None: 5 ms on CUDA, 0 = off on the CPU).
     batch_window_ms: float | None = setting(None, "BATCH_WINDOW_MS",
         "How long the first of several concurrent image encodings waits for others to share one batch. "
@@ -184,6 +189,7 @@ class Settings:
         _check(self.max_image_bytes > 0 and self.max_image_pixels > 0, "MAX_IMAGE_BYTES/MAX_IMAGE_PIXELS",
                (self.max_image_bytes, self.max_image_pixels), "positive integers")
         _check(self.feature_cache_size >= 1, "FEATURE_CACHE_SIZE", self.feature_cache_size, "an integer >= 1")
+        _check(self.encode_ahead_tasks >= 0, "ENCODE_AHEAD_TASKS", self.encode_ahead_tasks, "an integer >= 0 (0: off)")
         _check(self.train_steps >= 0 and self.train_minutes >= 0, "TRAIN_STEPS/TRAIN_MINUTES",
                (self.train_steps, self.train_minutes), "numbers >= 0 (0: the device's default)")
         _check(self.train_parameters in TRAIN_PARAMETERS, "TRAIN_PARAMETERS", self.train_parameters,

@@ -35,3 +35,20 @@ def test_serving_benchmark_reports_every_flow_and_the_hostile_classes(tmp_path):
         assert hostile["by_kind"]["bad JSON: 4xx"] == 1 and hostile["by_kind"]["path out of root: 2xx"] == 1
     assert report["rss_mb"]["after_warmup"] > 100 and report["rss_mb"]["end"] > 100
     assert report["backend_alive"] is True
+
+
+def test_labeling_in_order_reports_task_opens_with_and_without_encoding_ahead(tmp_path):
+    out = tmp_path / "in_order.json"
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_serving.py", "--checkpoint", "demo", "--in-order", "--tasks", "3",
+         "--seconds-per-task", "1.5", "--threads", "4", "--json", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [mode["encode_ahead_tasks"] for mode in report["modes"]] == [0, 2]
+    for mode in report["modes"]:
+        assert mode["first_open_ms"] > 0 and mode["task_open"]["n"] == 2 and mode["click"]["n"] == 3
+        assert mode["statuses"] == {"2xx": 6} and mode["regions_per_task_open"] > 0
+    without, with_ahead = report["modes"]
+    assert without["data_manager_requests"] == 0 and without["encode_ahead_runs"] == 0
+    assert with_ahead["encode_ahead_runs"] >= 3 and with_ahead["data_manager_requests"] >= 3  # one per open

@@ -17,6 +17,7 @@ the checked address, and a request carrying the token is refused anywhere but La
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from labelstudio_backend.url_policy import HostPolicy, Resolver, URLRefused, che
 TOKEN_REFRESH_PATH = "/api/token/refresh/"
 ACCESS_RENEW_MARGIN_S = 30.0     # renew an access token this long before it expires
 ACCESS_FALLBACK_LIFETIME_S = 240.0  # when an access token does not say when it expires
+SEQUENTIAL_SAMPLING = "Sequential sampling"  # a project's `sampling` when the stream gives tasks in order
 
 
 def is_personal_access_token(api_key: str) -> bool:
@@ -257,3 +259,30 @@ class LabelStudioClient:
         if not isinstance(found, list):  # no answer: never read as "no prediction" (that would post a duplicate)
             raise LabelStudioError(f"unexpected answer to the predictions of task {task_id}: {str(found)[:200]}")
         return [p for p in found if isinstance(p, dict)]
+
+    def next_tasks(self, project_id: int, after_task_id: int, count: int) -> list[dict]:
+        """The first `count` tasks after `after_task_id` in the data manager's default order (task id) that nobody
+        annotated or skipped: those Label Studio's Sequential sampling gives next. Each has its `id` and `data`
+        as stored (storage URIs not resolved), as Label Studio sends them to /predict.
+
+        The data manager's task list (GET /api/tasks/) with filters and ordering in `query`; `review=true` keeps
+        it from retrieving predictions for the listed tasks (a project with "Retrieve predictions when loading
+        a task automatically" would otherwise call this backend's /predict back with them).
+        """
+        query = {"filters": {"conjunction": "and", "items": [
+            {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": int(after_task_id)},
+            {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
+            {"filter": "filter:tasks:cancelled_annotations", "operator": "equal", "type": "Number", "value": 0},
+        ]}, "ordering": ["tasks:id"]}
+        found = self.get_json("/api/tasks/", params={
+            "project": int(project_id), "page": 1, "page_size": max(1, int(count)), "fields": "task_only",
+            "resolve_uri": "false", "review": "true", "query": json.dumps(query)}, missing_ok=True)
+        if found is None:  # 404: past the last page, nothing left
+            return []
+        tasks = found.get("tasks") if isinstance(found, dict) else None
+        if not isinstance(tasks, list):
+            raise LabelStudioError(f"unexpected answer to the task list of project {project_id}: {str(found)[:200]}")
+        # the filters again, here: a task annotated meanwhile, or a Label Studio that ignored a filter
+        return [t for t in tasks if isinstance(t, dict) and isinstance(t.get("id"), int) and t["id"] > after_task_id
+                and isinstance(t.get("data"), dict) and not t.get("is_labeled")
+                and not t.get("total_annotations") and not t.get("cancelled_annotations")][:count]

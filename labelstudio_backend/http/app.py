@@ -52,6 +52,7 @@ from labelstudio_backend.references.webhooks import WebhookInbox
 from labelstudio_backend.runtime.runtime import Predictor, Runtime
 from labelstudio_backend.runtime.work_queues import QueueFull
 from labelstudio_backend.serving.deferred import StoreDeferredPredictions
+from labelstudio_backend.serving.encode_ahead import EncodeAhead
 from labelstudio_backend.serving.project_models import ProjectModels
 from labelstudio_backend.settings import Settings, SettingsError
 from labelstudio_backend.store import ReferenceStore
@@ -65,12 +66,14 @@ def create_runtime(settings: Settings, model_factory: Callable[[Settings], Predi
                    store: ReferenceStore | None = None, images: ImageLoader | None = None,
                    syncer: Callable[..., Any] | None = None) -> Runtime:
     """The process's Runtime with every part wired: references embedded ahead after each change, deferred
-    predictions (resuming what a previous process kept), kept webhook events applied, Start Training's jobs and
-    the projects' fine-tuned models."""
+    predictions (resuming what a previous process kept), the next tasks encoded ahead (ENCODE_AHEAD_TASKS), kept
+    webhook events applied, Start Training's jobs and the projects' fine-tuned models."""
     runtime = Runtime(settings, model_factory=model_factory, store=store, images=images, syncer=syncer)
     runtime.on_references_changed = lambda project_id: embed_ahead(runtime, project_id)
     runtime.deferred = StoreDeferredPredictions(runtime)
     runtime.deferred.schedule()  # resume the tasks a previous process kept
+    if settings.encode_ahead_tasks > 0:
+        runtime.ahead = EncodeAhead(runtime)
     WebhookInbox(runtime).schedule()  # apply the events a previous process kept but did not apply
     training = TrainingJobs(settings, submit=lambda fn, *args: runtime.queues["training"].submit(None, fn, *args))
     runtime.training = training

@@ -9,11 +9,12 @@ the image loader, the work queues, the reference syncs, the per-project records)
 Background work runs in named, bounded queues (work_queues.py), one per kind, so that a slow Label Studio or a
 long estimate never holds up webhook processing: model (loading, retried with back-off: model_loader.py),
 webhooks, sync, embeddings (references embedded ahead of time), estimates, predictions (tasks deferred by
-/predict). Every in-memory cache and set has a bound (bounded.py).
+/predict), ahead (the next tasks of an annotator encoded ahead, behind every request: foreground.py). Every
+in-memory cache and set has a bound (bounded.py).
 
 The parts that higher packages build are typed here as Protocols and wired in one place (http/app.py
-create_app): `training` (training.scheduler.TrainingJobs), `project_models` (serving.project_models.ProjectModels)
-and `deferred` (serving.deferred.DeferredPredictions). `model_for(project_id)` is the model that serves a project:
+create_app): `training` (training.scheduler.TrainingJobs), `project_models` (serving.project_models.ProjectModels),
+`deferred` (serving.deferred.DeferredPredictions) and `ahead` (serving.encode_ahead.EncodeAhead). `model_for(project_id)` is the model that serves a project:
 the base model (this runtime) or the project's fine-tuned one.
 
 Objects of labelstudio_backend.serving.backend.DINOvBackend are made per request and use one Runtime.
@@ -34,6 +35,7 @@ from labelstudio_backend.fetching.images import ImageLoader
 from labelstudio_backend.labelstudio.payload import utc_now
 from labelstudio_backend.runtime.batching import EncodeBatcher
 from labelstudio_backend.runtime.bounded import PROJECTS_MAX, BoundedSet, LRUCache
+from labelstudio_backend.runtime.foreground import Foreground, SharedWork
 from labelstudio_backend.runtime.model_loader import Backoff, LoadStatus, ModelLoader
 from labelstudio_backend.runtime.projects import ProjectRecords
 from labelstudio_backend.runtime.work_queues import QueueClosed, QueueFull, QueueSpec, WorkQueues
@@ -48,7 +50,7 @@ FAILED_REFERENCES_MAX = 10_000  # failed references remembered at most (the olde
 EMBEDDING_MEMORY_CACHE_SIZE = 4096  # prompt embeddings kept in memory (the store keeps all of them)
 MAX_LOAD_RETRY_S = 300.0  # the longest pause between two attempts to load the model
 CUDA_BATCH_WINDOW_MS = 5.0  # on a GPU, concurrent encodings wait this long to share one batch
-QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "deferred", "training")
+QUEUES = ("model", "webhooks", "sync", "embeddings", "estimates", "deferred", "training", "ahead")
 
 
 class Predictor(Protocol):
@@ -117,6 +119,13 @@ class DeferredPredictions(Protocol):
     def close(self) -> None: ...
 
 
+class TasksAhead(Protocol):
+    """Encodes the tasks an annotator will open next when one opens (serving.encode_ahead)."""
+
+    def task_opened(self, project_id: int, label_config: str | None, task: dict) -> None: ...
+    def close(self) -> None: ...
+
+
 def default_model_factory(settings: Settings) -> Predictor:
     """DINOvPredictor of DINOV_CHECKPOINT on DEVICE (downloaded into MODEL_DIR when it is a released name)."""
     from dinov.predictor import DINOvPredictor
@@ -162,6 +171,10 @@ class Runtime:
             f"loading DINOV_CHECKPOINT={settings.checkpoint} on DEVICE={settings.device}",
             Backoff(initial=settings.model_load_retry_s, maximum=max(MAX_LOAD_RETRY_S, settings.model_load_retry_s)))
         self.features: LRUCache[tuple[str, str], Any] = LRUCache(settings.feature_cache_size)  # -> encoded image
+        self._encodings = SharedWork()  # an image being encoded is not encoded a second time meanwhile
+        self.foreground = Foreground()  # the requests in flight, which background model work waits for
+        # predictions made ahead of a task's opening (serving.encode_ahead), keyed by what they depend on
+        self.predicted_ahead: LRUCache[tuple, dict] = LRUCache(settings.feature_cache_size)
         # checkpoint id -> the encoder of its model's requests: the base model's and those of the loaded project
         # models (requests alternating between them keep their batchers)
         self.batchers: LRUCache[str, EncodeBatcher] = LRUCache(max(1, settings.project_models_in_memory) + 1)
@@ -178,6 +191,7 @@ class Runtime:
         self.on_tasks_predicted: Callable[[str, int], None] = lambda mode, count: None  # the server counts these
         # Wired by create_app (and the bulk job for project models); None: that capability is off.
         self.deferred: DeferredPredictions | None = None  # None: tasks over the budget wait for the next call
+        self.ahead: TasksAhead | None = None  # None: nothing is encoded ahead
         self.training: TrainingScheduler | None = None
         self.project_models: ProjectModelSource | None = None
 
@@ -260,11 +274,17 @@ class Runtime:
         """encode() with a given model (a project's fine-tuned one), cached under its checkpoint id."""
         key = feature_key(url, checkpoint_id)
         encoded = self.features.get(key)
-        if encoded is None:
-            image = self.images.load(url, task_id)
-            encoded = self.batcher(predictor).encode(image)
-            self.features.put(key, encoded)
-        return encoded
+        if encoded is not None:
+            return encoded
+
+        def compute() -> Any:
+            found = self.features.get(key)  # put there just before this caller came
+            if found is None:
+                found = self.batcher(predictor).encode(self.images.load(url, task_id))
+                self.features.put(key, found)
+            return found
+
+        return self._encodings.run(key, compute)  # a task opened while it is encoded ahead waits for that
 
     def batcher(self, predictor: Predictor) -> EncodeBatcher:
         """The encoder of this process's requests to this predictor (one per checkpoint id, the base model's and
@@ -377,5 +397,7 @@ class Runtime:
         self.loader.close()
         if self.deferred is not None:
             self.deferred.close()
+        if self.ahead is not None:
+            self.ahead.close()
         self.queues.shutdown(timeout)
 

@@ -13,10 +13,16 @@ label, most recent first, never the task's own annotation; a bulk job passes its
 
 Interactive refinement (context): the regions drawn now (clicks, negative clicks, boxes, strokes) give one
 mask with the drawn label; INTERACTIVE_MODE=similar returns every similar object instead.
+
+Opening a task (a /predict of one task without context) also tells the runtime's encode-ahead
+(serving/encode_ahead.py), which prepares the tasks the annotator gets next with `prepare_ahead`; their predictions
+wait in `runtime.predicted_ahead` for the call that opens them, and are used only if nothing they depend on
+changed (model version, labeling config, the references' revision, the image).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from typing import Any, Sequence
@@ -126,13 +132,17 @@ class DINOvBackend:
         if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
             raise BackendError("'tasks' must be a list of task objects")
         config = self.parsed_label_config
-        if isinstance(context, dict) and context.get("result"):
-            if len(tasks) != 1:
-                raise BackendError(f"an interactive call must carry exactly one task, got {len(tasks)}")
-            self.runtime.on_tasks_predicted("interactive", 1)
-            return [self.predict_interactive(tasks[0], context["result"], config)]
-        self.runtime.on_tasks_predicted("batch", len(tasks))
-        return self.predict_tasks(tasks, config)
+        with self.runtime.foreground.request():  # background model work waits while this runs
+            if isinstance(context, dict) and context.get("result"):
+                if len(tasks) != 1:
+                    raise BackendError(f"an interactive call must carry exactly one task, got {len(tasks)}")
+                self.runtime.on_tasks_predicted("interactive", 1)
+                return [self.predict_interactive(tasks[0], context["result"], config)]
+            self.runtime.on_tasks_predicted("batch", len(tasks))
+            if len(tasks) == 1 and self.runtime.ahead is not None and self.project_id is not None:
+                # an annotator opened this task: the next ones are prepared in the background
+                self.runtime.ahead.task_opened(self.project_id, self.label_config, tasks[0])
+            return self.predict_tasks(tasks, config)
 
     # --- pre-annotation
 
@@ -170,6 +180,10 @@ class DINOvBackend:
                                self.project_id, budget, position, len(open_indices))
                 self.defer_tasks([tasks[i] for i in open_indices[position:]], version)
                 break
+            ahead = self._predicted_ahead(task, config, version)
+            if ahead is not None:  # prepared while the annotator was on an earlier task
+                results[index] = ahead
+                continue
             computed += 1
             task_started = time.perf_counter()
             try:
@@ -185,6 +199,38 @@ class DINOvBackend:
             else:
                 self.runtime.record_task_seconds(time.perf_counter() - task_started)
         return results
+
+    def ahead_key(self, task: dict, config: ParsedConfig, version: str) -> tuple:
+        """What a prediction made ahead depends on: project, task, image, model version (model and settings),
+        labeling config and the references' revision (a new or changed annotation makes it stale)."""
+        digest = hashlib.sha1((self.label_config or "").encode()).hexdigest()
+        return (self.project_id, task_id_of(task.get("id")), config.image_url(task), version, digest,
+                self.references.revision())
+
+    def _predicted_ahead(self, task: dict, config: ParsedConfig, version: str) -> dict | None:
+        if self.project_id is None or not len(self.runtime.predicted_ahead):
+            return None
+        try:
+            return self.runtime.predicted_ahead.pop(self.ahead_key(task, config, version))
+        except LabelConfigError:  # no image URL: preannotate says so
+            return None
+
+    def prepare_ahead(self, task: dict, config: ParsedConfig) -> str:
+        """Encode the task's image and predict it for when it opens (the encode-ahead's work, one task): "kept"
+        (its prediction waits in runtime.predicted_ahead), "encoded" (its references are not embedded yet: the
+        features only), or "had" (prepared already). Raises as preannotate does; ModelUnavailable while the
+        model is not loaded (nothing is waited for)."""
+        self.model.load_model(timeout=0)
+        version = self.model_version
+        key = self.ahead_key(task, config, version)
+        if key in self.runtime.predicted_ahead:
+            return "had"
+        labels = config.output_labels
+        if not self._references_ready(labels, 0):  # queued for embedding; the features are what costs most
+            self.model.encode(config.image_url(task), task_id_of(task.get("id")))
+            return "encoded"
+        self.runtime.predicted_ahead.put(key, self.preannotate(task, config, labels, version))
+        return "kept"
 
     def _claimed(self, version: str) -> frozenset[int]:
         """Task ids of the project kept for (or just posted by) the background predictions of this version."""

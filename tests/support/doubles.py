@@ -8,7 +8,8 @@ So the expected masks are known exactly on images of coloured squares on grey.
 FakeLabelStudio is a real HTTP server on 127.0.0.1 with the few API endpoints the backend uses and the
 behaviour of Label Studio 1.23.2 that matters: the task list is ordered by updated_at (newest first, 404 past
 the end), a prediction posted alone moves its task to the first page, the bulk import does not, drops results
-that do not validate and refuses a list with a foreign task. Knobs make it fail the way a real one does on a bad
+that do not validate and refuses a list with a foreign task; the data manager's task list (/api/tasks/) applies
+the id / total_annotations / cancelled_annotations filters and the id ordering of its `query`. Knobs make it fail the way a real one does on a bad
 day: down (connections dropped), answering HTML or JSON of the wrong shape, a 404 for a project that exists, a
 201 whose body cannot be parsed, slow answers.
 """
@@ -174,6 +175,7 @@ class FakeLabelStudio:
         self.predictions: list[dict] = []
         self._prediction_ids = iter(range(1, 10**9))
         self.requests: list[tuple[str, str]] = []
+        self.task_list_queries: list[dict[str, str]] = []  # the parameters of each /api/tasks/ request
         self.fail_imports = 0  # answer this many imports with 500
         self.refuse_imports = False  # answer every import with 400 (as for a list with a foreign task)
         self.unparsable_201 = False  # answer imports 201 with a body that is not JSON (a proxy's page)
@@ -196,9 +198,12 @@ class FakeLabelStudio:
         self.clock += 1
         return (_EPOCH + timedelta(seconds=self.clock)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
-    def add_project(self, pid: int, config: str = CONFIG) -> None:
+    def add_project(self, pid: int, config: str = CONFIG, sampling: str | None = None) -> None:
+        """A project; `sampling` (Label Studio's "Sequential sampling", "Uniform sampling", ...) is left out of
+        its answers when None, so that the backend encodes nothing ahead for it."""
         with self.lock:
-            self.projects[pid] = {"id": pid, "label_config": config, "parsed_label_config": {
+            extra = {} if sampling is None else {"sampling": sampling}
+            self.projects[pid] = {"id": pid, "label_config": config, **extra, "parsed_label_config": {
                 "tag": {"type": "BrushLabels", "to_name": ["image"], "inputs": [{"type": "Image", "value": "image"}],
                         "labels": ["Red", "Blue"]}}}
 
@@ -268,6 +273,24 @@ class FakeLabelStudio:
                 if isinstance(entry, dict) and "result" in entry:
                     self.predictions.append({"task": task_id, **entry})
         return results
+
+    def data_manager_tasks(self, query: dict[str, list[str]]) -> list[dict]:
+        """One page of the data manager's task list (fields=task_only): the filters of the `query` parameter that
+        the backend uses (a number compared with greater/equal), ordered by id."""
+        pid = int(query["project"][0])
+        prepared = json.loads(query.get("query", ["{}"])[0])
+        rows = []
+        for task in sorted((t for t in self.tasks.values() if t["project"] == pid), key=lambda t: t["id"]):
+            done = [a for a in task["annotations"] if not a.get("was_cancelled")]
+            rows.append({"id": task["id"], "project": pid, "data": task["data"], "is_labeled": bool(done),
+                         "total_annotations": len(done),
+                         "cancelled_annotations": len(task["annotations"]) - len(done)})
+        for item in (prepared.get("filters") or {}).get("items", []):
+            name = item["filter"].removeprefix("filter:tasks:")
+            compare = {"greater": lambda a, b: a > b, "equal": lambda a, b: a == b}[item["operator"]]
+            rows = [r for r in rows if compare(r[name], item["value"])]
+        page, size = int(query.get("page", ["1"])[0]), int(query.get("page_size", ["30"])[0])
+        return rows[(page - 1) * size: page * size]
 
     def of_task(self, tid: int) -> list[dict]:
         with self.lock:
@@ -365,6 +388,9 @@ class FakeLabelStudioHandler(BaseHTTPRequestHandler):
                                         if t["project"] == pid and (not wanted or t["id"] in wanted)])
             if url.path.rstrip("/") == "/api/predictions":
                 return self._send(200, ls.of_task(int(query["task"][0])))
+            if url.path.rstrip("/") == "/api/tasks":
+                ls.task_list_queries.append({k: v[0] for k, v in query.items()})
+                return self._send(200, {"tasks": ls.data_manager_tasks(query)})
         self._send(404, {"detail": "Not found."})
 
     def do_DELETE(self):

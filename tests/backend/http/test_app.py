@@ -190,7 +190,7 @@ def test_health(backend):
     assert response.status_code == 200
     assert response.json["status"] == "UP" and response.json["model_class"] == "DINOvBackend"
     assert response.json["webhooks"] == {"pending": 0} and set(response.json["queues"]) == {
-        "model", "webhooks", "sync", "embeddings", "estimates", "deferred", "training"}
+        "model", "webhooks", "sync", "embeddings", "estimates", "deferred", "training", "ahead"}
     assert backend.client.get("/").status_code == 200
 
 
