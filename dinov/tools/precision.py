@@ -5,7 +5,8 @@
 The same weights run twice on each scene (`dinov.data.scenes`), once in float32 and once under bf16 autocast
 (CUDA, or the CPU where torch supports it), for the three things the backend asks: a click on each object
 (the chosen candidate), generic segmentation with one object of the scene as the example (the union of the
-instances), and referring with that example. Reported: the mean and the smallest mask IoU of each.
+instances), and referring with that example. Reported: the mean and the smallest mask IoU of each, and how many
+agree (IoU >= AGREEING_IOU).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import torch
 from dinov.data.scenes import generate_scene
 from dinov.predictor import DINOvPredictor
 from dinov.results import Instance
+
+AGREEING_IOU = 0.95  # two masks this close are the same answer up to rounding at the edge
 
 
 def mask_iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
@@ -58,7 +61,8 @@ def bf16_agreement(predictor: DINOvPredictor, scenes: int = 4, size: tuple[int, 
         ious["generic"].append(mask_iou(_union(generic[0]), _union(generic[1])))
         referring = [p.segment_referring(e, x)[0] for p, e, x in zip((full, half), encoded, examples)]
         ious["referring"].append(mask_iou(*(None if r is None else r.mask for r in referring)))
-    return {name: {"mean_iou": statistics.mean(values), "min_iou": min(values), "n": len(values)}
+    return {name: {"mean_iou": statistics.mean(values), "min_iou": min(values), "n": len(values),
+                   "agreeing": sum(v >= AGREEING_IOU for v in values)}
             for name, values in ious.items()}
 
 
