@@ -2,8 +2,8 @@
 the two shape kinds the demo model never saw (orange hexagons, white crosses: dinov.data.scenes.EXTRA_KINDS), split
 as the backend splits a project, trained and measured as the training job does (the job's own functions).
 
-    python benchmarks/finetune_project.py --checkpoint demo --steps 300            # CPU, a few minutes
-    python benchmarks/finetune_project.py --tasks 28 --steps 480 --parameters all   # the end-to-end test's project
+    python benchmarks/finetune_project.py --project 1            # the end-to-end test's project: the job's defaults
+    python benchmarks/finetune_project.py --parameters decoder --project 1                # the decoder only
     python benchmarks/finetune_project.py --checkpoint swinT --device cuda --steps 1000 --size 512
 
 The scenes are those of tests/e2e/test_training_e2e.py: seeds 300, 301, ... for the annotated tasks (a scene's seed is
@@ -27,10 +27,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from dinov.build import load_model
+from dinov.build import load_model, save_model
 from dinov.data.scenes import generate_extra_scene
 from dinov.predictor import DINOvPredictor
-from dinov.train.finetune import best_threshold_figures, figures_at, finetune, finetune_config, is_better
+from dinov.train.finetune import (
+    best_threshold_figures,
+    figures_at,
+    finetune,
+    finetune_config,
+    form_thresholds,
+    is_better,
+)
 from dinov.train.trainer import Trainer
 from labelstudio_backend.settings import Settings
 from labelstudio_backend.training.data import split_tasks
@@ -41,16 +48,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="demo")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=300)
+    defaults = Settings()  # the training job's: TRAIN_STEPS, TRAIN_PARAMETERS
+    parser.add_argument("--steps", type=int, default=defaults.train_steps)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--tasks", type=int, default=12, help="annotated tasks of the project")
+    parser.add_argument("--tasks", type=int, default=14, help="annotated tasks of the project")
     parser.add_argument("--first-seed", type=int, default=300, help="the first annotated scene's seed")
     parser.add_argument("--held-out", type=int, default=8, help="further scenes to measure on")
     parser.add_argument("--size", type=int, default=160, help="scene side in pixels (height; width is 1.25x)")
     parser.add_argument("--project", type=int, default=1, help="the project id, which decides the split")
-    parser.add_argument("--parameters", default="decoder")
+    parser.add_argument("--parameters", default=defaults.train_parameters)
     parser.add_argument("--lr", type=float, default=None, help="default: dinov.train.finetune's")
     parser.add_argument("--seed", type=int, default=0, help="the fine-tuning's seed (batches, prompts, noise)")
+    parser.add_argument("--cheap", action=argparse.BooleanOptionalAction, default=True,
+                        help="the cheap steps of the training job (crops, 256 mask points); --no-cheap: full steps")
+    parser.add_argument("--save", type=Path, help="also write the fine-tuned model here (safetensors)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cache-dir", default="model_dir")
     args = parser.parse_args()
@@ -70,15 +81,18 @@ def main() -> None:
     served = DINOvPredictor(model, device=args.device)
     before = figures_at(collect(served, train, val), threshold, lowered_until_found=True)
     before_held = figures_at(collect(served, train, held_out), threshold, lowered_until_found=True)
-    trainer = Trainer(model, model_config, finetune_config(model_config, args.parameters, args.steps, seed=args.seed,
+    trainer = Trainer(model, model_config, finetune_config(model_config, args.parameters, args.steps, seed=args.seed, cheap=args.cheap,
                                                            **({"lr": args.lr} if args.lr else {})), device=args.device)
     started = time.perf_counter()
     history = finetune(trainer, train, args.minutes * 60)
     seconds = time.perf_counter() - started
     predictor = DINOvPredictor(trainer.model.eval(), device=args.device)
+    if args.save:
+        save_model(trainer.model, model_config, args.save)
     # the new model's threshold is chosen on the validation split, then applied to the held-out scenes
     after = best_threshold_figures(collect(predictor, train, val), before["wrong_per_image"], lowered_until_found=True)
-    after_held = figures_at(collect(predictor, train, held_out), after["score_threshold"], lowered_until_found=True)
+    collected_held = collect(predictor, train, held_out)
+    after_held = figures_at(collected_held, after["score_threshold"], lowered_until_found=True)
     better, why = is_better(before, after)
     print(f"{args.checkpoint} on {args.device}: {trainer.step} steps in {seconds:.0f} s "
           f"({seconds / max(1, trainer.step):.2f} s/step), loss {history[0]['total']:.1f} -> {history[-1]['total']:.1f}")
@@ -88,6 +102,9 @@ def main() -> None:
         for name, row in zip(("before", "after"), rows):
             print(f"| {split} ({row['tasks']} images) | {name} | {row['miou']:.3f} | {row['found']:.3f} | "
                   f"{row['wrong_per_image']:.2f} | {row['score_threshold']:.2f} |")
+    print("held-out, the fine-tuned model at other thresholds (mIoU / wrong regions per image):")
+    print(", ".join(f"{t:.2f}: {f['miou']:.3f} / {f['wrong_per_image']:.2f}" for t in form_thresholds(predictor)
+                    for f in [figures_at(collected_held, float(t), lowered_until_found=True)]))
 
 
 if __name__ == "__main__":

@@ -139,14 +139,15 @@ class Settings:
     max_batch: int = setting(8, "MAX_BATCH",
         "Most images encoded in one batch.", maximum=1024)
     # Fine-tuning per project ("Start Training").
-    train_steps: int = setting(0, "TRAIN_STEPS",
-        "Steps of a Start Training fine-tuning; 0: 300 on CPU, 1000 on a GPU.", maximum=10000000)
+    train_steps: int = setting(2000, "TRAIN_STEPS",
+        "Steps of a Start Training fine-tuning (cheap steps: 128x128 crops, 256 mask points; about 0.3 s each "
+        "for the demo model on one CPU thread); TRAIN_MINUTES ends it earlier.", maximum=10000000)
     train_minutes: float = setting(0.0, "TRAIN_MINUTES",
         "Time limit of a fine-tuning's training loop, in minutes; 0: 10 on CPU, 15 on a GPU.", maximum=100000)
-    train_parameters: str = setting("decoder", "TRAIN_PARAMETERS",
-        "What a fine-tuning trains: decoder (the transformer decoder and heads; backbone and pixel "
-        "decoder frozen), decoder+pixel_decoder or all. For kinds of objects the model never saw, all "
-        "learns far more per minute (BENCHMARKS.md, Start Training).")
+    train_parameters: str = setting("all", "TRAIN_PARAMETERS",
+        "What a fine-tuning trains: all (the backbone at a tenth of the learning rate), decoder+pixel_decoder, "
+        "or decoder (the transformer decoder and heads; backbone and pixel decoder frozen). For kinds of "
+        "objects the model never saw, all learns far more per minute (BENCHMARKS.md, Start Training).")
     train_every_annotations: int = setting(0, "TRAIN_EVERY_ANNOTATIONS",
         "Also start a fine-tuning after this many new annotations (counted across workers and restarts, "
         "in MODEL_DIR's training store); 0: only on Start Training.", per_project=True, maximum=1000000)
@@ -190,8 +191,8 @@ class Settings:
                (self.max_image_bytes, self.max_image_pixels), "positive integers")
         _check(self.feature_cache_size >= 1, "FEATURE_CACHE_SIZE", self.feature_cache_size, "an integer >= 1")
         _check(self.encode_ahead_tasks >= 0, "ENCODE_AHEAD_TASKS", self.encode_ahead_tasks, "an integer >= 0 (0: off)")
-        _check(self.train_steps >= 0 and self.train_minutes >= 0, "TRAIN_STEPS/TRAIN_MINUTES",
-               (self.train_steps, self.train_minutes), "numbers >= 0 (0: the device's default)")
+        _check(self.train_steps >= 1, "TRAIN_STEPS", self.train_steps, "an integer >= 1")
+        _check(self.train_minutes >= 0, "TRAIN_MINUTES", self.train_minutes, "a number >= 0 (0: the device's default)")
         _check(self.train_parameters in TRAIN_PARAMETERS, "TRAIN_PARAMETERS", self.train_parameters,
                f"one of {', '.join(TRAIN_PARAMETERS)}")
         _check(self.train_every_annotations >= 0, "TRAIN_EVERY_ANNOTATIONS", self.train_every_annotations,

@@ -136,7 +136,7 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
                         lowered_until_found=pinned is None)
 
     on_gpu = device.startswith("cuda")
-    steps = settings.train_steps or (1000 if on_gpu else 300)
+    steps = settings.train_steps
     minutes = settings.train_minutes or (15.0 if on_gpu else 10.0)
     trainer = Trainer(model, model_config, finetune_config(model_config, settings.train_parameters, steps), device=device)
     names = sorted(set(trainable_names(trainer.model)) | set(earlier))
@@ -157,8 +157,7 @@ def train_project(spec: JobSpec, store: TrainingStore) -> None:
     collected = collect(trained, train, val)
     if pinned is not None:  # the project's SCORE_THRESHOLD applies to the new model too
         after = figures_at(collected, pinned, lowered_until_found=False)
-    else:  # its own: among the thresholds making no more wrong regions than the served model, the highest with
-        #   an mIoU within one standard error of their best
+    else:  # its own: among the thresholds making no more wrong regions than the served model, the best mIoU
         after = best_threshold_figures(collected, before["wrong_per_image"], lowered_until_found=True,
                                        thresholds=form_thresholds(trained))
     better, why = is_better(before, after)

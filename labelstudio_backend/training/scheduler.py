@@ -131,8 +131,7 @@ class TrainingJobs:
                            f"{project_id}"}
 
     def _started(self, job: dict, settings: Settings) -> dict:
-        steps = (f"{settings.train_steps} steps" if settings.train_steps else
-                 "300 steps on CPU (1000 on a GPU)")
+        steps = f"{settings.train_steps} steps"
         minutes = f"{settings.train_minutes:g} min" if settings.train_minutes else "10 min on CPU (15 on a GPU)"
         pid, job_id = job["project_id"], job["job_id"]
         return {"job": str(job_id), "job_status": LS_JOB_STATUS[job["state"]],

@@ -1,12 +1,12 @@
 """End to end: Start Training in a real Label Studio fine-tunes a project model that the backend then serves.
 
 Two classes of shapes the demo model never saw (orange hexagons and white crosses, in colours it never saw
-either), 28 annotated images (7 of them validate), the Train button (POST /api/ml/<id>/train). When the job
-ends, the project's model_version changes and the predictions of 8 held-out tasks are better than the demo
-model's: mIoU up, no more wrong regions. TRAIN_STEPS keeps the job within a few minutes on two CPU cores.
-Everything here is deterministic (scenes by seed, the split by project and task ids, the job's seed, one torch
-thread), but the verdict rests on 7 validation tasks: in the suite's order (project 14) the job is better by a wide
-margin, while of four other splits of the same scenes one was rejected (BENCHMARKS.md, Start Training).
+either), 14 annotated images (4 of them validate), the Train button (POST /api/ml/<id>/train), the backend on
+its default settings (the whole model, 2000 cheap steps, at most 10 minutes). When the job ends, the project's
+model_version changes and the predictions of 8 held-out tasks are clearly better than the demo model's: mIoU up
+by 0.15 or more, no more wrong regions per image. Everything here is deterministic (scenes by seed, the split by
+project and task ids, the job's seed, one torch thread) except where the time limit stops the training; the
+verdict rests on 4 validation tasks (three runs in a row, and other splits: BENCHMARKS.md, Start Training).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ CONFIG = """<View>
   <BrushLabels name="tag" toName="image">{labels}</BrushLabels>
 </View>""".format(labels="".join(f'<Label value="{label}"/>' for label in LABELS))
 SIZE = (160, 200)
-ANNOTATED, HELD_OUT = 28, 8
+ANNOTATED, HELD_OUT = 14, 8
+CLEARLY_BETTER = 0.15  # held-out mIoU gain the issue asks of a project model
 
 
 def truth(scene) -> list[tuple[str, np.ndarray]]:
@@ -67,9 +68,8 @@ def predict(ls, pid: int, tasks: dict, names: list[str], other_than: str | None)
 
 @pytest.fixture(scope="module")
 def training_backend(backend_factory):
-    # The whole model: decoder-only fine-tuning of the demo model learns new shapes too slowly for a test. 480 steps
-    # take about 4 minutes on one core; the time bound is far above that, so that it never decides the step count.
-    return backend_factory(TRAIN_STEPS="480", TRAIN_MINUTES="10", TRAIN_PARAMETERS="all")
+    # Start Training as a new admin gets it: the default TRAIN_STEPS, TRAIN_MINUTES and TRAIN_PARAMETERS
+    return backend_factory()
 
 
 def shortened(version: str) -> str:
@@ -126,7 +126,7 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     def finished():
         job = requests.get(f"{backend.url}/training", params={"project": pid}, timeout=10).json()["job"]
         return job if job and job["state"] not in ("queued", "running") else None
-    job = wait_for(finished, timeout=600, interval=2, what="the training job to end")
+    job = wait_for(finished, timeout=900, interval=2, what="the training job to end")
     figures = job["figures"]
     assert job["state"] == "done", f"{job['state']}: {job['message']}; {figures}\n{backend.log_tail()}"
     assert figures["after"]["miou"] > figures["before"]["miou"] and figures["validation_tasks"] >= 3
@@ -150,5 +150,5 @@ def test_start_training_serves_a_better_project_model(ls, training_backend):
     assert status["job_status"] == "finished" and status["figures"] == figures
     after = held_out_quality(ls, tasks, scenes, held_out, after_version)
     print(f"\nproject {pid}: held-out tasks: before {before}, after {after}; validation {figures}")
-    assert after["miou"] > before["miou"], (before, after)
+    assert after["miou"] >= before["miou"] + CLEARLY_BETTER, (before, after)
     assert after["wrong_per_image"] <= before["wrong_per_image"], (before, after)
