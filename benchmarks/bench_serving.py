@@ -246,19 +246,22 @@ def inner_point(mask: np.ndarray) -> tuple[float, float]:
     return x + 0.5, y + 0.5
 
 
+def reference_scene(scenes: Scenes, class_index: int, label: str) -> tuple[str, np.ndarray]:
+    """A new generated scene that holds the class: its image URL and the mask of one object of the class."""
+    for _ in range(20):
+        url, scene = scenes.new("reference")
+        hits = [i for i, c in enumerate(scene.classes) if c == class_index]
+        if hits:
+            return url, scene.masks[hits[0]]
+    raise RuntimeError(f"no generated scene holds class {label}")
+
+
 def send_references(session: requests.Session, url: str, scenes: Scenes, config: str, labels: list[str]) -> int:
     """One ANNOTATION_CREATED webhook per label: a brush region of that class on a reference image."""
     sent, task_id = 0, 900_000
     for class_index, label in zip(CLASSES, labels):
-        for _ in range(20):  # a reference scene that holds the class
-            image_url, scene = scenes.new("reference")
-            hits = [i for i, c in enumerate(scene.classes) if c == class_index]
-            if hits:
-                break
-        else:
-            raise RuntimeError(f"no generated scene holds class {label}")
+        image_url, mask = reference_scene(scenes, class_index, label)
         task_id += 1
-        mask = scene.masks[hits[0]]
         annotation = {"id": task_id, "task": task_id, "project": 1, "result": [brush(mask, label)],
                       "was_cancelled": False, "ground_truth": False, "completed_by": 1,
                       "created_at": "2026-11-30T10:00:00Z", "updated_at": "2026-11-30T10:00:00Z"}
@@ -622,15 +625,9 @@ def run_in_order(args: argparse.Namespace, work: Path, checkpoint: str, config: 
     scenes = Scenes(images_root, size)
     ls = MiniLabelStudio(config)
     for number, (class_index, label) in enumerate(zip(CLASSES, labels)):  # one reference per label
-        for _ in range(20):
-            url, scene = scenes.new("reference")
-            hits = [i for i, c in enumerate(scene.classes) if c == class_index]
-            if hits:
-                break
-        else:
-            raise RuntimeError(f"no generated scene holds class {label}")
+        url, mask = reference_scene(scenes, class_index, label)
         ls.add_task(900_001 + number, url)
-        ls.annotate(900_001 + number, [brush(scene.masks[hits[0]], label)])
+        ls.annotate(900_001 + number, [brush(mask, label)])
     tasks = []
     for task_id in range(1, args.tasks + 1):
         url, scene = scenes.new()
