@@ -43,6 +43,15 @@ OBJECTS = {
 }
 
 
+def log_in(page, label_studio_url: str) -> None:
+    """Sign in as the test user through Label Studio's login form."""
+    page.goto(f"{label_studio_url}/user/login/")
+    page.fill("input[name=email]", USERNAME)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_load_state("networkidle")
+
+
 def ui_scene() -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """A grey 320x256 image with the four objects; returns (RGB uint8 [H, W, 3], {name: bool mask [H, W]})."""
     rng = np.random.default_rng(0)
@@ -78,11 +87,7 @@ def test_smart_keypoint_click_in_the_web_ui_gives_the_clicked_object(ls, backend
     asked: list[dict] = []  # what the UI sent to the backend (through Label Studio)
     page.on("request", lambda r: asked.append(r.post_data_json) if r.url.endswith("/interactive-annotating") else None)
     try:
-        page.goto(f"{label_studio_url}/user/login/")
-        page.fill("input[name=email]", USERNAME)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state("networkidle")
+        log_in(page, label_studio_url)
         page.goto(f"{label_studio_url}/projects/{project['id']}/data?task={task['id']}")
         picture = page.locator("img[alt=image]")
         picture.wait_for(timeout=60_000)
@@ -165,11 +170,7 @@ def test_start_training_from_the_model_card_and_two_versions_on_two_tabs(ls, bac
 
     page = browser.new_page(viewport={"width": 1400, "height": 900})
     try:
-        page.goto(f"{label_studio_url}/user/login/")
-        page.fill("input[name=email]", USERNAME)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_load_state("networkidle")
+        log_in(page, label_studio_url)
         page.goto(f"{label_studio_url}/projects/{project['id']}/settings/ml")
         page.get_by_text("Connected").first.wait_for(timeout=60_000)
         page.locator("[aria-label='Machine learning model options']").first.click()
