@@ -7,6 +7,11 @@ per class from other scenes, as `dinov.eval.evaluate`), take the object query wh
 report: how often its highest class is right; when wrong, whether the wrong class shares the colour or the
 kind; the rank of the right class; and the same with each class given by the target's OWN instances as
 examples (same-image prompts, what training without cross-image examples sees).
+
+For a model with the shape extension (dinov/modeling/shape_encoder.py) it also reports every row with the shape
+term switched off at inference (its ``logit_scale`` set to 0): what the trained term contributes to the class.
+
+    python benchmarks/class_matching.py --checkpoint demo --scenes 40 --pool 120     # the evaluation's scenes
 """
 
 from __future__ import annotations
@@ -92,6 +97,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     predictor = DINOvPredictor.from_checkpoint(args.checkpoint, device="cpu")
     report = diagnose(predictor, args.scenes, args.pool, args.examples)
+    shape_encoder = predictor.model.head.shape_encoder
+    if shape_encoder is not None:
+        # ablation at inference: the same trained model, class logits from content matching alone
+        with torch.no_grad():
+            scale = float(shape_encoder.logit_scale)
+            shape_encoder.logit_scale.fill_(0.0)
+        without = diagnose(predictor, args.scenes, args.pool, args.examples)
+        report = {**{f"{name}, shape term x{scale:.2f}": row for name, row in report.items()},
+                  **{f"{name}, shape term off": row for name, row in without.items()}}
     keys = list(next(iter(report.values())))
     print("| prompts | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
