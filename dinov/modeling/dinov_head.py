@@ -35,6 +35,7 @@ from .prompt_encoder import (
     PromptContent,
     content_attention_mask,
     prompt_mask_pyramid,
+    visible_cells,
     whole_image_box,
 )
 from .shape_encoder import ShapeEncoder
@@ -203,6 +204,7 @@ class DINOvHead(nn.Module):
         for layer, feature, mask in zip(self.project_cross_attention_layers, multi_scale_features[::-1],
                                         level_masks[::-1]):
             memory = feature.flatten(2).transpose(1, 2)
+            memory, mask = visible_cells(memory, mask)
             tokens = layer(tokens, memory, memory_mask=mask, query_pos=query_pos)
 
         label = self._prompt_query_embedding()[None, None] + tokens

@@ -99,6 +99,21 @@ def prompt_mask_pyramid(prompt_masks: Tensor, feature_sizes: Sequence[tuple[int,
     return masks
 
 
+def visible_cells(memory: Tensor, blocked: Tensor) -> tuple[Tensor, Tensor]:
+    """The cells of one level that at least one prompt may see: memory [1, S, D] and its mask [N, S] (True =
+    blocked) -> [1, S', D] and [N, S'].
+
+    A blocked cell gets exactly zero attention weight, so leaving out the cells no prompt sees changes nothing
+    but float rounding, and the key and value projections then cost what the prompts cover instead of the whole
+    level (a click covers a few cells of thousands).
+    """
+    seen = ~blocked.all(0)
+    if bool(seen.all()):
+        return memory, blocked
+    index = seen.nonzero()[:, 0]
+    return memory.index_select(1, index), blocked.index_select(1, index)
+
+
 def whole_image_box(n: int, like: Tensor) -> Tensor:
     """[1, n, 4] initial boxes of content queries: the whole image, as logits (inverse sigmoid of cxcywh)."""
     box = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=like.dtype, device=like.device)

@@ -13,7 +13,13 @@ import torch.nn.functional as F
 from dinov.modeling.box_ops import grid_points, point_boxes
 from dinov.modeling.decoder import QueryBlock, SelfAttentionLayout
 from dinov.modeling.dinov_head import DINOvHead
-from dinov.modeling.prompt_encoder import PromptContent, content_attention_mask, mean_content_label
+from dinov.modeling.prompt_encoder import (
+    CrossAttentionLayer,
+    PromptContent,
+    content_attention_mask,
+    mean_content_label,
+    visible_cells,
+)
 
 TOL = 1e-4
 PREFIX = "model.sem_seg_head.predictor."
@@ -103,6 +109,26 @@ def test_encode_prompts(mini):
     assert_close("content_bbox_3", three.bbox, io["content_bbox_3"])
     assert torch.equal(three.attn_mask, io["content_attn_3"])
     assert_close("click_content_label", click.label, io["click_content_label"])
+
+
+def test_attending_only_to_visible_cells_equals_the_masked_level():
+    torch.manual_seed(0)
+    layer = CrossAttentionLayer(d_model=32, nhead=4).eval()
+    memory = torch.randn(1, 300, 32)
+    tokens, query_pos = torch.randn(1, 3, 32), torch.randn(1, 3, 32)
+    blocked = torch.ones(3, 300, dtype=torch.bool)
+    blocked[0, 10:14] = False  # a click: a few cells
+    blocked[1, 100:160] = False  # an object
+    blocked[2, 150:170] = False  # overlapping the object
+    kept_memory, kept_mask = visible_cells(memory, blocked)
+    assert kept_memory.shape == (1, 4 + 70, 32) and kept_mask.shape == (3, 74)
+    with torch.no_grad():
+        full = layer(tokens, memory, memory_mask=blocked, query_pos=query_pos)
+        kept = layer(tokens, kept_memory, memory_mask=kept_mask, query_pos=query_pos)
+    assert (full - kept).abs().max() < 1e-5
+    # a prompt that sees the whole level (it covered no cell) keeps every cell
+    blocked[1] = False
+    assert visible_cells(memory, blocked)[0] is memory
 
 
 def test_encode_prompts_rejects_bad_input(mini):
