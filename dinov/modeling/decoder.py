@@ -50,13 +50,10 @@ def sine_box_embedding(boxes: Tensor, dim_per_coord: int) -> Tensor:
     dim_t = torch.arange(dim_per_coord, dtype=torch.float32, device=boxes.device)
     dim_t = 10000 ** (2 * (dim_t // 2) / dim_per_coord)
 
-    def embed(coord: Tensor) -> Tensor:
-        pos = (coord * scale)[..., None] / dim_t
-        # interleave sin of even and cos of odd frequencies
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
-
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.cat((embed(cy), embed(cx), embed(w), embed(h)), dim=-1)
+    # all four coordinates at once, in the order (y, x, w, h): [..., 4, dim_per_coord]
+    pos = (boxes[..., [1, 0, 2, 3]] * scale)[..., None] / dim_t
+    # interleave sin of even and cos of odd frequencies
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-3)
 
 
 @dataclass(frozen=True)
@@ -213,7 +210,8 @@ class DeformableDecoderLayer(nn.Module):
             attended = self.cross_attn(tgt + query_pos, per_level, memory, spatial_shapes, level_start_index)
         tgt = self.norm1(tgt + self.dropout1(attended))
 
-        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        # in place: addmm's backward does not need its output, and the FFN's hidden layer is its biggest tensor
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt), inplace=True)))
         return self.norm3(tgt + self.dropout4(ffn))
 
 
