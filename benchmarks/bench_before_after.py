@@ -37,8 +37,14 @@ from dinov.config import PRESETS
 from dinov.modeling.dinov import build_dinov
 from dinov.predictor import DINOvPredictor, EncodedImage
 from dinov.transforms import ResizeConfig
-from labelstudio_backend.serving.instances import Instance, SelectionRules, select_instances
-from labelstudio_backend.labelstudio.regions import encode_rle
+# the backend's modules moved (issue 18) and Instance became LabeledMask: import from whichever layout this is
+try:
+    from labelstudio_backend.labelstudio.regions import encode_rle
+    from labelstudio_backend.serving import instances as selection
+except ImportError:
+    from labelstudio_backend.regions import encode_rle
+    from labelstudio_backend import instances as selection
+LabeledMask = getattr(selection, "LabeledMask", None) or getattr(selection, "Instance")
 
 torch.manual_seed(0)
 model = build_dinov(PRESETS["swin_t"]()).eval()
@@ -61,8 +67,8 @@ for k in range(40):
     mask = np.zeros((1200, 1600), bool)
     y, x = rng.integers(0, 1000), rng.integers(0, 1400)
     mask[y : y + rng.integers(20, 200), x : x + rng.integers(20, 200)] = True
-    found.append(Instance("a" if k % 2 else "b", mask, float(rng.random())))
-rules = SelectionRules(100, 10, False)
+    found.append(LabeledMask("a" if k % 2 else "b", mask, float(rng.random())))
+rules = selection.SelectionRules(100, 10, False)
 
 def encode():
     with torch.inference_mode():
@@ -74,7 +80,7 @@ stages = {
     "referring": lambda: predictor.segment_referring(encoded, embedding),
     "click": lambda: predictor.segment_interactive(encoded, points=[[width / 2, height / 2]], point_labels=[1]),
     "rle": lambda: encode_rle(rle_mask),
-    "select": lambda: select_instances(found, rules),
+    "select": lambda: selection.select_instances(found, rules),
     "sgemm": lambda a=torch.randn(2048, 2048), b=torch.randn(2048, 2048): torch.mm(a, b),
 }
 for fn in stages.values():
