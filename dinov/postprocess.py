@@ -17,7 +17,7 @@ only the window around the mask's positive cells (everything outside it is prova
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ def filter_referring(
     iou_threshold: float = 0.5,
     nms_threshold: float = 0.7,
     min_mask_pixels: int = 50,
+    shape_logits: Callable[[Tensor], Tensor] | None = None,
 ) -> ReferringSelection:
     """Select one referring proposal per prompt (one image: drop the batch dim of ``decode_referring``'s outputs).
 
@@ -74,6 +75,9 @@ def filter_referring(
     masks either pred_masks [P*K, h, w], or mask_embed [P*K, C] with mask_features [C, h, w] (then only the
     masks of proposals that pass NMS are computed; same result, much less work).
     levels: granularities to consider (default all K), as the official ``level`` argument.
+    shape_logits: the shape extension: from the surviving proposals' mask logits [M, h, w], the [N, M] term
+        added to their match scores (the prompts' shapes against each proposal's mask); None: content alone,
+        as the official code.
     """
     if pred_ious.dim() != 2:
         raise ValueError(f"pred_ious must be [P, K], got {tuple(pred_ious.shape)}")
@@ -115,7 +119,10 @@ def filter_referring(
     if ids.numel() == 0:
         empty = pred_boxes.new_zeros((0,))
         return ReferringSelection(index=ids.new_zeros((0,)), mask_logits=masks, scores=empty, kept_index=ids)
-    probs = F.softmax(pred_match_score[:, ids], dim=-1)
+    match = pred_match_score[:, ids]
+    if shape_logits is not None:
+        match = match + shape_logits(masks).to(match)
+    probs = F.softmax(match, dim=-1)
     scores, best = probs.topk(1, dim=-1)
     scores, best = scores[:, 0], best[:, 0]
     return ReferringSelection(index=ids[best], mask_logits=masks[best], scores=scores, kept_index=ids)

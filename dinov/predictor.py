@@ -331,9 +331,13 @@ class DINOvPredictor:
         embeddings = np.asarray(prompt_embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] == 0 or embeddings.shape[1] != self.embedding_dim:
             raise InputError(f"prompt embeddings must have shape [N >= 1, {self.embedding_dim}], got {embeddings.shape}")
-        # referring matches by content (the shape part of the extension is for generic decoding)
-        content_part = embeddings[:, : self.model.head.hidden_dim]
-        content = PromptContent.from_labels(torch.from_numpy(np.ascontiguousarray(content_part)).to(self.device)[None])
+        content_part, shape_part = self.model.head.split_class_embeddings(torch.from_numpy(embeddings).to(self.device))
+        content = PromptContent.from_labels(content_part.contiguous()[None])
+        shape_logits = None
+        if shape_part is not None:
+            # the shape extension: the prompts' shapes against each surviving proposal's mask, as in generic decoding
+            def shape_logits(masks: torch.Tensor) -> torch.Tensor:
+                return self.model.head.query_shape_logits(masks[None], shape_part[None])[0].T
         grid = point_grid_boxes(self.model.points_per_side, encoded.padded_size).to(self.device)
         with self._lock, self._autocast():
             # Masks of the 2400 proposals are only needed for the few that pass NMS: the filter
@@ -348,6 +352,7 @@ class DINOvPredictor:
             mask_embed=outputs["mask_embed"][0].float(),
             mask_features=encoded.mask_features[0],
             nms_threshold=self.model.nms_threshold,
+            shape_logits=shape_logits,
         )
         if selection.index.numel() == 0:  # no proposal survived the filter: nothing matches
             return [None] * len(embeddings)

@@ -103,6 +103,21 @@ def test_filter_referring_hand_made():
     only_first = filter_referring(boxes, ious, match, pred_masks=masks, levels=[0])
     assert only_first.kept_index.tolist() == [0] and only_first.index.tolist() == [0, 0]
 
+    # the shape extension's term is added to the survivors' match scores: here it favours the mask at the
+    # top-left (proposal 0) for the first prompt, enough to overturn its content match (2.0 for proposal 5)
+    seen = []
+
+    def shape_logits(survivor_masks: torch.Tensor) -> torch.Tensor:
+        seen.append(survivor_masks)
+        top_left = (survivor_masks[:, :4, :4] > 0).flatten(1).float().mean(1)  # [M]: 1 for the mask at (0, 0)
+        return torch.stack([5.0 * top_left, torch.zeros_like(top_left)])
+
+    shaped = filter_referring(boxes, ious, match, pred_masks=masks, shape_logits=shape_logits)
+    assert torch.equal(seen[0], masks[[5, 0, 3]])  # called once, on the survivors in NMS order
+    assert shaped.index.tolist() == [0, 0]
+    with_shape = torch.tensor([[0.0 + 5.0, 1.0, 2.0], [3.0, 1.0, 0.0]]).softmax(-1)  # columns: 0, 3, 5
+    assert torch.allclose(shaped.scores, with_shape.max(-1).values)
+
     # nothing survives -> empty selection rather than an error
     none = filter_referring(boxes, ious * 0.1, match, pred_masks=masks)
     assert none.index.numel() == 0 and none.scores.numel() == 0 and none.mask_logits.shape[0] == 0

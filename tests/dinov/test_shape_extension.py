@@ -116,3 +116,34 @@ def test_embedding_keys_change_with_the_embeddings_form():
     assert embedding_checkpoint(runtime(None)) == "abc123"
     assert embedding_checkpoint(runtime("content")) == "abc123"
     assert embedding_checkpoint(runtime("content+shape32")) == "abc123+content+shape32"
+
+
+def test_referring_adds_the_shape_term_only_with_the_prompts_shapes(monkeypatch):
+    from dinov import postprocess
+    from dinov.data.scenes import generate_scene
+
+    torch.manual_seed(0)
+    predictor = DINOvPredictor(build_dinov(shape_config()), device="cpu")
+    scene = generate_scene(3)
+    encoded = predictor.encode_image(scene.image)
+    embeddings = predictor.encode_prompts(encoded, scene.masks[:2])
+    passed = []
+    real_filter = postprocess.filter_referring
+
+    def recording_filter(*args, **kwargs):
+        passed.append(kwargs.get("shape_logits"))
+        return real_filter(*args, **kwargs)
+
+    monkeypatch.setattr(postprocess, "filter_referring", recording_filter)
+    predictor.segment_referring(encoded, embeddings)
+    masks = torch.randn(5, 24, 32)
+    shapes = torch.from_numpy(embeddings[:, -16:])
+    with torch.no_grad():
+        expected = predictor.model.head.shape_encoder.logit_scale * (
+            predictor.model.head.shape_encoder(masks.sigmoid()) @ shapes.T).T
+        got = passed[0](masks)
+    assert got.shape == (2, 5) and torch.allclose(got, expected, atol=1e-5)
+    # content-only embeddings (an older store): matched by content alone, as the official code
+    content_only = DINOvPredictor(build_dinov(demo()), device="cpu")
+    content_only.segment_referring(content_only.encode_image(scene.image), embeddings[:, :-16])
+    assert passed[1] is None
