@@ -5,7 +5,7 @@ every feature level, reads the value there by bilinear interpolation and mixes t
 with softmax weights. The official code runs a compiled CUDA op, or on CPU a loop of
 ``F.grid_sample`` calls; here the bilinear reads and the weighted sum are done together by
 one ``F.embedding_bag`` call, which is several times faster on CPU, works on any device, and
-computes the same numbers (the sampling coordinates are rounded like grid_sample's).
+computes the same numbers up to float rounding.
 """
 
 from __future__ import annotations
@@ -91,10 +91,9 @@ def _bilinear_axis(coord: Tensor, size: Tensor, dtype: torch.dtype) -> tuple[Ten
     """Along one axis of size ``size``: the lower neighbouring pixel of normalised ``coord``
     and the weights of the lower and upper neighbour, zero where that pixel is outside."""
     size_f = size.to(dtype)
-    # grid_sample's CPU kernel maps the official grid g = 2 * loc - 1 to pixels with one fused
-    # multiply-add, (g + 1) * size / 2 - 0.5; doing it in float64 and rounding once
-    # reproduces its coordinates bit for bit.
-    pixel = ((2 * coord - 1 + 1).double() * (size.double() / 2) - 0.5).to(dtype)
+    # grid_sample (align_corners=False) reads pixel coord * size - 0.5; its CPU kernel gets there through
+    # the grid 2 * coord - 1, which can round the last bit differently: the outputs agree to float rounding.
+    pixel = coord * size_f - 0.5
     # Points further out than one pixel read nothing either way; clamping keeps indices small.
     pixel = torch.minimum(pixel.clamp(min=-1), size_f)
     lower = pixel.floor()
