@@ -5,9 +5,9 @@ BENCHMARKS.md uses. The floors sit a little below what the committed model score
 catch a broken or replaced model, a changed pre/post-processing, or a regression in training (the
 evaluation is deterministic, so each floor sits about 5 % under the committed model's figure on this
 set and a 10 % regression fails). Generic figures are at the checkpoint's calibrated default threshold on its
-calibrated score form (metadata: quality x margin, 0.03). Of the issue's targets this model does not reach class
-right >= 0.8, click spill < 5 % and an example from another image >= 0.6 on the full evaluation; BENCHMARKS.md
-reports its full figures.
+calibrated score form (metadata: quality x margin, 0.02). The issue's targets (generic mIoU >= 0.6 with 4
+examples, class right >= 0.8, click and box >= 0.85) are not all reached by this model; BENCHMARKS.md reports its
+full figures.
 """
 
 import pytest
@@ -16,16 +16,16 @@ from dinov.build import DEMO_CHECKPOINT
 from dinov.eval.evaluate import evaluate_predictor
 from dinov.predictor import DINOvPredictor
 
-# The committed model (demo-dcec6482, issue 19 round 3) on this set (10 scenes, examples from 40): generic 4 ex.
-# 0.687, 16 ex. 0.730; click 0.896, box 0.922, scribble 0.898, example from another image 0.509; 0.4 wrong regions
+# The committed model (demo-17451e55, issue 19 round 2) on this set (10 scenes, examples from 40): generic 4 ex.
+# 0.653, 16 ex. 0.632; click 0.899, box 0.918, scribble 0.892, example from another image 0.490; 0.6 wrong regions
 # per image (4 examples, duplicates counted); 4.3 % of click masks cover a fifth of another instance.
 FLOORS = {
-    "generic_4": 0.65,
-    "generic_16": 0.69,
-    "refer_point": 0.85,
-    "refer_box": 0.875,
-    "refer_scribble": 0.855,
-    "refer_example": 0.48,
+    "generic_4": 0.62,
+    "generic_16": 0.60,
+    "refer_point": 0.855,
+    "refer_box": 0.87,
+    "refer_scribble": 0.85,
+    "refer_example": 0.465,
 }
 
 
