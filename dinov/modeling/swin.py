@@ -423,7 +423,7 @@ class SwinTransformer(nn.Module):
             stage_out, x, next_h, next_w = layer(x, height, width)
             if i in self.out_indices:
                 feat = getattr(self, f"norm{i}")(stage_out).view(-1, height, width, self.num_features[i])
-                outs[f"res{i + 2}"] = feat.permute(0, 3, 1, 2).contiguous()
+                outs[f"res{i + 2}"] = feat.permute(0, 3, 1, 2)
             height, width = next_h, next_w
         if not outs:
             # No normed outputs requested: expose the raw last stage, as the official model does.
