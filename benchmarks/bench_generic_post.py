@@ -32,7 +32,8 @@ from dinov.interactive import mask_box
 from dinov.modeling.dinov import build_dinov
 from dinov.predictor import DINOvPredictor, EncodedImage
 from dinov.results import Instance
-from dinov.transforms import ResizeConfig, padded_size
+from dinov.tools.bench import random_image
+from dinov.transforms import ResizeConfig
 
 
 def previous_segment_generic(predictor: DINOvPredictor, encoded: EncodedImage, classes: list[np.ndarray],
@@ -68,9 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     original = tuple(int(v) for v in (args.original or args.size).lower().split("x"))
     model = build_dinov(PRESETS[args.preset]()).eval()
     predictor = DINOvPredictor(model, resize=ResizeConfig(shortest_edge=None))
-    ph, pw = padded_size(height, width, model.size_divisibility)
-    image = torch.zeros(1, 3, ph, pw)
-    image[..., :height, :width] = torch.randn(1, 3, height, width)
+    image = random_image(height, width, model.size_divisibility)
+    ph, pw = image.shape[-2:]
     with torch.inference_mode():
         multi_scale, mask_features = model.encode(image)
     encoded = EncodedImage(original, (height, width), (ph, pw), multi_scale, mask_features)

@@ -28,7 +28,7 @@ def main() -> None:
     from dinov.config import PRESETS
     from dinov.modeling import ms_deform_attn
     from dinov.modeling.dinov import build_dinov
-    from dinov.transforms import padded_size
+    from dinov.tools.bench import random_image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="swin_t", choices=sorted(PRESETS))
@@ -38,9 +38,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_dinov(PRESETS[args.preset]()).eval()
     height, width = (int(v) for v in args.size.split("x"))
-    ph, pw = padded_size(height, width, model.size_divisibility)
-    image = torch.zeros(1, 3, ph, pw)
-    image[..., :height, :width] = torch.randn(1, 3, height, width)
+    image = random_image(height, width, model.size_divisibility)
+    ph, pw = image.shape[-2:]
 
     spent: dict[str, float] = defaultdict(float)
 

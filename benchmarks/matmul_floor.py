@@ -123,7 +123,6 @@ def main() -> None:
     from dinov.modeling.dinov import build_dinov
     from dinov.predictor import point_grid_boxes
     from dinov.tools import bench
-    from dinov.transforms import padded_size
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="swin_t", choices=sorted(PRESETS))
@@ -137,9 +136,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_dinov(PRESETS[args.preset]()).eval()
     height, width = (int(v) for v in args.size.split("x"))
-    ph, pw = padded_size(height, width, model.size_divisibility)
-    image = torch.zeros(1, 3, ph, pw)
-    image[..., :height, :width] = torch.randn(1, 3, height, width)
+    image = bench.random_image(height, width, model.size_divisibility)
+    ph, pw = image.shape[-2:]
     prompt = torch.zeros(1, ph, pw)
     prompt[0, height // 3 : height // 2, width // 3 : width // 2] = 1.0
 

@@ -102,6 +102,15 @@ def referring(model: DINOv, multi_scale: list[torch.Tensor], mask_features: torc
     )
 
 
+def random_image(height: int, width: int, size_divisibility: int, batch: int = 1,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """A batch of normal noise images of `height` x `width`, zero-padded as the model pads its input."""
+    ph, pw = padded_size(height, width, size_divisibility)
+    image = torch.zeros(batch, 3, ph, pw, device=device)
+    image[..., :height, :width] = torch.randn(batch, 3, height, width, device=device)
+    return image
+
+
 def run(preset: str, height: int, width: int, device: str, repeats: int, classes: int, dtype: str,
         baseline: bool = False, batch: int = 1, max_instances: int = 100, model: DINOv | None = None,
         sgemm_size: int = 2048) -> dict[str, float]:
@@ -109,9 +118,8 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
     torch.manual_seed(0)
     dev = torch.device(device)
     model = (model or build_dinov(PRESETS[preset]())).to(dev).eval()
-    ph, pw = padded_size(height, width, model.size_divisibility)
-    image = torch.zeros(batch, 3, ph, pw, device=dev)
-    image[..., :height, :width] = torch.randn(batch, 3, height, width, device=dev)
+    image = random_image(height, width, model.size_divisibility, batch, dev)
+    ph, pw = image.shape[-2:]
     prompt = torch.zeros(1, ph, pw, device=dev)
     prompt[0, height // 3 : height // 2, width // 3 : width // 2] = 1.0
     use_autocast = dev.type == "cuda" and dtype != "float32"
