@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/encode_breakdown.py                 # Swin-T, random weights, 640x853
 
 Times (medians of --repeats, after one warm-up) the backbone, the pixel decoder, its deformable encoder
-(``transformer``), the FPN's stride-4 layers (``adapter_1``, ``layer_1``, ``mask_features``) and, summed over the
-encoder's layers, the deformable sampling (``ms_deform_attn._sample``) and the ``embedding_bag`` inside it. Run it
-from a ``git archive`` of another revision (same command there) to compare revisions.
+(``transformer``), the FPN's stride-4 layers (``adapter_1``, ``layer_1``, ``mask_features``) and its upsampling
+(``F.interpolate``), and, summed over the encoder's layers, the deformable sampling (``ms_deform_attn._sample``)
+and the ``embedding_bag`` inside it. To compare revisions, run this file from a ``git archive`` of each.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     from dinov.config import PRESETS
     from dinov.modeling import ms_deform_attn
     from dinov.modeling.dinov import build_dinov
-    from dinov.tools.bench import random_image
+    from dinov.transforms import padded_size
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="swin_t", choices=sorted(PRESETS))
@@ -38,8 +38,10 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_dinov(PRESETS[args.preset]()).eval()
     height, width = (int(v) for v in args.size.split("x"))
-    image = random_image(height, width, model.size_divisibility)
-    ph, pw = image.shape[-2:]
+    # built here, not with dinov.tools.bench.random_image, so that this file runs in older revisions too
+    ph, pw = padded_size(height, width, model.size_divisibility)
+    image = torch.zeros(1, 3, ph, pw)
+    image[..., :height, :width] = torch.randn(1, 3, height, width)
 
     spent: dict[str, float] = defaultdict(float)
 
@@ -62,6 +64,8 @@ def main() -> None:
     ms_deform_attn._sample = timed("deformable sampling (all layers)", ms_deform_attn._sample)
     # the sampling reads torch.nn.functional.embedding_bag at call time
     torch.nn.functional.embedding_bag = timed("  of it embedding_bag", torch.nn.functional.embedding_bag)
+    # the FPN's upsampling of the coarser level (the only F.interpolate of an encoding)
+    torch.nn.functional.interpolate = timed("pixel decoder: FPN upsampling", torch.nn.functional.interpolate)
 
     rounds: dict[str, list[float]] = defaultdict(list)
     with torch.inference_mode():
@@ -74,7 +78,8 @@ def main() -> None:
             for name, seconds in spent.items():
                 rounds[name].append(seconds)
     print(f"{args.preset} {height}x{width}, {torch.get_num_threads()} thread(s), CPU s, median of {args.repeats}")
-    order = ["encode", *modules, "deformable sampling (all layers)", "  of it embedding_bag"]
+    order = ["encode", *modules, "pixel decoder: FPN upsampling", "deformable sampling (all layers)",
+             "  of it embedding_bag"]
     for name in order:
         print(f"{name:40s} {statistics.median(rounds[name]):7.3f}")
 

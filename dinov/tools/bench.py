@@ -40,7 +40,7 @@ from dinov.predictor import DINOvPredictor, EncodedImage, point_grid_boxes
 from dinov.transforms import ResizeConfig, padded_size
 
 
-def _timed_rounds(stages: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+def timed_rounds(stages: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
     """Median seconds of each stage over `repeats` rounds, stages interleaved within each round: wall-clock
     (`<stage>`) and, on the CPU, the process's CPU time (`<stage>` with `_s` -> `_cpu_s`), which other work on a
     shared machine inflates much less than the wall clock (with one thread it is what an idle machine's wall
@@ -67,15 +67,15 @@ def _timed_rounds(stages: dict[str, Callable[[], object]], repeats: int, device:
     return results
 
 
-def encode_flops(model: DINOv, image: torch.Tensor) -> int:
-    """Multiply-add work (2 per multiply-add) of encoding `image`, counted on the plain layers (the fused ones do
-    the same products through in-place calls the counter does not see)."""
+def plain_flops(fn: Callable[[], object]) -> int:
+    """Multiply-add work of running `fn` (2 per multiply-add), counted on the plain layers (the fused ones do the
+    same products through in-place calls the counter does not see)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     enabled, fused.ENABLED = fused.ENABLED, False
     try:
         with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-            model.encode(image)
+            fn()
     finally:
         fused.ENABLED = enabled
     return int(counter.get_total_flops())
@@ -164,11 +164,11 @@ def run(preset: str, height: int, width: int, device: str, repeats: int, classes
             # the masks of all of them.
             stages["decode_referring_dense_s"] = lambda: head.decode_referring(
                 multi_scale, mask_features, content, grid, dense_attention=True)
-        results = _timed_rounds(stages, repeats, dev)
+        results = timed_rounds(stages, repeats, dev)
         results["generic_instances"] = float(len(predictor.segment_generic(encoded, class_list,
                                                                            max_instances=max_instances)))
         results["generic_kept_queries"] = float(pick.index.numel())
-    flops = encode_flops(model, image)
+    flops = plain_flops(lambda: model.encode(image))
     results["encode_gflop"] = flops / 1e9
     results["encode_gflops"] = flops / 1e9 / results["encode_image_s"]
     results["encode_plain_gflops"] = flops / 1e9 / results["encode_image_plain_s"]
